@@ -1,0 +1,89 @@
+"""Cost of one SGLD step per chain relative to one plain training step of the same model.
+
+Usage: ``OMP_NUM_THREADS=1 python benchmarks/step_cost.py``
+
+A training step is forward, backward and an optimizer step on one batch. A chain step is
+measured inside ``estimate_llc`` as the difference between two estimates that differ only in
+their number of draws, divided by the extra chain steps, so that setup and the initial loss
+cancel. All batches come from memory, so data loading costs nothing on either side.
+"""
+
+import argparse
+import time
+
+import torch
+from mlp import BATCH_SIZE, loss_fn, make_data, trained_model
+
+from llc_callbacks import LLCConfig, estimate_llc
+
+
+def best_of(repeats: int, fn) -> float:
+    """The fastest of ``repeats`` timings of ``fn()``, in seconds."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def training_step_s(batch, optimizer_name: str, steps: int, repeats: int) -> float:
+    model = trained_model(make_data(), steps=0)  # a fresh copy: the benchmark model stays put
+    optimizer = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[optimizer_name](
+        model.parameters(), lr=1e-4
+    )
+
+    def run():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss_fn(model, batch).backward()
+            optimizer.step()
+
+    run()
+    return best_of(repeats, run) / steps
+
+
+def chain_step_s(model, batches, chains: int, paired: bool, vectorize, repeats: int) -> float:
+    short, long = 50, 250
+
+    def run(draws: int):
+        config = LLCConfig(
+            num_chains=chains, num_burnin=0, num_draws=draws, paired=paired, vectorize=vectorize
+        )
+        return lambda: estimate_llc(model, loss_fn, batches, config)
+
+    run(short)()
+    extra = best_of(repeats, run(long)) - best_of(repeats, run(short))
+    return extra / ((long - short) * chains)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    dataset = make_data()
+    model = trained_model(dataset)
+    inputs, labels = dataset.tensors
+    batches = [
+        (inputs[i : i + BATCH_SIZE], labels[i : i + BATCH_SIZE]) for i in range(0, 2048, BATCH_SIZE)
+    ]
+    params = sum(p.numel() for p in model.parameters())
+    print(f"MLP with {params} parameters, batch {BATCH_SIZE}, {torch.get_num_threads()} thread(s)")
+    train = {name: training_step_s(batches[0], name, 200, args.repeats) for name in ("sgd", "adam")}
+    for name, seconds in train.items():
+        print(f"training step ({name}): {seconds * 1e3:.3f} ms")
+    header = ("chains", "vectorize", "paired", "ms/chain step", "/ sgd step", "/ adam step")
+    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (6, 9, 6, 14, 10, 11), strict=True)))
+    for chains in (1, 4, 8, 16):
+        for vectorize in ("auto", False):
+            for paired in (True, False):
+                seconds = chain_step_s(model, batches, chains, paired, vectorize, args.repeats)
+                print(
+                    f"{chains:>6} {vectorize!s:>9} {paired!s:>6} {seconds * 1e3:>14.3f}"
+                    f" {seconds / train['sgd']:>10.2f} {seconds / train['adam']:>11.2f}"
+                )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,4 @@
+"""Adapters from trainers (Lightning, transformers) to the framework-neutral core.
+
+Installed as ``llc_callbacks.integrations``.
+"""

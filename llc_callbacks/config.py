@@ -1,0 +1,139 @@
+"""Sampling hyperparameters for LLC estimation, validated once at construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+NBeta = float | Literal["batch", "dataset"]
+SAMPLERS = ("sgld", "rmsprop_sgld")
+VECTORIZE = ("auto", True, False)
+
+
+@dataclass(frozen=True)
+class LLCConfig:
+    """Hyperparameters of one LLC estimate; keep them fixed through a training run.
+
+    The defaults suit small MLPs and transformers trained with batches of a few hundred
+    examples: with ``nbeta = B / log B`` the gradient term is tens of times the mean loss
+    gradient, ``step_size=1e-4`` keeps SGLD stable there, and ``localization=100`` holds chains
+    near the current weights so that 200 burn-in steps reach a flat loss trace and 200 draws
+    average it. An estimate then costs ``num_chains * 400`` chain steps (plus one forward pass
+    per draw for the paired estimator). Use ``llc_callbacks.estimate_llc`` on your model with a
+    few step sizes before a long run: the shape of the LLC curve over training is the reliable
+    product, its absolute level depends on these values.
+
+    Args:
+        num_chains: Independent SGLD chains; the estimate is their mean, the spread their std.
+        num_burnin: Steps per chain before draws are recorded.
+        num_draws: Steps per chain whose minibatch losses enter the estimate.
+        step_size: SGLD step size epsilon; too large makes chains diverge or fall below the
+            initial loss.
+        localization: Strength gamma of the pull back towards the current weights.
+        nbeta: Inverse temperature n*beta. ``"batch"`` uses ``B / log B`` with ``B`` the
+            sampling batch size (devinterp's convention); ``"dataset"`` uses ``n / log n``
+            with ``n = dataset_size`` (needs a much smaller step size); a number is used as is.
+        dataset_size: The ``n`` of ``nbeta="dataset"``; must be left unset otherwise.
+        sampler: ``"sgld"`` or ``"rmsprop_sgld"`` (RMSprop-preconditioned SGLD).
+        rmsprop_alpha: Decay of the running mean of squared gradients (``rmsprop_sgld``).
+        rmsprop_eps: Added to ``sqrt(v)`` in the preconditioner ``1 / (sqrt(v) + eps)``.
+        paired: Average ``L_m(w_t) - L_m(w*)`` on the same minibatch (much less spread between
+            chains, one extra forward pass per draw) instead of ``L_m(w_t) - L(w*)``.
+        seed: Seeds the chains' noise and the data order; same seed, same numbers.
+        vectorize: Run chains batched with ``torch.func.vmap`` (``True``), one after another
+            (``False``), or batched when the model supports it (``"auto"``).
+        init_loss_batches: Minibatches averaged for ``L(w*)``.
+
+    Raises:
+        ValueError: If a value is outside its accepted range; the message names the argument.
+    """
+
+    num_chains: int = 4
+    num_burnin: int = 200
+    num_draws: int = 200
+    step_size: float = 1e-4
+    localization: float = 100.0
+    nbeta: NBeta = "batch"
+    dataset_size: int | None = None
+    sampler: Literal["sgld", "rmsprop_sgld"] = "sgld"
+    rmsprop_alpha: float = 0.99
+    rmsprop_eps: float = 0.1
+    paired: bool = True
+    seed: int = 0
+    vectorize: Literal["auto"] | bool = "auto"
+    init_loss_batches: int = 8
+
+    def __post_init__(self) -> None:
+        _check_int("num_chains", self.num_chains, minimum=1)
+        _check_int("num_burnin", self.num_burnin, minimum=0)
+        _check_int("num_draws", self.num_draws, minimum=1)
+        _check_float("step_size", self.step_size, positive=True)
+        _check_float("localization", self.localization, positive=False)
+        if isinstance(self.nbeta, str):
+            if self.nbeta not in ("batch", "dataset"):
+                raise ValueError(
+                    f"nbeta must be 'batch', 'dataset' or a positive number, got {self.nbeta!r}"
+                )
+        else:
+            _check_float("nbeta", self.nbeta, positive=True)
+        if self.nbeta == "dataset":
+            if self.dataset_size is None:
+                raise ValueError("dataset_size is required when nbeta='dataset'")
+            _check_int("dataset_size", self.dataset_size, minimum=2)
+        elif self.dataset_size is not None:
+            raise ValueError(
+                f"dataset_size is only used with nbeta='dataset', got nbeta={self.nbeta!r}"
+            )
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        _check_float("rmsprop_alpha", self.rmsprop_alpha, positive=True)
+        if self.rmsprop_alpha >= 1:
+            raise ValueError(f"rmsprop_alpha must be in (0, 1), got {self.rmsprop_alpha!r}")
+        _check_float("rmsprop_eps", self.rmsprop_eps, positive=True)
+        if not isinstance(self.paired, bool):
+            raise ValueError(f"paired must be True or False, got {self.paired!r}")
+        _check_int("seed", self.seed, minimum=0)
+        if not any(self.vectorize is choice for choice in VECTORIZE):
+            raise ValueError(f"vectorize must be 'auto', True or False, got {self.vectorize!r}")
+        _check_int("init_loss_batches", self.init_loss_batches, minimum=1)
+
+    def resolve_nbeta(self, batch_size: int) -> float:
+        """The inverse temperature n*beta for a sampling batch size.
+
+        Args:
+            batch_size: Number of examples in one sampling minibatch.
+
+        Returns:
+            ``B / log B``, ``n / log n`` or the given number, as ``nbeta`` asks.
+
+        Raises:
+            ValueError: If ``nbeta="batch"`` and the batch holds fewer than 2 examples.
+        """
+        if self.nbeta == "batch":
+            if batch_size < 2:
+                raise ValueError(
+                    f"nbeta='batch' needs a sampling batch size of at least 2, got {batch_size};"
+                    " pass nbeta as a number"
+                )
+            return batch_size / math.log(batch_size)
+        if self.nbeta == "dataset":
+            return self.dataset_size / math.log(self.dataset_size)
+        return float(self.nbeta)
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_float(name: str, value: object, *, positive: bool) -> None:
+    bound = "> 0" if positive else ">= 0"
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+        or (positive and value == 0)
+    ):
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")

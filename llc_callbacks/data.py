@@ -1,0 +1,91 @@
+"""Batches for the chains: cycled, moved to a device, never mutated."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def cycle_batches(data: Iterable[Any], device: torch.device) -> Iterator[Any]:
+    """Yield batches from ``data`` forever, restarting it when it runs out.
+
+    Each pass calls ``iter(data)`` again (a shuffled DataLoader reshuffles); nothing is cached.
+
+    Args:
+        data: Any re-iterable of batches, such as a DataLoader.
+        device: Where every tensor of a batch is moved.
+
+    Yields:
+        Copies of the batches' containers with their tensors on ``device`` and floating-point
+        tensors in float32, the precision the chains run in.
+
+    Raises:
+        ValueError: If ``data`` yields no batch, or is an iterator that cannot restart.
+    """
+    passes = 0
+    while True:
+        empty = True
+        for batch in data:
+            empty = False
+            yield to_device(batch, device, torch.float32)
+        if empty:
+            raise ValueError(
+                "data yielded no batches"
+                if passes == 0
+                else "data ran out and cannot restart: pass a re-iterable such as a DataLoader,"
+                " not an iterator"
+            )
+        passes += 1
+
+
+def to_device(
+    batch: Any, device: torch.device | None = None, float_dtype: torch.dtype | None = None
+) -> Any:
+    """A copy of a batch's containers with every tensor moved to ``device``.
+
+    Dicts (and other mappings) become dicts, lists stay lists, tuples (named ones too) stay
+    tuples, so that a loss function that pops keys never touches the caller's batch. Tensors
+    are not copied unless they move or change type.
+
+    Args:
+        batch: A tensor or nested containers of tensors.
+        device: Where tensors go; ``None`` leaves them where they are.
+        float_dtype: Type for floating-point tensors; ``None`` keeps theirs.
+
+    Returns:
+        The batch in new containers.
+    """
+    if isinstance(batch, Tensor):
+        dtype = float_dtype if float_dtype is not None and batch.is_floating_point() else None
+        return batch.to(device=device, dtype=dtype, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {key: to_device(value, device, float_dtype) for key, value in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(to_device(value, device, float_dtype) for value in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(value, device, float_dtype) for value in batch)
+    return batch
+
+
+def batch_size(batch: Any) -> int:
+    """The number of examples in a batch: the leading size of its first tensor.
+
+    Raises:
+        ValueError: If the batch holds no tensor with a leading dimension.
+    """
+    if isinstance(batch, Tensor) and batch.dim() > 0:
+        return batch.shape[0]
+    values = batch.values() if isinstance(batch, Mapping) else batch
+    if isinstance(values, Iterable) and not isinstance(values, (str, bytes, Tensor)):
+        for value in values:
+            try:
+                return batch_size(value)
+            except ValueError:
+                continue
+    raise ValueError(
+        "cannot infer the batch size for nbeta='batch' from a batch without tensors;"
+        " pass nbeta as a number"
+    )

@@ -1,0 +1,181 @@
+"""A model's weights forked as flat float32 tensors, evaluated with ``functional_call``.
+
+The live module is never written to: its trainable parameters are copied once into a flat
+anchor ``w*`` of shape ``(dim,)``, chains are rows of a ``(chains, dim)`` tensor, and every
+loss is computed by ``torch.func.functional_call`` on a thin wrapper whose ``forward`` calls
+the user's ``loss_fn(model, batch)``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from llc_callbacks.data import to_device
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+_reported_vmap_failures: set[str] = set()
+
+
+class _LossModule(nn.Module):
+    """Holds the model so that ``functional_call`` swaps its weights inside ``loss_fn``."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        loss = self.loss_fn(self.model, batch)
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise TypeError(
+                "loss_fn(model, batch) must return a scalar tensor (the mean loss), got "
+                + (
+                    f"a tensor of shape {tuple(loss.shape)}"
+                    if isinstance(loss, Tensor)
+                    else type(loss).__name__
+                )
+            )
+        return loss.reshape(()).float()
+
+
+class ForkedModel:
+    """Functional loss and gradient evaluations of a model at forked weights.
+
+    Args:
+        model: The live model; only read.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
+        device: Where the forked weights live and the chains run.
+        vectorize: ``True`` to require ``vmap`` over chains, ``False`` to loop over chains,
+            ``"auto"`` to try ``vmap`` on the first evaluation and fall back to the loop, with a
+            one-time warning saying why, when the model does not support it.
+
+    Attributes:
+        vectorized: Whether chains run batched with ``vmap``; ``None`` until the first
+            evaluation decides it under ``"auto"``.
+
+    Raises:
+        ValueError: If the model has no trainable parameters.
+    """
+
+    def __init__(
+        self, model: nn.Module, loss_fn: LossFn, device: torch.device, vectorize: bool | str
+    ) -> None:
+        self._wrapper = _LossModule(model, loss_fn)
+        named = [
+            *self._wrapper.named_parameters(remove_duplicate=False),
+            *self._wrapper.named_buffers(remove_duplicate=False),
+        ]
+        canonical: dict[int, str] = {}
+        for name, tensor in named:
+            canonical.setdefault(id(tensor), name)
+        # Tied weights are sampled once and passed under every name, which lets
+        # functional_call skip its own (slow) search for ties.
+        self._aliases = [(n, canonical[id(t)]) for n, t in named if canonical[id(t)] != n]
+        unique = [(n, t) for n, t in named if canonical[id(t)] == n]
+        trainable = [(n, t) for n, t in unique if isinstance(t, nn.Parameter) and t.requires_grad]
+        if not trainable:
+            raise ValueError("model has no parameters with requires_grad=True to sample")
+        self.names = [name for name, _ in trainable]
+        self.shapes = [p.shape for _, p in trainable]
+        self.numels = [p.numel() for _, p in trainable]
+        self.anchor = torch.cat(
+            [p.detach().reshape(-1).to(device=device, dtype=torch.float32) for _, p in trainable]
+        )
+        sampled = set(self.names)
+        self.constants = {n: _fork(t, device) for n, t in unique if n not in sampled}
+        self._vectorize = vectorize
+        self.vectorized: bool | None = None if vectorize == "auto" else bool(vectorize)
+        self._model_name = type(model).__name__
+        self._vmapped_grad_fn = vmap(grad_and_value(self._loss), in_dims=(0, None))
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """Views of flat weights ``(..., dim)`` as named parameters ``(..., *shape)``."""
+        lead = flat.shape[:-1]
+        pieces = flat.split(self.numels, dim=-1)
+        return {
+            name: piece.view(*lead, *shape)
+            for name, piece, shape in zip(self.names, pieces, self.shapes, strict=True)
+        }
+
+    def loss_at_anchor(self, batch: Any) -> Tensor:
+        """The loss at ``w*`` on one batch, without gradients."""
+        with torch.no_grad():
+            return self._loss(self.unflatten(self.anchor), batch)
+
+    def loss_and_grad(self, weights: Tensor, batch: Any) -> tuple[Tensor, Tensor]:
+        """Losses and flat loss gradients of every chain on one shared batch.
+
+        Args:
+            weights: Flat weights, shape ``(chains, dim)``.
+            batch: One minibatch, already on the device.
+
+        Returns:
+            Losses of shape ``(chains,)`` and gradients of shape ``(chains, dim)``.
+
+        Raises:
+            RuntimeError: If ``vectorize=True`` and the model does not support ``vmap``.
+        """
+        if self.vectorized is False:
+            return self._looped(weights, batch)
+        try:
+            result = self._vmapped(weights, batch)
+        except Exception as error:
+            if self._vectorize is True:
+                raise RuntimeError(
+                    f"vectorize=True but torch.func.vmap failed on {self._model_name}: {error}"
+                ) from error
+            if self.vectorized is None:
+                self._report_fallback(error)
+                self.vectorized = False
+                return self._looped(weights, batch)
+            raise
+        self.vectorized = True
+        return result
+
+    def _loss(self, params: dict[str, Tensor], batch: Any) -> Tensor:
+        tensors = {**params, **self.constants}
+        for alias, name in self._aliases:
+            tensors[alias] = tensors[name]
+        # Fresh containers for every call: a loss that pops keys must not empty the batch
+        # for the next chain or for the paired forward pass.
+        return functional_call(self._wrapper, tensors, (to_device(batch),), tie_weights=False)
+
+    def _vmapped(self, weights: Tensor, batch: Any) -> tuple[Tensor, Tensor]:
+        grads, losses = self._vmapped_grad_fn(self.unflatten(weights), batch)
+        return losses, torch.cat([g.reshape(len(weights), -1) for g in grads.values()], dim=1)
+
+    def _looped(self, weights: Tensor, batch: Any) -> tuple[Tensor, Tensor]:
+        losses, grads = [], []
+        for chain_weights in weights:
+            leaves = [p.detach().requires_grad_() for p in self.unflatten(chain_weights).values()]
+            loss = self._loss(dict(zip(self.names, leaves, strict=True)), batch)
+            chain_grads = torch.autograd.grad(loss, leaves, materialize_grads=True)
+            losses.append(loss.detach())
+            grads.append(torch.cat([g.reshape(1, -1) for g in chain_grads], dim=1))
+        return torch.stack(losses), torch.cat(grads)
+
+    def _report_fallback(self, error: Exception) -> None:
+        reason = f"{type(error).__name__}: {error}".splitlines()[0]
+        key = f"{self._model_name}: {reason}"
+        if key in _reported_vmap_failures:
+            return
+        _reported_vmap_failures.add(key)
+        warnings.warn(
+            f"llc_callbacks: chains of {self._model_name} run one after another because "
+            f"torch.func.vmap does not support this model ({reason}). Pass vectorize=False to "
+            "skip the attempt.",
+            stacklevel=4,
+        )
+
+
+def _fork(tensor: Tensor, device: torch.device) -> Tensor:
+    """A detached copy on ``device``; floating tensors become float32."""
+    dtype = torch.float32 if tensor.is_floating_point() else tensor.dtype
+    return tensor.detach().to(device=device, dtype=dtype, copy=True)

@@ -1,0 +1,48 @@
+"""Leave the training process exactly as it was: RNG states and train/eval modes."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@contextmanager
+def isolated(model: nn.Module, seed: int) -> Iterator[None]:
+    """Run a block with the model in eval mode and seeded global RNGs, then restore both.
+
+    Inside, the global torch (CPU, and CUDA when initialized), numpy and Python RNGs are seeded
+    with ``seed`` so that a shuffled DataLoader or a random loss gives the same batches for the
+    same seed. On exit every RNG state and every module's ``training`` flag is put back,
+    whatever happened inside.
+
+    Args:
+        model: The live model; only its modules' ``training`` flags change, and only inside.
+        seed: Seed for the global RNGs inside the block.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    cuda = torch.cuda.is_initialized()
+    cpu_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if cuda else None
+    numpy_state = np.random.get_state()
+    python_state = random.getstate()
+    try:
+        model.eval()
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.manual_seed_all(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)

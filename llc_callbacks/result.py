@@ -1,0 +1,61 @@
+"""The outcome of one LLC estimate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from llc_callbacks.config import LLCConfig
+
+
+@dataclass(frozen=True)
+class LLCResult:
+    """One LLC estimate with its chains and diagnostics.
+
+    Attributes:
+        llc_mean: Mean of the per-chain estimates over chains that did not diverge; NaN when
+            all diverged.
+        llc_std: Their standard deviation (``ddof=1``); NaN with fewer than two such chains.
+        llc_per_chain: ``nbeta * mean_t(L_m(w_t) - L(w*))`` for each chain, NaN where the
+            chain diverged; shape ``(chains,)``.
+        loss_trace: Minibatch loss at each draw, shape ``(chains, draws)``; a diverged chain's
+            row is NaN from the step it diverged.
+        init_loss: ``L(w*)``, the mean loss over ``config.init_loss_batches`` minibatches.
+        diagnostics: ``num_diverged``, ``frac_below_init``, ``rhat`` and ``ess`` (see
+            ``llc_callbacks.diagnostics.chain_diagnostics``).
+        config: The hyperparameters used.
+        nbeta: The inverse temperature used, resolved from ``config.nbeta``.
+        vectorized: Whether the chains ran batched with ``vmap``.
+        elapsed_s: Wall time of the estimate in seconds.
+    """
+
+    llc_mean: float
+    llc_std: float
+    llc_per_chain: np.ndarray
+    loss_trace: np.ndarray
+    init_loss: float
+    diagnostics: dict[str, float]
+    config: LLCConfig
+    nbeta: float
+    vectorized: bool
+    elapsed_s: float
+
+    def to_metrics(self, prefix: str = "llc") -> dict[str, float]:
+        """Flat metrics for a logger.
+
+        Args:
+            prefix: First part of every key.
+
+        Returns:
+            ``{prefix}/mean``, ``{prefix}/std``, ``{prefix}/chain_<i>``, ``{prefix}/init_loss``
+            and ``{prefix}/diag/<name>`` for each diagnostic, as floats.
+        """
+        metrics = {
+            f"{prefix}/mean": self.llc_mean,
+            f"{prefix}/std": self.llc_std,
+            **{f"{prefix}/chain_{i}": float(v) for i, v in enumerate(self.llc_per_chain)},
+            f"{prefix}/init_loss": self.init_loss,
+        }
+        metrics.update({f"{prefix}/diag/{k}": float(v) for k, v in self.diagnostics.items()})
+        return metrics

@@ -1,0 +1,117 @@
+"""Small models with known learning coefficients, and fast in-memory batches."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ShuffledBatches:
+    """Minibatches of in-memory tensors, reshuffled on every pass by their own generator."""
+
+    def __init__(self, *tensors: torch.Tensor, batch_size: int, seed: int = 0) -> None:
+        self.tensors = tensors
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.tensors[0]), generator=self.generator)
+        for start in range(0, len(order) - self.batch_size + 1, self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield tuple(t[index] for t in self.tensors)
+
+
+def mse_loss(model: nn.Module, batch) -> torch.Tensor:
+    inputs, targets = batch
+    return F.mse_loss(model(inputs), targets)
+
+
+class ReducedRankRegression(nn.Module):
+    """``y = B A x`` with input M, hidden H, output N."""
+
+    def __init__(self, m: int, h: int, n: int) -> None:
+        super().__init__()
+        self.a = nn.Linear(m, h, bias=False)
+        self.b = nn.Linear(h, n, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+def rrr_lambda(m: int, h: int, n: int, r: int) -> float:
+    """Learning coefficient of reduced-rank regression (Aoyagi and Watanabe 2005)."""
+    if m + h < n + r:
+        return (h * m - h * r + n * r) / 2
+    if n + h < m + r:
+        return (h * n - h * r + m * r) / 2
+    if m + n < h + r:
+        return m * n / 2
+    value = (2 * (h + r) * (m + n) - (m - n) ** 2 - (h + r) ** 2) / 8
+    return value + (1 / 8 if (m + h + n + r) % 2 else 0)
+
+
+def rrr_problem(m: int, h: int, n: int, r: int, *, samples: int = 8192, batch_size: int = 256):
+    """A rank-``r`` teacher as the model (at the true parameter) and its noise-free data."""
+    generator = torch.Generator().manual_seed(0)
+    model = ReducedRankRegression(m, h, n)
+    with torch.no_grad():
+        a = torch.randn(h, m, generator=generator)
+        b = torch.randn(n, h, generator=generator)
+        a[r:] = 0
+        b[:, r:] = 0
+        model.a.weight.copy_(a)
+        model.b.weight.copy_(b)
+    return model, teacher_data(model, m, samples=samples, batch_size=batch_size)
+
+
+class NormalCrossing(nn.Module):
+    """``f(x) = w0 * w1**2 * x`` against targets 0: ``K(w) = w0**2 * w1**4``, so
+    ``λ = min(1/2, 1/4) = 1/4`` at ``w* = 0``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w[0] * self.w[1] ** 2 * x
+
+
+def teacher_data(model: nn.Module, inputs: int, *, samples: int = 8192, batch_size: int = 256):
+    """Noise-free data labelled by ``model`` itself, so its weights are a minimum of the loss."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(samples, inputs, generator=generator)
+    with torch.no_grad():
+        y = model(x)
+    return ShuffledBatches(x, y, batch_size=batch_size)
+
+
+class DropoutBatchNormNet(nn.Module):
+    """A small classifier with the two layers whose train/eval behaviour differs."""
+
+    def __init__(self, inputs: int = 6, hidden: int = 16, classes: int = 3) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(inputs, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(),
+            nn.Dropout(0.2),
+            nn.Linear(hidden, classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def cross_entropy(model: nn.Module, batch) -> torch.Tensor:
+    inputs, labels = batch
+    return F.cross_entropy(model(inputs), labels)
+
+
+def classification_batches(
+    samples: int = 512, batch_size: int = 64, inputs: int = 6, seed: int = 0
+):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, inputs, generator=generator)
+    y = (x[:, :3] @ torch.randn(3, 3, generator=generator)).argmax(dim=1)
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, samples, batch_size)]

@@ -1,0 +1,70 @@
+import math
+
+import pytest
+
+from llc_callbacks import LLCConfig
+
+
+def test_defaults_are_valid_and_documented_values():
+    config = LLCConfig()
+    assert config.num_chains == 4
+    assert config.nbeta == "batch"
+    assert config.paired is True
+    assert config.vectorize == "auto"
+    assert config.sampler == "sgld"
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "accepted"),
+    [
+        ("num_chains", 0, ">= 1"),
+        ("num_chains", 2.0, ">= 1"),
+        ("num_chains", True, ">= 1"),
+        ("num_burnin", -1, ">= 0"),
+        ("num_draws", 0, ">= 1"),
+        ("step_size", 0.0, "> 0"),
+        ("step_size", -1e-4, "> 0"),
+        ("step_size", math.nan, "> 0"),
+        ("step_size", "1e-4", "> 0"),
+        ("localization", -1.0, ">= 0"),
+        ("localization", math.inf, ">= 0"),
+        ("nbeta", 0.0, "> 0"),
+        ("nbeta", "auto", "'batch', 'dataset' or a positive number"),
+        ("sampler", "sgnht", "one of"),
+        ("rmsprop_alpha", 1.0, r"\(0, 1\)"),
+        ("rmsprop_alpha", 0.0, "> 0"),
+        ("rmsprop_eps", 0.0, "> 0"),
+        ("paired", 1, "True or False"),
+        ("seed", -1, ">= 0"),
+        ("vectorize", "yes", "'auto', True or False"),
+        ("vectorize", 1, "'auto', True or False"),
+        ("init_loss_batches", 0, ">= 1"),
+    ],
+)
+def test_bad_values_raise_naming_the_argument_and_the_range(argument, value, accepted):
+    with pytest.raises(ValueError, match=rf"^{argument} .*{accepted}"):
+        LLCConfig(**{argument: value})
+
+
+def test_dataset_nbeta_needs_a_dataset_size_and_only_then():
+    with pytest.raises(ValueError, match="dataset_size is required"):
+        LLCConfig(nbeta="dataset")
+    with pytest.raises(ValueError, match="dataset_size must be an integer >= 2"):
+        LLCConfig(nbeta="dataset", dataset_size=1)
+    with pytest.raises(ValueError, match="dataset_size is only used with nbeta='dataset'"):
+        LLCConfig(dataset_size=1000)
+
+
+def test_resolve_nbeta_follows_each_convention():
+    assert LLCConfig().resolve_nbeta(256) == pytest.approx(256 / math.log(256))
+    assert LLCConfig(nbeta="dataset", dataset_size=10_000).resolve_nbeta(256) == pytest.approx(
+        10_000 / math.log(10_000)
+    )
+    assert LLCConfig(nbeta=30).resolve_nbeta(256) == 30.0
+    with pytest.raises(ValueError, match="batch size of at least 2"):
+        LLCConfig().resolve_nbeta(1)
+
+
+def test_config_is_frozen():
+    with pytest.raises(AttributeError):
+        LLCConfig().num_chains = 8

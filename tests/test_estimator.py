@@ -1,0 +1,350 @@
+import math
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from models import (
+    DropoutBatchNormNet,
+    ShuffledBatches,
+    classification_batches,
+    cross_entropy,
+    mse_loss,
+    rrr_problem,
+)
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from llc_callbacks import LLCConfig, LLCResult, estimate_llc
+from llc_callbacks.forked import ForkedModel
+
+SHORT = LLCConfig(num_chains=3, num_burnin=20, num_draws=30, step_size=1e-3, localization=10.0)
+
+
+def short(**changes) -> LLCConfig:
+    return LLCConfig(**{**SHORT.__dict__, **changes})
+
+
+@pytest.mark.parametrize("sampler", ["sgld", "rmsprop_sgld"])
+@pytest.mark.parametrize("paired", [True, False])
+def test_vectorized_and_sequential_chains_give_the_same_numbers(sampler, paired):
+    torch.manual_seed(0)
+    model, data = DropoutBatchNormNet(), classification_batches()
+    results = [
+        estimate_llc(model, cross_entropy, data, short(sampler=sampler, paired=paired, vectorize=v))
+        for v in (True, False)
+    ]
+    assert [r.vectorized for r in results] == [True, False]
+    # Same operations batched or not: only float rounding differs (about 1e-7 relative per
+    # step), far below the 1e-4 allowed after 50 steps.
+    np.testing.assert_allclose(results[0].loss_trace, results[1].loss_trace, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(results[0].llc_per_chain, results[1].llc_per_chain, rtol=1e-4)
+
+
+class ScaleByMaxWeight(nn.Module):
+    """Calls .item() on a weight, which vmap cannot batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = 1.0 if self.linear.weight.abs().max().item() < 100 else 0.5
+        return self.linear(x) * scale
+
+
+def test_auto_falls_back_to_sequential_chains_once_saying_why():
+    torch.manual_seed(0)
+    model, data = ScaleByMaxWeight(), classification_batches()
+    with pytest.warns(UserWarning, match=r"run one after another because torch\.func\.vmap"):
+        auto = estimate_llc(model, cross_entropy, data, short())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second estimate says nothing more
+        again = estimate_llc(model, cross_entropy, data, short())
+        sequential = estimate_llc(model, cross_entropy, data, short(vectorize=False))
+    assert not auto.vectorized
+    np.testing.assert_array_equal(auto.loss_trace, sequential.loss_trace)
+    np.testing.assert_array_equal(again.loss_trace, sequential.loss_trace)
+    with pytest.raises(RuntimeError, match=r"vectorize=True but torch\.func\.vmap failed"):
+        estimate_llc(model, cross_entropy, data, short(vectorize=True))
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+        "modes": [m.training for m in model.modules()],
+        "torch_rng": torch.get_rng_state(),
+        "numpy_rng": np.random.get_state()[1].copy(),
+        "python_rng": random.getstate(),
+    }
+
+
+def test_training_state_is_exactly_as_before():
+    torch.manual_seed(0)
+    model = DropoutBatchNormNet()
+    model.train()
+    model.net[1].eval()  # mixed modes must come back module by module
+    x, y = classification_batches()[0]
+    cross_entropy(model, (x, y)).backward()
+    dataset = TensorDataset(*map(torch.cat, zip(*classification_batches(), strict=True)))
+    loader = DataLoader(dataset, batch_size=64, shuffle=True)  # its shuffle draws global RNG
+    before = snapshot(model)
+    estimate_llc(model, cross_entropy, loader, short())
+    after = snapshot(model)
+    for name in ("state", "grads"):
+        assert before[name].keys() == after[name].keys()
+        for key in before[name]:
+            assert torch.equal(before[name][key], after[name][key]), (name, key)
+    assert before["modes"] == after["modes"]
+    assert torch.equal(before["torch_rng"], after["torch_rng"])
+    assert np.array_equal(before["numpy_rng"], after["numpy_rng"])
+    assert before["python_rng"] == after["python_rng"]
+
+
+def test_same_seed_same_numbers_whatever_the_global_rng():
+    model = DropoutBatchNormNet()
+    dataset = TensorDataset(*map(torch.cat, zip(*classification_batches(), strict=True)))
+    loader = DataLoader(dataset, batch_size=64, shuffle=True)
+    torch.manual_seed(1)
+    first = estimate_llc(model, cross_entropy, loader, short())
+    torch.manual_seed(2)
+    second = estimate_llc(model, cross_entropy, loader, short())
+    other_seed = estimate_llc(model, cross_entropy, loader, short(seed=1))
+    np.testing.assert_array_equal(first.loss_trace, second.loss_trace)
+    assert first.llc_mean == second.llc_mean
+    assert not np.array_equal(first.loss_trace, other_seed.loss_trace)
+
+
+def test_a_chain_does_not_depend_on_how_many_chains_run():
+    torch.manual_seed(0)
+    model, data = DropoutBatchNormNet(), classification_batches()
+    two = estimate_llc(model, cross_entropy, data, short(num_chains=2, vectorize=False))
+    four = estimate_llc(model, cross_entropy, data, short(num_chains=4, vectorize=False))
+    np.testing.assert_array_equal(four.loss_trace[:2], two.loss_trace)
+
+
+def test_when_every_chain_diverges_the_estimate_is_nan_with_advice():
+    model, data = rrr_problem(5, 3, 5, 2)
+    with pytest.warns(UserWarning, match="all 3 chains diverged.*Lower step_size"):
+        result = estimate_llc(model, mse_loss, data, short(step_size=10.0))
+    assert math.isnan(result.llc_mean)
+    assert result.diagnostics["num_diverged"] == 3
+    assert np.isnan(result.llc_per_chain).all()
+
+
+class Fragile(nn.Module):
+    """A regular model whose loss is NaN once its weight strays 0.03 from zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w * x
+
+
+def fragile_loss(model: Fragile, batch) -> torch.Tensor:
+    loss = mse_loss(model, batch)
+    return torch.where(model.w.abs().max() > 0.03, torch.full_like(loss, math.nan), loss)
+
+
+def test_diverged_chains_are_counted_and_left_out_of_the_mean():
+    x = torch.randn(2048, 1, generator=torch.Generator().manual_seed(0))
+    data = ShuffledBatches(x, torch.zeros_like(x), batch_size=64)
+    config = LLCConfig(num_chains=8, num_burnin=0, num_draws=100, step_size=1e-5, localization=1.0)
+    with pytest.warns(UserWarning, match="of 8 chains diverged and are left out"):
+        result = estimate_llc(Fragile(), fragile_loss, data, config)
+    diverged = np.isnan(result.llc_per_chain)
+    # With this seed the random walk (step 3e-3 per draw) leaves ±0.03 in some chains only.
+    assert 0 < diverged.sum() < 8
+    assert result.diagnostics["num_diverged"] == diverged.sum()
+    assert result.llc_mean == pytest.approx(np.mean(result.llc_per_chain[~diverged]))
+    assert np.isfinite(result.loss_trace[~diverged]).all()
+
+
+def test_pairing_removes_the_noise_of_the_initial_loss():
+    model, data = rrr_problem(5, 3, 5, 2)
+    x, y = data.tensors
+    noisy = ShuffledBatches(
+        x, y + torch.randn(y.shape, generator=torch.Generator().manual_seed(1)), batch_size=256
+    )
+    config = LLCConfig(num_burnin=200, num_draws=300, step_size=2e-3, localization=0.3)
+
+    def spread(paired: bool) -> float:
+        means = [
+            estimate_llc(
+                model,
+                mse_loss,
+                noisy,
+                LLCConfig(**{**config.__dict__, "seed": s, "paired": paired}),
+            ).llc_mean
+            for s in range(6)
+        ]
+        return float(np.std(means))
+
+    # Unpaired, nβ times the standard error of L(w*) over 8 batches (about 0.6 here) dominates
+    # the spread of the estimate across seeds; pairing removes it (measured: 0.25 vs 0.68).
+    assert spread(paired=True) < spread(paired=False) / 1.5
+
+
+def test_init_loss_is_the_mean_over_init_loss_batches():
+    torch.manual_seed(0)
+    model, data = DropoutBatchNormNet(), classification_batches()
+    result = estimate_llc(model, cross_entropy, data, short(init_loss_batches=3))
+    model.eval()
+    with torch.no_grad():
+        expected = torch.stack([cross_entropy(model, b) for b in data[:3]]).mean().item()
+    assert result.init_loss == pytest.approx(expected, rel=1e-6)
+
+
+def test_result_shapes_nbeta_and_metrics():
+    torch.manual_seed(0)
+    model, data = DropoutBatchNormNet(), classification_batches(batch_size=64)
+    result = estimate_llc(model, cross_entropy, data, short(num_chains=2))
+    assert isinstance(result, LLCResult)
+    assert result.loss_trace.shape == (2, 30)
+    assert result.llc_per_chain.shape == (2,)
+    assert result.nbeta == pytest.approx(64 / math.log(64))
+    assert result.llc_std == pytest.approx(np.std(result.llc_per_chain, ddof=1))
+    assert result.elapsed_s > 0
+    metrics = result.to_metrics(prefix="train/llc")
+    assert set(metrics) == {
+        "train/llc/mean",
+        "train/llc/std",
+        "train/llc/chain_0",
+        "train/llc/chain_1",
+        "train/llc/init_loss",
+        "train/llc/diag/num_diverged",
+        "train/llc/diag/frac_below_init",
+        "train/llc/diag/rhat",
+        "train/llc/diag/ess",
+    }
+    assert metrics["train/llc/mean"] == result.llc_mean
+    assert all(isinstance(v, float) for v in metrics.values())
+    assert set(result.to_metrics()) == {k.replace("train/llc", "llc") for k in metrics}
+
+
+class DictModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.head = nn.Linear(8, 10, bias=False)
+        self.head.weight = self.embed.weight  # tied
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(input_ids))
+
+
+def dict_loss(model: DictModel, batch: dict) -> torch.Tensor:
+    labels = batch.pop("labels")  # as transformers' compute_loss does
+    logits = model(**batch)
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+
+def dict_batches() -> list[dict]:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 10, (4, 16, 5), generator=generator)
+    return [{"input_ids": i, "labels": i.roll(1, dims=1)} for i in ids]
+
+
+def test_dict_batches_are_never_mutated_and_set_the_batch_size():
+    torch.manual_seed(0)
+    data = dict_batches()
+    result = estimate_llc(DictModel(), dict_loss, data, short(num_chains=2))
+    assert all(set(batch) == {"input_ids", "labels"} for batch in data)
+    assert result.nbeta == pytest.approx(16 / math.log(16))
+
+
+def test_tied_weights_are_sampled_once_and_both_paths_agree():
+    torch.manual_seed(0)
+    model, data = DictModel(), dict_batches()
+    forked = ForkedModel(model, dict_loss, torch.device("cpu"), vectorize="auto")
+    assert forked.anchor.numel() == 80  # the shared 10 x 8 matrix, once
+    vectorized, sequential = (
+        estimate_llc(model, dict_loss, data, short(vectorize=v)) for v in (True, False)
+    )
+    np.testing.assert_allclose(vectorized.loss_trace, sequential.loss_trace, rtol=1e-4)
+
+
+def test_frozen_parameters_are_not_sampled():
+    model = DropoutBatchNormNet()
+    model.net[0].requires_grad_(False)
+    forked = ForkedModel(model, cross_entropy, torch.device("cpu"), vectorize="auto")
+    assert forked.names == [
+        "model.net.1.weight",
+        "model.net.1.bias",
+        "model.net.4.weight",
+        "model.net.4.bias",
+    ]
+
+
+def test_low_precision_models_are_sampled_in_float32_and_left_alone():
+    torch.manual_seed(0)
+    model = DropoutBatchNormNet().to(torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [(x.to(torch.bfloat16), y) for x, y in classification_batches()]
+    result = estimate_llc(model, cross_entropy, data, short())
+    assert np.isfinite(result.llc_mean)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_works_inside_no_grad_and_inference_mode(context):
+    torch.manual_seed(0)
+    model, data = DropoutBatchNormNet(), classification_batches()
+    expected = estimate_llc(model, cross_entropy, data, short())
+    with context():
+        result = estimate_llc(model, cross_entropy, data, short())
+    np.testing.assert_array_equal(result.loss_trace, expected.loss_trace)
+
+
+def test_progress_bar_is_shown_on_request(capsys):
+    torch.manual_seed(0)
+    estimate_llc(
+        DropoutBatchNormNet(), cross_entropy, classification_batches(), short(), progress=True
+    )
+    assert "LLC chains" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "message"),
+    [
+        (
+            lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"),
+            r"scalar tensor.*shape \(64,\)",
+        ),
+        (lambda m, b: {"loss": cross_entropy(m, b)}, "scalar tensor.*got dict"),
+    ],
+)
+def test_a_loss_that_is_not_a_scalar_tensor_is_refused(loss_fn, message):
+    with pytest.raises(TypeError, match=message):
+        estimate_llc(DropoutBatchNormNet(), loss_fn, classification_batches(), short())
+
+
+def test_bad_arguments_are_refused_early():
+    model, data = DropoutBatchNormNet(), classification_batches()
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
+        estimate_llc(lambda x: x, cross_entropy, data)
+    with pytest.raises(TypeError, match="loss_fn must be callable"):
+        estimate_llc(model, "cross_entropy", data)
+    with pytest.raises(TypeError, match="config must be an LLCConfig"):
+        estimate_llc(model, cross_entropy, data, {"num_chains": 2})
+    with pytest.raises(ValueError, match="data yielded no batches"):
+        estimate_llc(model, cross_entropy, [], short())
+    with pytest.raises(ValueError, match="cannot restart"):
+        estimate_llc(model, cross_entropy, iter(data), short())
+    with pytest.raises(ValueError, match="no parameters with requires_grad=True"):
+        estimate_llc(model.requires_grad_(False), cross_entropy, data, short())
+
+
+def test_a_nan_loss_at_the_current_weights_gives_nan_with_a_warning():
+    model = DropoutBatchNormNet()
+    with torch.no_grad():
+        model.net[0].bias.fill_(math.nan)
+    with pytest.warns(UserWarning, match="loss at the current weights is nan"):
+        result = estimate_llc(model, cross_entropy, classification_batches(), short())
+    assert math.isnan(result.llc_mean)

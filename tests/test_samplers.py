@@ -1,0 +1,87 @@
+"""The update rules against DESIGN.md section 1, written out element by element."""
+
+import math
+
+import torch
+
+from llc_callbacks.samplers import SamplerState, rmsprop_sgld_step, sgld_step
+
+
+def random_inputs(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    weights, grad, noise = (torch.randn(3, 5, generator=generator) for _ in range(3))
+    anchor = torch.randn(5, generator=generator)
+    return weights, grad, noise, anchor
+
+
+def test_sgld_step_is_the_welling_teh_update():
+    weights, grad, noise, anchor = random_inputs()
+    eps, nbeta, gamma = 1e-3, 46.0, 100.0
+    new = sgld_step(
+        SamplerState(weights), grad, noise, anchor, step_size=eps, nbeta=nbeta, localization=gamma
+    ).weights
+    expected = (
+        weights - eps / 2 * (nbeta * grad + gamma * (weights - anchor)) + math.sqrt(eps) * noise
+    )
+    torch.testing.assert_close(new, expected)
+
+
+def test_sgld_step_does_not_scale_localization_by_nbeta():
+    weights, _, _, anchor = random_inputs()
+    zero = torch.zeros_like(weights)
+    step = dict(step_size=1e-2, localization=1.0)
+    low = sgld_step(SamplerState(weights), zero, zero, anchor, nbeta=1.0, **step).weights
+    high = sgld_step(SamplerState(weights), zero, zero, anchor, nbeta=1000.0, **step).weights
+    torch.testing.assert_close(low, high)
+
+
+def test_sgld_step_leaves_its_inputs_unchanged():
+    weights, grad, noise, anchor = random_inputs()
+    copies = [t.clone() for t in (weights, grad, noise, anchor)]
+    sgld_step(
+        SamplerState(weights), grad, noise, anchor, step_size=1e-3, nbeta=2.0, localization=3.0
+    )
+    for original, copy in zip((weights, grad, noise, anchor), copies, strict=True):
+        assert torch.equal(original, copy)
+
+
+def test_rmsprop_sgld_preconditions_drift_and_noise_with_loss_gradient_statistics():
+    weights, grad, noise, anchor = random_inputs()
+    eps, nbeta, gamma, alpha, rms_eps = 1e-3, 46.0, 100.0, 0.9, 0.1
+    square_avg = torch.rand_like(weights)
+    state = rmsprop_sgld_step(
+        SamplerState(weights, square_avg),
+        grad,
+        noise,
+        anchor,
+        step_size=eps,
+        nbeta=nbeta,
+        localization=gamma,
+        alpha=alpha,
+        eps=rms_eps,
+    )
+    v = alpha * square_avg + (1 - alpha) * grad**2  # the loss gradient only, not nβ·grad
+    g = 1 / (v.sqrt() + rms_eps)
+    expected = (
+        weights
+        - eps / 2 * g * (nbeta * grad + gamma * (weights - anchor))
+        + math.sqrt(eps) * g.sqrt() * noise
+    )
+    torch.testing.assert_close(state.square_avg, v)
+    torch.testing.assert_close(state.weights, expected)
+
+
+def test_rmsprop_sgld_starts_its_statistics_at_zero():
+    weights, grad, noise, anchor = random_inputs()
+    state = rmsprop_sgld_step(
+        SamplerState(weights),
+        grad,
+        noise,
+        anchor,
+        step_size=1e-3,
+        nbeta=1.0,
+        localization=0.0,
+        alpha=0.99,
+        eps=0.1,
+    )
+    torch.testing.assert_close(state.square_avg, 0.01 * grad**2)
