@@ -29,7 +29,8 @@ class _LossModule(nn.Module):
     def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
         super().__init__()
         self.model = model
-        self.loss_fn = loss_fn
+        # Not registered as a submodule even if it is one: only the model's weights are forked.
+        self.__dict__["loss_fn"] = loss_fn
 
     def forward(self, batch: Any) -> Tensor:
         loss = self.loss_fn(self.model, batch)
@@ -185,7 +186,7 @@ class ForkedModel:
             f"llc_callbacks: chains of {self._model_name} run one after another because "
             f"torch.func.vmap does not support this model ({reason}). Pass vectorize=False to "
             "skip the attempt.",
-            stacklevel=4,
+            stacklevel=5,
         )
 
 

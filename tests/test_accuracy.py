@@ -66,3 +66,14 @@ def test_normal_crossing_gives_the_smallest_exponent():
     )
     result = estimate_llc(model, mse_loss, data, config)
     assert result.llc_mean == pytest.approx(0.25, rel=0.15)
+
+
+def test_rmsprop_sgld_on_reduced_rank_regression():
+    model, data = rrr_problem(10, 6, 10, 3)
+    # The preconditioner 1 / (sqrt(v) + 0.1) enlarges steps up to tenfold where gradients are
+    # small, so the step size is a quarter of plain SGLD's (seeds 0-2 gave 1.06-1.08 of λ).
+    config = LLCConfig(
+        num_burnin=1000, num_draws=2000, step_size=5e-4, localization=0.3, sampler="rmsprop_sgld"
+    )
+    result = estimate_llc(model, mse_loss, data, config)
+    assert result.llc_mean == pytest.approx(rrr_lambda(10, 6, 10, 3), rel=0.15)
