@@ -2,7 +2,9 @@
 
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.estimator import estimate_llc
+from llc_callbacks.monitor import LLCMonitor
 from llc_callbacks.result import LLCResult
+from llc_callbacks.schedule import log_spaced_steps
 
-__all__ = ["LLCConfig", "LLCResult", "estimate_llc"]
+__all__ = ["LLCConfig", "LLCMonitor", "LLCResult", "estimate_llc", "log_spaced_steps"]
 __version__ = "0.1.0.dev0"

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from llc_callbacks.validation import check_bool, check_choice, check_float, check_int
+
 NBeta = float | Literal["batch", "dataset"]
 SAMPLERS = ("sgld", "rmsprop_sgld")
 VECTORIZE = ("auto", True, False)
@@ -65,38 +67,35 @@ class LLCConfig:
     init_loss_batches: int = 8
 
     def __post_init__(self) -> None:
-        _check_int("num_chains", self.num_chains, minimum=1)
-        _check_int("num_burnin", self.num_burnin, minimum=0)
-        _check_int("num_draws", self.num_draws, minimum=1)
-        _check_float("step_size", self.step_size, positive=True)
-        _check_float("localization", self.localization, positive=False)
+        check_int("num_chains", self.num_chains, minimum=1)
+        check_int("num_burnin", self.num_burnin, minimum=0)
+        check_int("num_draws", self.num_draws, minimum=1)
+        check_float("step_size", self.step_size, positive=True)
+        check_float("localization", self.localization, positive=False)
         if isinstance(self.nbeta, str):
             if self.nbeta not in ("batch", "dataset"):
                 raise ValueError(
                     f"nbeta must be 'batch', 'dataset' or a positive number, got {self.nbeta!r}"
                 )
         else:
-            _check_float("nbeta", self.nbeta, positive=True)
+            check_float("nbeta", self.nbeta, positive=True)
         if self.nbeta == "dataset":
             if self.dataset_size is None:
                 raise ValueError("dataset_size is required when nbeta='dataset'")
-            _check_int("dataset_size", self.dataset_size, minimum=2)
+            check_int("dataset_size", self.dataset_size, minimum=2)
         elif self.dataset_size is not None:
             raise ValueError(
                 f"dataset_size is only used with nbeta='dataset', got nbeta={self.nbeta!r}"
             )
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        _check_float("rmsprop_alpha", self.rmsprop_alpha, positive=True)
+        check_choice("sampler", self.sampler, SAMPLERS)
+        check_float("rmsprop_alpha", self.rmsprop_alpha, positive=True)
         if self.rmsprop_alpha >= 1:
             raise ValueError(f"rmsprop_alpha must be in (0, 1), got {self.rmsprop_alpha!r}")
-        _check_float("rmsprop_eps", self.rmsprop_eps, positive=True)
-        if not isinstance(self.paired, bool):
-            raise ValueError(f"paired must be True or False, got {self.paired!r}")
-        _check_int("seed", self.seed, minimum=0)
-        if not any(self.vectorize is choice for choice in VECTORIZE):
-            raise ValueError(f"vectorize must be 'auto', True or False, got {self.vectorize!r}")
-        _check_int("init_loss_batches", self.init_loss_batches, minimum=1)
+        check_float("rmsprop_eps", self.rmsprop_eps, positive=True)
+        check_bool("paired", self.paired)
+        check_int("seed", self.seed, minimum=0)
+        check_choice("vectorize", self.vectorize, VECTORIZE)
+        check_int("init_loss_batches", self.init_loss_batches, minimum=1)
 
     def resolve_nbeta(self, batch_size: int) -> float:
         """The inverse temperature n*beta for a sampling batch size.
@@ -120,20 +119,3 @@ class LLCConfig:
         if self.nbeta == "dataset":
             return self.dataset_size / math.log(self.dataset_size)
         return float(self.nbeta)
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_float(name: str, value: object, *, positive: bool) -> None:
-    bound = "> 0" if positive else ">= 0"
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-        or (positive and value == 0)
-    ):
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")

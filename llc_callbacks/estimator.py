@@ -6,8 +6,9 @@ import functools
 import math
 import time
 import warnings
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -17,6 +18,13 @@ from tqdm.auto import tqdm
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.data import batch_size, cycle_batches
 from llc_callbacks.diagnostics import chain_diagnostics
+from llc_callbacks.distributed import (
+    broadcast_from_rank_zero,
+    gather_from_every_rank,
+    on_every_rank,
+    rank_and_world,
+    rank_chains,
+)
 from llc_callbacks.forked import ForkedModel, LossFn
 from llc_callbacks.isolation import isolated
 from llc_callbacks.result import LLCResult
@@ -24,6 +32,18 @@ from llc_callbacks.samplers import SamplerState, rmsprop_sgld_step, sgld_step
 
 # How often (in steps) the loop asks the device whether every chain has diverged.
 _DIVERGENCE_CHECK_EVERY = 32
+
+
+class _ChainPart(NamedTuple):
+    """What one process sampled: some chains, and the quantities every process shares."""
+
+    chains: list[int]
+    trace: np.ndarray  # (len(chains), draws)
+    diverged: np.ndarray  # (len(chains),)
+    reference: np.ndarray  # (draws,): L_m(w*) at each draw, NaN when not paired
+    init_loss: float
+    nbeta: float
+    vectorized: bool
 
 
 def estimate_llc(
@@ -34,6 +54,7 @@ def estimate_llc(
     *,
     device: torch.device | str | None = None,
     progress: bool = False,
+    distributed: bool = False,
 ) -> LLCResult:
     """Estimate the local learning coefficient of a model at its current weights.
 
@@ -50,6 +71,11 @@ def estimate_llc(
         config: Sampling hyperparameters.
         device: Where chains run; defaults to the device of the model's first parameter.
         progress: Show a progress bar over chain steps.
+        distributed: Split the chains over the ranks of the initialized ``torch.distributed``
+            process group and gather them, so that every rank returns the same result. Every
+            rank must call it with the same data and config; all sample around rank zero's
+            weights and buffers. Chain ``i`` depends only on the seed, ``i``, the weights and
+            the batches, so the result equals a single-process run's.
 
     Returns:
         The estimate with its traces and diagnostics. Chains whose loss goes NaN or infinite
@@ -60,7 +86,8 @@ def estimate_llc(
         TypeError: If ``model`` is not a module, ``loss_fn`` is not callable or returns
             something other than a scalar tensor, or ``config`` is not an ``LLCConfig``.
         ValueError: If ``data`` yields no batch or the model has nothing to sample.
-        RuntimeError: If ``config.vectorize=True`` and the model does not support ``vmap``.
+        RuntimeError: If ``config.vectorize=True`` and the model does not support ``vmap``,
+            or, when distributed, if the estimate failed on any rank (raised on every rank).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -70,47 +97,96 @@ def estimate_llc(
         raise TypeError(f"config must be an LLCConfig, got {type(config).__name__}")
     start = time.perf_counter()
     device = torch.device(device) if device is not None else _model_device(model)
-    with isolated(model, config.seed), torch.inference_mode(False), torch.enable_grad():
-        # One chain gains nothing from vmap but its overhead.
-        single = config.num_chains == 1 and config.vectorize == "auto"
-        forked = ForkedModel(model, loss_fn, device, False if single else config.vectorize)
-        batches = cycle_batches(data, device)
-        first = next(batches)
-        nbeta = config.resolve_nbeta(batch_size(first))
-        init_batches = [first] + [next(batches) for _ in range(config.init_loss_batches - 1)]
-        init_loss = torch.stack([forked.loss_at_anchor(b) for b in init_batches]).mean().item()
-        trace, reference, diverged = _run_chains(forked, batches, config, nbeta, progress)
-    excess = trace - (reference if config.paired else init_loss)
-    per_chain = np.where(diverged, np.nan, nbeta * excess.mean(axis=1))
+    rank, world_size = rank_and_world() if distributed else (0, 1)
+    chains = rank_chains(config.num_chains, rank, world_size)
+    # One chain gains nothing from vmap but its overhead.
+    vectorize = False if len(chains) == 1 and config.vectorize == "auto" else config.vectorize
+    with _sampling(model, config, device):
+        if world_size == 1:
+            forked = ForkedModel(model, loss_fn, device, vectorize)
+            parts = [_sample(forked, data, config, chains, progress)]
+        else:
+            forked = on_every_rank(lambda: ForkedModel(model, loss_fn, device, vectorize))
+            # Ranks may hold different buffers (BatchNorm statistics are not synchronized):
+            # every rank samples around rank zero's weights.
+            broadcast_from_rank_zero([forked.anchor, *forked.constants.values()])
+            parts = gather_from_every_rank(
+                lambda: _sample(forked, data, config, chains, progress and rank == 0)
+            )
+    return _result(parts, config, time.perf_counter() - start)
+
+
+@contextmanager
+def _sampling(model: nn.Module, config: LLCConfig, device: torch.device) -> Iterator[None]:
+    """Isolate the training process, enable gradients, and keep chains in float32."""
+    with (
+        isolated(model, config.seed),
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        torch.autocast(device.type, enabled=False)
+        if device.type in ("cpu", "cuda")
+        else nullcontext(),
+    ):
+        yield
+
+
+def _sample(
+    forked: ForkedModel, data: Iterable[Any], config: LLCConfig, chains: list[int], progress: bool
+) -> _ChainPart:
+    """Measure ``L(w*)`` and run the given chains."""
+    batches = cycle_batches(data, forked.anchor.device)
+    first = next(batches)
+    nbeta = config.resolve_nbeta(batch_size(first))
+    init_batches = [first] + [next(batches) for _ in range(config.init_loss_batches - 1)]
+    init_loss = torch.stack([forked.loss_at_anchor(b) for b in init_batches]).mean().item()
+    trace, reference, diverged = _run_chains(forked, batches, config, nbeta, chains, progress)
+    return _ChainPart(chains, trace, diverged, reference, init_loss, nbeta, bool(forked.vectorized))
+
+
+def _result(parts: list[_ChainPart], config: LLCConfig, elapsed_s: float) -> LLCResult:
+    """Put every process's chains back in order and summarize them."""
+    first = parts[0]  # rank 0 always runs chain 0, so it sampled the shared reference
+    trace = np.empty((config.num_chains, config.num_draws))
+    diverged = np.empty(config.num_chains, dtype=bool)
+    for part in parts:
+        trace[part.chains] = part.trace
+        diverged[part.chains] = part.diverged
+    excess = trace - (first.reference if config.paired else first.init_loss)
+    per_chain = np.where(diverged, np.nan, first.nbeta * excess.mean(axis=1))
     healthy = per_chain[~diverged]
-    _warn_if_unhealthy(init_loss, diverged, config)
+    _warn_if_unhealthy(first.init_loss, diverged, config)
     return LLCResult(
         llc_mean=float(healthy.mean()) if len(healthy) else math.nan,
         llc_std=float(healthy.std(ddof=1)) if len(healthy) > 1 else math.nan,
         llc_per_chain=per_chain,
         loss_trace=trace,
-        init_loss=init_loss,
+        init_loss=first.init_loss,
         diagnostics=chain_diagnostics(excess, diverged),
         config=config,
-        nbeta=nbeta,
-        vectorized=bool(forked.vectorized),
-        elapsed_s=time.perf_counter() - start,
+        nbeta=first.nbeta,
+        vectorized=first.vectorized,
+        elapsed_s=elapsed_s,
     )
 
 
 def _run_chains(
-    forked: ForkedModel, batches: Any, config: LLCConfig, nbeta: float, progress: bool
+    forked: ForkedModel,
+    batches: Any,
+    config: LLCConfig,
+    nbeta: float,
+    chain_ids: list[int],
+    progress: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Run the chains; return the loss trace, the per-draw loss at ``w*`` and diverged chains."""
-    chains, draws, device = config.num_chains, config.num_draws, forked.anchor.device
+    """Run the given chains; return their losses, the per-draw ``L_m(w*)`` and divergence."""
+    chains, draws, device = len(chain_ids), config.num_draws, forked.anchor.device
     step = _sampler_step(config, nbeta)
-    generators = [_chain_generator(config.seed, c, device) for c in range(chains)]
+    generators = [_chain_generator(config.seed, c, device) for c in chain_ids]
     state = SamplerState(forked.anchor.expand(chains, -1).clone())
     noise = torch.empty_like(state.weights)
     trace = torch.full((chains, draws), float("nan"), device=device)
     reference = torch.full((draws,), float("nan"), device=device)
     healthy = torch.ones(chains, dtype=torch.bool, device=device)
-    total = config.num_burnin + draws
+    total = config.num_burnin + draws if chains else 0
     for t in tqdm(range(total), desc="LLC chains", disable=not progress, leave=False):
         batch = next(batches)
         losses, grads = forked.loss_and_grad(state.weights, batch)

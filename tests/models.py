@@ -89,13 +89,15 @@ def teacher_data(model: nn.Module, inputs: int, *, samples: int = 8192, batch_si
 class DropoutBatchNormNet(nn.Module):
     """A small classifier with the two layers whose train/eval behaviour differs."""
 
-    def __init__(self, inputs: int = 6, hidden: int = 16, classes: int = 3) -> None:
+    def __init__(
+        self, inputs: int = 6, hidden: int = 16, classes: int = 3, dropout: float = 0.2
+    ) -> None:
         super().__init__()
         self.net = nn.Sequential(
             nn.Linear(inputs, hidden),
             nn.BatchNorm1d(hidden),
             nn.ReLU(),
-            nn.Dropout(0.2),
+            nn.Dropout(dropout),
             nn.Linear(hidden, classes),
         )
 

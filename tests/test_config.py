@@ -36,8 +36,8 @@ def test_defaults_are_valid_and_documented_values():
         ("rmsprop_eps", 0.0, "> 0"),
         ("paired", 1, "True or False"),
         ("seed", -1, ">= 0"),
-        ("vectorize", "yes", "'auto', True or False"),
-        ("vectorize", 1, "'auto', True or False"),
+        ("vectorize", "yes", "one of 'auto', True, False"),
+        ("vectorize", 1, "one of 'auto', True, False"),
         ("init_loss_batches", 0, ">= 1"),
     ],
 )

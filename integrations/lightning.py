@@ -1,0 +1,256 @@
+"""Lightning adapter: ``LLCCallback`` logs LLC estimates next to the loss."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from torch import Tensor
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
+from typing_extensions import override
+
+from llc_callbacks.config import LLCConfig
+from llc_callbacks.forked import LossFn
+from llc_callbacks.monitor import LLCMonitor
+
+
+class LLCCallback(Callback):
+    """Estimate the LLC of the LightningModule on a schedule and log it to every logger.
+
+    Metrics (``llc/mean``, ``llc/std``, ``llc/chain_<i>``, ``llc/init_loss``,
+    ``llc/diag/<name>``) are logged with ``step=trainer.global_step``, the number of optimizer
+    steps behind the weights, which is also the step Lightning logs the loss of those weights
+    under. Under DDP the chains are split over the ranks and gathered, and rank zero logs.
+
+    Args:
+        config: Sampling hyperparameters, fixed for the run.
+        every_n_steps: Estimate after every ``n``-th optimizer step (the default, with 100,
+            when no schedule is given). Gradient accumulation neither repeats nor skips one.
+        steps: Estimate after exactly these optimizer steps.
+        log_spaced: Estimate about this many times at log-spaced steps over the run.
+        at_start: Also estimate before the first optimizer step.
+        at_end: Also estimate when training ends.
+        loss_fn: ``loss_fn(module, batch) -> scalar tensor``; by default the loss returned by
+            the module's ``training_step`` (its ``self.log`` calls are dropped while chains
+            run). Pass one if ``training_step`` has other side effects, such as updating
+            torchmetrics.
+        dataloader: Where batches come from; by default a loader of the trainer's training
+            set, owned by the callback (same dataset, batch size, collate function and
+            shuffling, no workers, not split across ranks). Either way batches go through
+            the module's batch-transfer hooks.
+        prefix: First part of every metric key.
+        on_error: ``"warn"`` reports a failed estimate as a warning and NaN metrics and
+            training goes on; ``"raise"`` stops training with the error.
+
+    Raises:
+        ValueError: At construction for a bad argument, naming it; in ``setup`` for an
+            unsupported strategy (FSDP, DeepSpeed, model parallel) or manual optimization
+            without ``loss_fn``.
+    """
+
+    def __init__(
+        self,
+        config: LLCConfig | None = None,
+        *,
+        every_n_steps: int | None = None,
+        steps: Sequence[int] | None = None,
+        log_spaced: int | None = None,
+        at_start: bool = False,
+        at_end: bool = False,
+        loss_fn: LossFn | None = None,
+        dataloader: Iterable[Any] | None = None,
+        prefix: str = "llc",
+        on_error: Literal["warn", "raise"] = "warn",
+    ) -> None:
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"loss_fn must be callable as loss_fn(module, batch), got {loss_fn!r}")
+        if dataloader is not None and not isinstance(dataloader, Iterable):
+            raise ValueError(f"dataloader must be an iterable of batches, got {dataloader!r}")
+        self.monitor = LLCMonitor(
+            config,
+            every_n_steps=every_n_steps,
+            steps=steps,
+            log_spaced=log_spaced,
+            at_start=at_start,
+            at_end=at_end,
+            prefix=prefix,
+            on_error=on_error,
+        )
+        self.loss_fn = loss_fn
+        self.dataloader = dataloader
+        self._state_key = self._generate_state_key(
+            prefix=prefix,
+            every_n_steps=every_n_steps,
+            steps=self.monitor.schedule.steps,
+            log_spaced=log_spaced,
+            config=self.monitor.config,
+        )
+        self._data: Iterable[Any] | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._state_key
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        strategy = trainer.strategy
+        supported = isinstance(strategy, SingleDeviceStrategy) or (
+            isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
+        )
+        if not supported:
+            raise ValueError(
+                f"LLCCallback does not support the {type(strategy).__name__} yet: sharded"
+                " weights (FSDP, DeepSpeed, model parallel) cannot be forked. Use a single"
+                " device or strategy='ddp'."
+            )
+        if not pl_module.automatic_optimization and self.loss_fn is None:
+            raise ValueError(
+                "LLCCallback needs loss_fn=... with manual optimization: training_step steps"
+                " the optimizer itself, so it cannot serve as the loss."
+            )
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.monitor.schedule.log_spaced:
+            self.monitor.set_total_steps(int(trainer.estimated_stepping_batches))
+        loader = self.dataloader if self.dataloader is not None else _own_loader(trainer)
+        self._data = _ModuleBatches(loader, pl_module)
+        self._maybe_estimate(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._maybe_estimate(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._maybe_estimate(trainer, pl_module, final=True)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return self.monitor.state_dict()
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.monitor.load_state_dict(state_dict)
+
+    def _maybe_estimate(
+        self, trainer: Trainer, pl_module: LightningModule, *, final: bool = False
+    ) -> None:
+        step = trainer.global_step
+        if not self.monitor.is_due(step, final=final):
+            return
+        with _chain_ready(pl_module):
+            metrics = self.monitor.estimate(
+                step,
+                pl_module,
+                self.loss_fn or training_step_loss,
+                self._data,
+                device=pl_module.device,
+                progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
+            )
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+
+
+def training_step_loss(module: LightningModule, batch: Any) -> Tensor:
+    """The loss a LightningModule's ``training_step`` returns for a batch.
+
+    Raises:
+        ValueError: If ``training_step`` returns neither a tensor nor a dict with ``"loss"``.
+    """
+    if _takes_batch_idx(module):
+        output = module.training_step(batch, 0)
+    else:
+        output = module.training_step(batch)
+    if isinstance(output, Mapping) and "loss" in output:
+        output = output["loss"]
+    if not isinstance(output, Tensor):
+        raise ValueError(
+            f"training_step returned {type(output).__name__}, not a loss tensor or a dict with"
+            " 'loss'; pass loss_fn=... to LLCCallback"
+        )
+    return output
+
+
+def _takes_batch_idx(module: LightningModule) -> bool:
+    parameters = inspect.signature(module.training_step).parameters.values()
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    variadic = any(p.kind == p.VAR_POSITIONAL for p in parameters)
+    return variadic or len(positional) >= 2
+
+
+@contextmanager
+def _chain_ready(module: LightningModule) -> Iterator[None]:
+    """While chains run: ``self.log`` does nothing and compiled methods run uncompiled."""
+    patches: dict[str, Any] = {"log": _ignore, "log_dict": _ignore}
+    compiled = getattr(module, "_compiler_ctx", None)
+    if compiled:
+        patches["forward"] = compiled["original_forward"]
+        patches["training_step"] = compiled["original_training_step"]
+    saved = {name: module.__dict__[name] for name in patches if name in module.__dict__}
+    module.__dict__.update(patches)
+    try:
+        yield
+    finally:
+        for name in patches:
+            del module.__dict__[name]
+        module.__dict__.update(saved)
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+class _ModuleBatches:
+    """A loader's batches through the module's batch-transfer hooks, as training sees them."""
+
+    def __init__(self, loader: Iterable[Any], module: LightningModule) -> None:
+        self.loader = loader
+        self.module = module
+
+    def __iter__(self) -> Iterator[Any]:
+        module = self.module
+        for batch in self.loader:
+            batch = module.on_before_batch_transfer(batch, 0)
+            batch = module.transfer_batch_to_device(batch, module.device, 0)
+            yield module.on_after_batch_transfer(batch, 0)
+
+
+def _own_loader(trainer: Trainer) -> DataLoader:
+    """A DataLoader like the trainer's training loader, for the callback alone.
+
+    It shares the dataset, batch size, collate function and shuffling, but not the iterator
+    (persistent workers would otherwise be reset under training) nor a DistributedSampler
+    (every rank must see the same batches so that chain ``i`` is the same on any rank).
+    """
+    loader = trainer.train_dataloader
+    if not isinstance(loader, DataLoader):
+        raise ValueError(
+            "LLCCallback takes batches from a single training DataLoader, but the trainer has"
+            f" {type(loader).__name__}; pass dataloader=... to LLCCallback"
+        )
+    if loader.batch_size is None:  # a custom batch sampler decides the batches
+        return DataLoader(
+            loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn
+        )
+    sampler = loader.sampler
+    shuffle = isinstance(sampler, RandomSampler) or (
+        isinstance(sampler, DistributedSampler) and sampler.shuffle
+    )
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        shuffle=shuffle and not isinstance(loader.dataset, IterableDataset),
+        collate_fn=loader.collate_fn,
+        drop_last=loader.drop_last,
+    )

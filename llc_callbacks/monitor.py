@@ -1,0 +1,211 @@
+"""``LLCMonitor``: when to estimate during training, the history, and the error policy.
+
+The monitor knows nothing of trainers. An adapter (or a hand-written loop) calls
+``maybe_estimate`` after every optimizer step with the step count, the model, a loss function
+and data; the monitor decides whether an estimate is due, runs it, keeps the history and
+returns flat metrics for the caller to log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from llc_callbacks.config import LLCConfig
+from llc_callbacks.distributed import rank_and_world
+from llc_callbacks.estimator import estimate_llc
+from llc_callbacks.forked import LossFn
+from llc_callbacks.result import LLCResult
+from llc_callbacks.schedule import Schedule
+from llc_callbacks.validation import check_choice
+
+ON_ERROR = ("warn", "raise")
+
+
+class LLCMonitor:
+    """Runs LLC estimates on a schedule and keeps their history.
+
+    Each estimate's seed is derived from ``config.seed`` and the step, so the same seed, step
+    and config give the same numbers, after a resume from a checkpoint too.
+
+    Example, in a hand-written loop::
+
+        monitor = LLCMonitor(every_n_steps=100)
+        for step, batch in enumerate(loader, start=1):
+            ...  # forward, backward, optimizer.step()
+            if metrics := monitor.maybe_estimate(step, model, loss_fn, loader):
+                print(step, metrics["llc/mean"])
+
+    Args:
+        config: Sampling hyperparameters, the same for every estimate.
+        every_n_steps: Estimate after every ``n``-th optimizer step.
+        steps: Estimate after exactly these steps.
+        log_spaced: Estimate about this many times at log-spaced steps up to ``total_steps``.
+        total_steps: The length of training (for ``log_spaced``).
+        at_start: Also estimate at step 0, before training.
+        at_end: Also estimate when training ends.
+        prefix: First part of every metric key.
+        on_error: ``"warn"``: an estimate that raises is reported with a warning and NaN
+            metrics, and training goes on; ``"raise"``: the exception propagates.
+        distributed: Split chains over the ranks of the initialized process group (every
+            rank must then call the monitor at the same steps); ``None`` does so whenever a
+            process group with more than one rank is initialized.
+
+    Raises:
+        ValueError: If an argument is out of range; the message names it.
+    """
+
+    def __init__(
+        self,
+        config: LLCConfig | None = None,
+        *,
+        every_n_steps: int | None = None,
+        steps: Sequence[int] | None = None,
+        log_spaced: int | None = None,
+        total_steps: int | None = None,
+        at_start: bool = False,
+        at_end: bool = False,
+        prefix: str = "llc",
+        on_error: Literal["warn", "raise"] = "warn",
+        distributed: bool | None = None,
+    ) -> None:
+        if config is not None and not isinstance(config, LLCConfig):
+            raise ValueError(f"config must be an LLCConfig, got {type(config).__name__}")
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
+        check_choice("on_error", on_error, ON_ERROR)
+        check_choice("distributed", distributed, (None, True, False))
+        self.config = config or LLCConfig()
+        self.schedule = Schedule(
+            every_n_steps=every_n_steps,
+            steps=steps,
+            log_spaced=log_spaced,
+            total_steps=total_steps,
+            at_start=at_start,
+            at_end=at_end,
+        )
+        self.prefix = prefix
+        self.on_error = on_error
+        self.distributed = distributed
+        self.history: list[dict[str, float]] = []
+        self.last_result: LLCResult | None = None
+        self._last_step = -1
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Tell a ``log_spaced`` schedule how long training is, unless it was given already."""
+        if self.schedule.total_steps is None:
+            self.schedule = dataclasses.replace(self.schedule, total_steps=total_steps)
+
+    def is_due(self, step: int, *, final: bool = False) -> bool:
+        """Whether an estimate is due after ``step`` optimizer steps (never twice for a step).
+
+        Args:
+            step: Optimizer steps completed.
+            final: Whether training has just ended (for ``at_end``).
+        """
+        return step > self._last_step and self.schedule.is_due(step, final=final)
+
+    def maybe_estimate(
+        self,
+        step: int,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Iterable[Any],
+        *,
+        final: bool = False,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+    ) -> dict[str, float] | None:
+        """Estimate if one is due after ``step`` optimizer steps.
+
+        Args:
+            step: Optimizer steps completed.
+            model: The model at its current weights.
+            loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
+            data: Re-iterable of batches; each estimate iterates it afresh.
+            final: Whether training has just ended (for ``at_end``).
+            device: Where chains run; defaults to the model's device.
+            progress: Show a progress bar while chains run.
+
+        Returns:
+            The estimate's metrics, or ``None`` if none was due.
+        """
+        if not self.is_due(step, final=final):
+            return None
+        return self.estimate(step, model, loss_fn, data, device=device, progress=progress)
+
+    def estimate(
+        self,
+        step: int,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Iterable[Any],
+        *,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+    ) -> dict[str, float]:
+        """Estimate now, record it under ``step`` and return its metrics.
+
+        With ``on_error="warn"`` an exception becomes a warning and NaN ``mean`` and ``std``;
+        the model and the training process are left as they were either way.
+
+        Raises:
+            Exception: Whatever the estimate raised, with ``on_error="raise"``.
+        """
+        config = dataclasses.replace(self.config, seed=step_seed(self.config.seed, step))
+        try:
+            self.last_result = estimate_llc(
+                model,
+                loss_fn,
+                data,
+                config,
+                device=device,
+                progress=progress,
+                distributed=self._distributed(),
+            )
+            metrics = self.last_result.to_metrics(self.prefix)
+        except Exception as error:
+            if self.on_error == "raise":
+                raise
+            warnings.warn(
+                f"llc_callbacks: the LLC estimate at step {step} failed and is reported as NaN;"
+                f" training goes on. {type(error).__name__}: {error}",
+                stacklevel=2,
+            )
+            self.last_result = None
+            metrics = {f"{self.prefix}/mean": math.nan, f"{self.prefix}/std": math.nan}
+        self._last_step = step
+        self.history.append({"step": step, **metrics})
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """The history and schedule position, for a checkpoint."""
+        return {
+            "history": [dict(row) for row in self.history],
+            "last_step": self._last_step,
+            "total_steps": self.schedule.total_steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint: no estimate is repeated, none is skipped."""
+        self.history = [dict(row) for row in state["history"]]
+        self._last_step = int(state["last_step"])
+        if state.get("total_steps") is not None:
+            self.schedule = dataclasses.replace(self.schedule, total_steps=state["total_steps"])
+
+    def _distributed(self) -> bool:
+        if self.distributed is not None:
+            return self.distributed
+        return rank_and_world()[1] > 1
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of the estimate after ``step`` optimizer steps of a run seeded with ``seed``."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])

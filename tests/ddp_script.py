@@ -1,0 +1,62 @@
+"""Train with LLCCallback under strategy="ddp" on 2 CPU processes (run by test_ddp.py).
+
+Usage: python ddp_script.py OUT_DIR MODE, MODE "ok" or "fail_on_rank_1".
+Writes each rank's history to OUT_DIR/history_<rank>.json, rank 0's weights at the scheduled
+steps to OUT_DIR/weights_<step>.pt, and a CSVLogger run under OUT_DIR.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from lightning_helpers import Classifier, dataset
+from llc_callbacks.integrations.lightning import LLCCallback
+from torch.utils.data import DataLoader
+
+from llc_callbacks import LLCConfig
+
+MODE = "ok"  # set from the command line
+CONFIG = LLCConfig(num_chains=3, num_burnin=10, num_draws=10, init_loss_batches=2)
+STEPS = [4, 8]
+
+
+def estimate_loader() -> DataLoader:
+    return DataLoader(dataset(), batch_size=32, shuffle=True)
+
+
+def loss_fn(module, batch):
+    if MODE == "fail_on_rank_1" and torch.distributed.get_rank() == 1:
+        raise RuntimeError("chains failed on rank 1 only")
+    return torch.nn.functional.cross_entropy(module.net(batch[0]), batch[1])
+
+
+class SaveWeights(L.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step in STEPS and trainer.is_global_zero:
+            torch.save(pl_module.state_dict(), OUT / f"weights_{trainer.global_step}.pt")
+
+
+if __name__ == "__main__":
+    OUT, MODE = Path(sys.argv[1]), sys.argv[2]
+    L.seed_everything(0, verbose=False)
+    callback = LLCCallback(CONFIG, steps=STEPS, loss_fn=loss_fn, dataloader=estimate_loader())
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=8,
+        log_every_n_steps=1,
+        logger=CSVLogger(OUT),
+        callbacks=[callback, SaveWeights()],
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+    )
+    trainer.fit(Classifier(dropout=0.0), DataLoader(dataset(), batch_size=16, shuffle=True))
+    rank = trainer.global_rank
+    (OUT / f"history_{rank}.json").write_text(json.dumps(callback.monitor.history))
+    torch.distributed.barrier()  # both ranks are done before either tears the group down
+    torch.distributed.destroy_process_group()

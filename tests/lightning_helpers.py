@@ -1,0 +1,58 @@
+"""Small LightningModules and loaders for the Lightning tests."""
+
+from __future__ import annotations
+
+import lightning.pytorch as L
+import torch
+import torch.nn.functional as F
+from models import DropoutBatchNormNet
+from torch.utils.data import DataLoader, TensorDataset
+
+from llc_callbacks import LLCConfig
+
+# Tiny chains: these tests check plumbing, not accuracy.
+TINY = LLCConfig(num_chains=2, num_burnin=5, num_draws=5, init_loss_batches=2)
+
+
+class Classifier(L.LightningModule):
+    """Dropout and BatchNorm, a logged loss, and an SGD optimizer."""
+
+    def __init__(self, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.net = DropoutBatchNormNet(dropout=dropout)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def dataset(samples: int = 256) -> TensorDataset:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(samples, 6, generator=generator)
+    y = (x[:, :3] @ torch.randn(3, 3, generator=generator)).argmax(dim=1)
+    return TensorDataset(x, y)
+
+
+def loader(shuffle: bool = True, batch_size: int = 32) -> DataLoader:
+    return DataLoader(dataset(), batch_size=batch_size, shuffle=shuffle)
+
+
+def trainer(tmp_path, **kwargs) -> L.Trainer:
+    """A quiet CPU trainer logging every step."""
+    options = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": 12,
+        "log_every_n_steps": 1,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "enable_progress_bar": False,
+        "default_root_dir": tmp_path,
+        "logger": False,
+    }
+    return L.Trainer(**{**options, **kwargs})

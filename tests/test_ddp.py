@@ -1,0 +1,74 @@
+"""LLCCallback under strategy="ddp" with 2 CPU processes (gloo), run as a script."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ddp_script import CONFIG, STEPS, estimate_loader, loss_fn
+from lightning_helpers import Classifier
+
+from llc_callbacks import LLCMonitor
+
+HERE = Path(__file__).parent
+
+
+def run_script(out: Path, mode: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    return subprocess.run(
+        [sys.executable, HERE / "ddp_script.py", out, mode],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def logged_llc_steps(out: Path) -> list[int]:
+    (metrics,) = out.glob("lightning_logs/version_*/metrics.csv")
+    with open(metrics) as file:
+        return [int(r["step"]) for r in csv.DictReader(file) if r["llc/mean"]]
+
+
+def test_ddp_splits_chains_logs_once_and_matches_a_single_process(tmp_path):
+    done = run_script(tmp_path, "ok")
+    assert done.returncode == 0, done.stderr[-3000:]
+    histories = [json.loads((tmp_path / f"history_{r}.json").read_text()) for r in (0, 1)]
+    assert histories[0] == histories[1]  # every rank ends with the same numbers
+    assert [row["step"] for row in histories[0]] == STEPS
+    assert logged_llc_steps(tmp_path) == STEPS  # rank zero logged each estimate once
+
+    # One process, the same weights, batches and seeds: 3 chains in one vmap instead of 2 + 1.
+    single = LLCMonitor(CONFIG, steps=STEPS, distributed=False)
+    for step, row in zip(STEPS, histories[0], strict=True):
+        module = Classifier(dropout=0.0)
+        module.load_state_dict(torch.load(tmp_path / f"weights_{step}.pt"))
+        metrics = single.estimate(step, module, loss_fn, estimate_loader())
+        chains = [f"llc/chain_{i}" for i in range(3)]
+        # Only float rounding differs between batched sizes (about 1e-7 per step).
+        np.testing.assert_allclose(
+            [row[k] for k in chains], [metrics[k] for k in chains], rtol=1e-4, atol=1e-6
+        )
+
+
+def test_a_failure_on_one_rank_is_reported_on_all_without_deadlock(tmp_path):
+    done = run_script(tmp_path, "fail_on_rank_1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "failed on rank 1: RuntimeError: chains failed on rank 1 only" in done.stderr
+    histories = [json.loads((tmp_path / f"history_{r}.json").read_text()) for r in (0, 1)]
+    for history in histories:
+        assert [row["step"] for row in history] == STEPS
+        assert all(math.isnan(row["llc/mean"]) for row in history)
+    assert logged_llc_steps(tmp_path) == STEPS
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_process_group():
+    yield
+    assert not torch.distributed.is_initialized()

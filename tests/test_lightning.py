@@ -1,0 +1,299 @@
+"""LLCCallback with real Lightning trainers, loggers and W&B (offline) on CPU."""
+
+import csv
+import math
+import warnings
+
+import lightning.pytorch as L
+import pytest
+import torch
+import wandb
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning_helpers import TINY, Classifier, loader, trainer
+from llc_callbacks.integrations.lightning import LLCCallback
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from wandb_reader import history_rows, offline_run_dir
+
+
+def fit(tmp_path, callbacks=(), make_module=Classifier, data=None, ckpt_path=None, **kwargs):
+    """Seed, build the module, and fit it; return the module and the trainer."""
+    L.seed_everything(0, verbose=False)
+    module = make_module()
+    run = trainer(tmp_path, callbacks=list(callbacks), **kwargs)
+    run.fit(module, data if data is not None else loader(), ckpt_path=ckpt_path)
+    return module, run
+
+
+def csv_rows(logger: CSVLogger) -> list[dict]:
+    with open(f"{logger.log_dir}/metrics.csv") as file:
+        return list(csv.DictReader(file))
+
+
+def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
+    plain, plain_run = fit(tmp_path / "a", logger=CSVLogger(tmp_path / "a"))
+    callback = LLCCallback(TINY, every_n_steps=3, at_start=True, at_end=True)
+    watched, watched_run = fit(tmp_path / "b", [callback], logger=CSVLogger(tmp_path / "b"))
+    assert [row["step"] for row in callback.monitor.history] == [0, 3, 6, 9, 12]
+    for (name, a), (_, b) in zip(
+        plain.state_dict().items(), watched.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    losses = [
+        [r["train_loss"] for r in csv_rows(run.logger) if r["train_loss"]]
+        for run in (plain_run, watched_run)
+    ]
+    assert len(losses[0]) == 12
+    assert losses[0] == losses[1]
+
+
+def test_csv_logger_gets_the_llc_at_exactly_the_scheduled_steps(tmp_path):
+    callback = LLCCallback(TINY, every_n_steps=4)
+    _, run = fit(tmp_path, [callback], logger=CSVLogger(tmp_path))
+    rows = csv_rows(run.logger)
+    llc_steps = [int(r["step"]) for r in rows if r["llc/mean"]]
+    assert llc_steps == [4, 8, 12]
+    # Lightning logs the loss of the weights after k optimizer steps under step k, so every
+    # LLC row has a loss row at the same step (except the final weights, never trained on).
+    loss_steps = {int(r["step"]) for r in rows if r["train_loss"]}
+    assert loss_steps == set(range(12))
+    for row in (r for r in rows if r["llc/mean"]):
+        assert all(row[f"llc/{key}"] for key in ("std", "chain_0", "chain_1", "init_loss"))
+        assert all(row[f"llc/diag/{key}"] for key in ("num_diverged", "rhat", "ess"))
+
+
+@pytest.fixture
+def wandb_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    yield tmp_path
+    wandb.finish()
+    wandb.teardown()
+
+
+def test_wandb_run_file_holds_the_llc_at_the_scheduled_steps(tmp_path, wandb_dir):
+    callback = LLCCallback(TINY, steps=[2, 5, 11], at_end=True)
+    logger = WandbLogger(project="llc-callbacks-test", offline=True, save_dir=str(wandb_dir))
+    fit(tmp_path, [callback], logger=logger)
+    wandb.finish()
+    rows = history_rows(offline_run_dir(wandb_dir))
+    llc = [row for row in rows if "llc/mean" in row]
+    assert [row["trainer/global_step"] for row in llc] == [2, 5, 11, 12]
+    assert [row["llc/mean"] for row in llc] == [h["llc/mean"] for h in callback.monitor.history]
+    assert all({"llc/std", "llc/chain_1", "llc/diag/rhat"} <= set(row) for row in llc)
+    loss_steps = [row["trainer/global_step"] for row in rows if "train_loss" in row]
+    assert loss_steps == list(range(12))
+
+
+def test_tensorboard_logger_gets_the_llc(tmp_path):
+    callback = LLCCallback(TINY, every_n_steps=6)
+    _, run = fit(tmp_path, [callback], logger=TensorBoardLogger(tmp_path))
+    events = EventAccumulator(run.logger.log_dir)
+    events.Reload()
+    assert [e.step for e in events.Scalars("llc/mean")] == [6, 12]
+    assert [e.value for e in events.Scalars("llc/mean")] == pytest.approx(
+        [h["llc/mean"] for h in callback.monitor.history]
+    )
+
+
+def test_gradient_accumulation_neither_repeats_nor_skips_an_estimate(tmp_path):
+    callback = LLCCallback(TINY, every_n_steps=2)
+    fit(tmp_path, [callback], max_steps=6, accumulate_grad_batches=3)
+    assert [row["step"] for row in callback.monitor.history] == [2, 4, 6]
+
+
+def test_log_spaced_schedule_spans_the_run(tmp_path):
+    callback = LLCCallback(TINY, log_spaced=4)
+    fit(tmp_path, [callback], max_steps=27)
+    assert [row["step"] for row in callback.monitor.history] == [1, 3, 9, 27]
+
+
+def test_custom_loss_and_dataloader_are_used(tmp_path):
+    calls = []
+
+    def loss_fn(module, batch):
+        calls.append(batch[0].shape[0])
+        return torch.nn.functional.cross_entropy(module.net(batch[0]), batch[1])
+
+    callback = LLCCallback(TINY, every_n_steps=6, loss_fn=loss_fn, dataloader=loader(batch_size=8))
+    fit(tmp_path, [callback])
+    assert calls and set(calls) == {8}
+    assert len(callback.monitor.history) == 2
+
+
+def test_progress_bar_follows_the_trainers(tmp_path, capsys):
+    fit(tmp_path, [LLCCallback(TINY, every_n_steps=12)], enable_progress_bar=False)
+    assert "LLC chains" not in capsys.readouterr().err
+    fit(tmp_path, [LLCCallback(TINY, every_n_steps=12)], enable_progress_bar=True)
+    assert "LLC chains" in capsys.readouterr().err
+
+
+def test_mixed_precision_chains_run_in_float32(tmp_path):
+    # At step 0 the weights are the seeded initialization in both runs, so chains in float32
+    # give the same numbers whatever the trainer's precision.
+    estimates = {}
+    for precision in ("32-true", "bf16-mixed"):
+        callback = LLCCallback(TINY, steps=[0])
+        fit(tmp_path, [callback], precision=precision, max_steps=1)
+        estimates[precision] = callback.monitor.history[0]["llc/mean"]
+    assert estimates["bf16-mixed"] == estimates["32-true"]
+
+
+def test_bf16_true_weights_are_sampled_in_float32(tmp_path):
+    callback = LLCCallback(TINY, every_n_steps=2)
+    module, _ = fit(tmp_path, [callback], precision="bf16-true", max_steps=4)
+    assert all(math.isfinite(row["llc/mean"]) for row in callback.monitor.history)
+    assert all(p.dtype == torch.bfloat16 for p in module.parameters())
+
+
+class UnloggedClassifier(Classifier):
+    """torch 2.13's dynamo cannot trace Lightning's self.log, so this one does not log."""
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+
+def test_compiled_module_is_estimated_on_the_uncompiled_one(tmp_path):
+    plain = LLCCallback(TINY, steps=[0, 2])
+    fit(tmp_path, [plain], make_module=UnloggedClassifier, max_steps=2)
+    compiled = LLCCallback(TINY, steps=[0, 2])
+
+    def make_compiled():
+        return torch.compile(UnloggedClassifier(), backend="eager")
+
+    fit(tmp_path, [compiled], make_module=make_compiled, max_steps=2)
+    assert [r["llc/mean"] for r in compiled.monitor.history] == pytest.approx(
+        [r["llc/mean"] for r in plain.monitor.history]
+    )
+
+
+def test_resume_continues_schedule_history_and_seeds(tmp_path):
+    # Lightning restores neither the global RNG nor a plain DataLoader's position (it replays a
+    # batch on resume), so training itself resumes exactly only without dropout and with one
+    # batch per epoch; then any difference in the estimates is the callback's.
+    data = loader(shuffle=False, batch_size=256)
+
+    def make_module():
+        return Classifier(dropout=0.0)
+
+    full = LLCCallback(TINY, every_n_steps=3, at_start=True)
+    fit(tmp_path / "full", [full], make_module, data, max_steps=16)
+    first = LLCCallback(TINY, every_n_steps=3, at_start=True)
+    _, run = fit(tmp_path / "first", [first], make_module, data, max_steps=8)
+    checkpoint = tmp_path / "eight.ckpt"
+    run.save_checkpoint(checkpoint)
+    resumed = LLCCallback(TINY, every_n_steps=3, at_start=True)
+    fit(tmp_path / "resumed", [resumed], make_module, data, checkpoint, max_steps=16)
+    assert [row["step"] for row in resumed.monitor.history] == [0, 3, 6, 9, 12, 15]
+    assert resumed.monitor.history == full.monitor.history
+
+
+def test_two_differently_configured_callbacks_keep_separate_state(tmp_path):
+    a = LLCCallback(TINY, every_n_steps=4)
+    b = LLCCallback(TINY, every_n_steps=6, prefix="llc_b")
+    _, run = fit(tmp_path, [a, b])
+    checkpoint = tmp_path / "two.ckpt"
+    run.save_checkpoint(checkpoint)
+    states = torch.load(checkpoint, weights_only=False)["callbacks"]
+    assert states[a.state_key]["last_step"] == 12 and len(states[a.state_key]["history"]) == 3
+    assert states[b.state_key]["last_step"] == 12 and len(states[b.state_key]["history"]) == 2
+    assert "llc_b/mean" in states[b.state_key]["history"][0]
+
+
+def test_a_failing_estimate_warns_logs_nan_and_training_goes_on(tmp_path):
+    def broken(module, batch):
+        raise RuntimeError("boom")
+
+    callback = LLCCallback(TINY, every_n_steps=4, loss_fn=broken)
+    with pytest.warns(UserWarning, match="estimate at step 4 failed.*RuntimeError: boom"):
+        _, run = fit(tmp_path, [callback], logger=CSVLogger(tmp_path))
+    assert run.global_step == 12
+    rows = [r for r in csv_rows(run.logger) if r["llc/mean"]]
+    assert [int(r["step"]) for r in rows] == [4, 8, 12]
+    assert all(math.isnan(float(r["llc/mean"])) for r in rows)
+
+
+def test_on_error_raise_stops_training(tmp_path):
+    def broken(module, batch):
+        raise RuntimeError("boom")
+
+    callback = LLCCallback(TINY, every_n_steps=4, loss_fn=broken, on_error="raise")
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(tmp_path, [callback])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"every_n_steps": 0}, "every_n_steps must be an integer >= 1"),
+        ({"every_n_steps": 5, "steps": [1]}, "at most one of every_n_steps, steps and log_spaced"),
+        ({"steps": [3, -1]}, "steps must be a non-empty sequence of integers >= 0"),
+        ({"log_spaced": 1}, "log_spaced must be an integer >= 2"),
+        ({"at_start": "yes"}, "at_start must be True or False"),
+        ({"on_error": "ignore"}, "on_error must be one of 'warn', 'raise'"),
+        ({"prefix": ""}, "prefix must be a non-empty string"),
+        ({"loss_fn": "mse"}, "loss_fn must be callable"),
+        ({"dataloader": 3}, "dataloader must be an iterable of batches"),
+        ({"config": {"num_chains": 2}}, "config must be an LLCConfig"),
+    ],
+)
+def test_bad_arguments_raise_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LLCCallback(**kwargs)
+
+
+class _CPUFSDPStrategy(FSDPStrategy):
+    """FSDP that Lightning lets a CPU trainer hold (it refuses the plain one before setup)."""
+
+
+def test_fsdp_and_deepspeed_are_refused_in_setup(tmp_path):
+    callback = LLCCallback(TINY)
+    run = L.Trainer(accelerator="cpu", devices=1, strategy=_CPUFSDPStrategy(), logger=False)
+    with pytest.raises(ValueError, match="does not support the _CPUFSDPStrategy"):
+        callback.setup(run, Classifier(), "fit")
+    run.strategy.__class__ = type("DeepSpeedStrategy", (DeepSpeedStrategy,), {})
+    with pytest.raises(ValueError, match="does not support the DeepSpeedStrategy"):
+        callback.setup(run, Classifier(), "fit")
+
+
+class ManualClassifier(Classifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+
+
+def test_manual_optimization_needs_a_loss_fn(tmp_path):
+    with pytest.raises(ValueError, match=r"needs loss_fn=\.\.\. with manual optimization"):
+        fit(tmp_path, [LLCCallback(TINY)], make_module=ManualClassifier)
+
+    def loss_fn(module, batch):
+        return torch.nn.functional.cross_entropy(module.net(batch[0]), batch[1])
+
+    callback = LLCCallback(TINY, every_n_steps=6, loss_fn=loss_fn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no failed estimate
+        fit(tmp_path, [callback], make_module=ManualClassifier)
+    assert [r["step"] for r in callback.monitor.history] == [6, 12]
+
+
+def test_the_loss_comes_from_training_step_without_logging(tmp_path):
+    _, plain = fit(tmp_path / "plain", logger=CSVLogger(tmp_path / "plain"), max_steps=3)
+    callback = LLCCallback(TINY, every_n_steps=1)
+    _, watched = fit(tmp_path / "watched", [callback], logger=CSVLogger(tmp_path), max_steps=3)
+    # After each step the chains called training_step, and so self.log("train_loss"), 22
+    # times; the logger holds only the real training losses, and the LLC rows no loss.
+    losses = [
+        [(r["step"], r["train_loss"]) for r in csv_rows(run.logger) if r["train_loss"]]
+        for run in (plain, watched)
+    ]
+    assert losses[0] == losses[1]
+    assert all(not r["train_loss"] for r in csv_rows(watched.logger) if r["llc/mean"])
+    assert all(row["llc/init_loss"] > 0 for row in callback.monitor.history)

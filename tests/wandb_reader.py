@@ -1,0 +1,63 @@
+"""Read a W&B offline run file back (wandb 0.30+ ships no reader; wandb.Api needs a server).
+
+Format: a 7-byte header (b":W&B", uint16 magic 0xBEE1, uint8 version), then a LevelDB-style
+log in 32 KiB blocks; each record has a 7-byte header (crc32 uint32, length uint16, type
+uint8: 1 full, 2 first, 3 middle, 4 last) and a payload that is a wandb Record protobuf.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from wandb.proto import wandb_internal_pb2
+
+BLOCK = 32 * 1024
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
+    data = Path(path).read_bytes()
+    magic, _version = struct.unpack("<HB", data[4:7])
+    assert data[:4] == b":W&B" and magic == 0xBEE1, f"{path} is not a W&B run file"
+    records, pending, offset = [], b"", 7
+    while offset + 7 <= len(data):
+        if BLOCK - offset % BLOCK < 7:  # a block's tail too short for a header is padding
+            offset += BLOCK - offset % BLOCK
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[offset : offset + 7])
+        payload = data[offset + 7 : offset + 7 + length]
+        offset += 7 + length
+        if kind == 0 and length == 0:  # zero padding up to the end of the block
+            offset += BLOCK - offset % BLOCK if offset % BLOCK else 0
+            continue
+        if kind in (FULL, FIRST):
+            pending = payload
+        else:
+            pending += payload
+        if kind in (FULL, LAST):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records
+
+
+def history_rows(run_dir: Path) -> list[dict]:
+    """The history rows (``wandb.log`` calls) of an offline run folder, in order."""
+    (run_file,) = Path(run_dir).glob("run-*.wandb")
+    rows = []
+    for record in read_records(run_file):
+        if record.WhichOneof("record_type") != "history":
+            continue
+        row = {}
+        for item in record.history.item:
+            key = item.key or "/".join(item.nested_key)
+            row[key] = json.loads(item.value_json)
+        rows.append(row)
+    return rows
+
+
+def offline_run_dir(wandb_dir: Path) -> Path:
+    (run_dir,) = Path(wandb_dir).glob("wandb/offline-run-*")
+    return run_dir
