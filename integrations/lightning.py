@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -119,7 +120,12 @@ class LLCCallback(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.monitor.schedule.log_spaced:
-            self.monitor.set_total_steps(int(trainer.estimated_stepping_batches))
+            total = trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise ValueError(
+                    "log_spaced needs a run of known length: set max_steps or max_epochs"
+                )
+            self.monitor.set_total_steps(int(total))
         loader = self.dataloader if self.dataloader is not None else _own_loader(trainer)
         self._data = _ModuleBatches(loader, pl_module)
         self._maybe_estimate(trainer, pl_module)

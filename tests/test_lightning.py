@@ -109,6 +109,11 @@ def test_log_spaced_schedule_spans_the_run(tmp_path):
     assert [row["step"] for row in callback.monitor.history] == [1, 3, 9, 27]
 
 
+def test_log_spaced_needs_a_run_of_known_length(tmp_path):
+    with pytest.raises(ValueError, match="log_spaced needs a run of known length"):
+        fit(tmp_path, [LLCCallback(TINY, log_spaced=4)], max_steps=-1, max_epochs=-1)
+
+
 def test_custom_loss_and_dataloader_are_used(tmp_path):
     calls = []
 
