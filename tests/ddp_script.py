@@ -13,10 +13,10 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning_helpers import Classifier, dataset
-from llc_callbacks.integrations.lightning import LLCCallback
 from torch.utils.data import DataLoader
 
 from llc_callbacks import LLCConfig
+from llc_callbacks.integrations.lightning import LLCCallback
 
 MODE = "ok"  # set from the command line
 CONFIG = LLCConfig(num_chains=3, num_burnin=10, num_draws=10, init_loss_batches=2)

@@ -11,9 +11,10 @@ import wandb
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning_helpers import TINY, Classifier, loader, trainer
-from llc_callbacks.integrations.lightning import LLCCallback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from wandb_reader import history_rows, offline_run_dir
+
+from llc_callbacks.integrations.lightning import LLCCallback
 
 
 def fit(tmp_path, callbacks=(), make_module=Classifier, data=None, ckpt_path=None, **kwargs):

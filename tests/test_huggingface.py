@@ -1,0 +1,197 @@
+"""LLCTrainerCallback with a real transformers Trainer on CPU, tiny models built from configs."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import wandb
+from hf_helpers import TINY, TokenData, make_trainer, tiny_bert, tiny_gpt2
+from wandb_reader import history_rows, offline_run_dir
+
+from llc_callbacks.integrations.huggingface import LLCTrainerCallback
+
+
+def train(tmp_path, callback_kwargs=None, resume=None, **changes):
+    """Train with an LLCTrainerCallback (none if ``callback_kwargs`` is None)."""
+    trainer = make_trainer(tmp_path, **changes)
+    callback = None
+    if callback_kwargs is not None:
+        callback = LLCTrainerCallback(trainer, **{"config": TINY, **callback_kwargs})
+        trainer.add_callback(callback)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, callback
+
+
+def llc_rows(trainer, key="llc/mean"):
+    return [(row["step"], row[key]) for row in trainer.state.log_history if key in row]
+
+
+def losses(trainer):
+    return [(row["step"], row["loss"]) for row in trainer.state.log_history if "loss" in row]
+
+
+@pytest.mark.parametrize("make_model", [tiny_gpt2, tiny_bert], ids=["gpt2", "bert"])
+def test_tiny_models_train_with_estimates_on_schedule(tmp_path, make_model):
+    data = TokenData(classify=make_model is tiny_bert)
+    trainer, callback = train(
+        tmp_path, {"every_n_steps": 4, "at_start": True}, model=make_model(), data=data
+    )
+    assert [row["step"] for row in callback.monitor.history] == [0, 4, 8, 12]
+    assert llc_rows(trainer) == [(r["step"], r["llc/mean"]) for r in callback.monitor.history]
+    assert all(math.isfinite(value) for _, value in llc_rows(trainer))
+    assert callback.monitor.last_result.vectorized  # vmap works for GPT-2 and BERT
+
+
+def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
+    plain, _ = train(tmp_path / "plain")
+    watched, _ = train(tmp_path / "watched", {"every_n_steps": 3, "at_start": True, "at_end": True})
+    for (name, a), (_, b) in zip(
+        plain.model.state_dict().items(), watched.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    # Every step's loss is logged, also at the steps where the LLC was logged.
+    assert losses(watched) == losses(plain)
+    assert [step for step, _ in losses(plain)] == list(range(1, 13))
+
+
+@pytest.fixture
+def wandb_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_PROJECT", "llc-callbacks-test")
+    yield tmp_path
+    wandb.finish()
+    wandb.teardown()
+
+
+def test_wandb_run_file_holds_the_llc_next_to_the_loss(tmp_path, wandb_dir):
+    trainer, callback = train(tmp_path, {"steps": [3, 7, 12]}, report_to="wandb")
+    wandb.finish()
+    rows = history_rows(offline_run_dir(wandb_dir))
+    llc = [
+        (row["train/global_step"], row["train/llc/mean"]) for row in rows if "train/llc/mean" in row
+    ]
+    assert (
+        llc == llc_rows(trainer) == [(r["step"], r["llc/mean"]) for r in callback.monitor.history]
+    )
+    assert [step for step, _ in llc] == [3, 7, 12]
+    assert all(
+        {"train/llc/std", "train/llc/chain_1", "train/llc/diag/rhat"} <= set(row)
+        for row in rows
+        if "train/llc/mean" in row
+    )
+    loss_steps = [row["train/global_step"] for row in rows if "train/loss" in row]
+    assert loss_steps == list(range(1, 13))
+
+
+def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):
+    kwargs = {"every_n_steps": 3, "at_start": True}
+    full, full_callback = train(tmp_path / "full", kwargs, save_strategy="steps", save_steps=6)
+    checkpoint = tmp_path / "full" / "checkpoint-6"
+    resumed, callback = train(tmp_path / "resumed", kwargs, resume=str(checkpoint))
+    assert [row["step"] for row in callback.monitor.history] == [0, 3, 6, 9, 12]
+    assert callback.monitor.history == full_callback.monitor.history
+    assert llc_rows(resumed) == llc_rows(full)
+
+
+def test_the_default_loss_is_what_the_trainer_optimizes(tmp_path):
+    def doubled(outputs, labels, num_items_in_batch=None):
+        logits = outputs.logits[:, :-1].flatten(0, 1)
+        return 2 * F.cross_entropy(logits, labels[:, 1:].flatten())
+
+    at_start = {"steps": [0]}
+    _, plain = train(tmp_path / "plain", at_start, max_steps=1)
+    _, custom = train(tmp_path / "custom", at_start, max_steps=1, compute_loss_func=doubled)
+    _, smooth = train(tmp_path / "smooth", at_start, max_steps=1, label_smoothing_factor=0.5)
+    init = {
+        name: callback.monitor.history[0]["llc/init_loss"]
+        for name, callback in (("plain", plain), ("custom", custom), ("smooth", smooth))
+    }
+    assert init["custom"] == pytest.approx(2 * init["plain"], rel=1e-5)
+    # Label smoothing pops "labels" from the batch dict; every chain and the paired forward
+    # pass still found them, so the estimate is finite, and smoothing changed the loss.
+    assert init["smooth"] != pytest.approx(init["plain"], rel=1e-3)
+    assert math.isfinite(smooth.monitor.history[0]["llc/mean"])
+
+
+def test_mixed_precision_chains_run_in_float32_and_the_model_keeps_its_forward(tmp_path):
+    _, plain = train(tmp_path / "fp32", {"steps": [0]}, max_steps=1)
+    trainer, mixed = train(tmp_path / "bf16", {"steps": [0, 2]}, max_steps=2, bf16=True)
+    assert mixed.monitor.history[0]["llc/mean"] == plain.monitor.history[0]["llc/mean"]
+    # accelerate's autocast wrapper is still the model's forward after the estimates.
+    assert "_original_forward" in vars(trainer.model) and "forward" in vars(trainer.model)
+
+
+def test_gradient_accumulation_neither_repeats_nor_skips(tmp_path):
+    _, callback = train(tmp_path, {"every_n_steps": 2}, max_steps=6, gradient_accumulation_steps=3)
+    assert [row["step"] for row in callback.monitor.history] == [2, 4, 6]
+
+
+def test_gradient_checkpointing_and_torch_compile(tmp_path):
+    _, plain = train(tmp_path / "plain", {"steps": [0, 3]}, max_steps=3)
+    _, checkpointed = train(
+        tmp_path / "checkpointed", {"steps": [0, 3]}, max_steps=3, gradient_checkpointing=True
+    )
+    _, compiled = train(
+        tmp_path / "compiled",
+        {"steps": [0, 3]},
+        max_steps=3,
+        torch_compile=True,
+        torch_compile_backend="eager",
+    )
+    expected = [row["llc/mean"] for row in plain.monitor.history]
+    for callback in (checkpointed, compiled):
+        assert [row["llc/mean"] for row in callback.monitor.history] == pytest.approx(expected)
+
+
+def test_a_failing_estimate_warns_logs_nan_and_training_goes_on(tmp_path):
+    def broken(model, batch):
+        raise RuntimeError("boom")
+
+    with pytest.warns(UserWarning, match="estimate at step 4 failed.*RuntimeError: boom"):
+        trainer, _ = train(tmp_path, {"every_n_steps": 4, "loss_fn": broken})
+    assert trainer.state.global_step == 12
+    assert [step for step, _ in llc_rows(trainer)] == [4, 8, 12]
+    assert all(math.isnan(value) for _, value in llc_rows(trainer))
+    with pytest.raises(RuntimeError, match="boom"):
+        train(tmp_path, {"every_n_steps": 4, "loss_fn": broken, "on_error": "raise"})
+
+
+def test_custom_loss_and_dataloader(tmp_path):
+    seen = []
+
+    def loss_fn(model, batch):
+        seen.append(batch["input_ids"].shape[0])
+        return model(**batch).loss
+
+    loader = torch.utils.data.DataLoader(TokenData(), batch_size=4)
+    _, callback = train(tmp_path, {"steps": [6], "loss_fn": loss_fn, "dataloader": loader})
+    assert set(seen) == {4}
+    assert len(callback.monitor.history) == 1
+
+
+def test_progress_bar_follows_disable_tqdm(tmp_path, capsys):
+    train(tmp_path, {"steps": [1]}, max_steps=1, disable_tqdm=True)
+    assert "LLC chains" not in capsys.readouterr().err
+    train(tmp_path, {"steps": [1]}, max_steps=1, disable_tqdm=False)
+    assert "LLC chains" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"every_n_steps": 0}, "every_n_steps must be an integer >= 1"),
+        ({"steps": [2], "every_n_steps": 3}, "at most one of"),
+        ({"loss_fn": 1}, "loss_fn must be callable"),
+        ({"dataloader": 1.5}, "dataloader must be an iterable"),
+        ({"on_error": "ignore"}, "on_error must be one of"),
+    ],
+)
+def test_bad_arguments_raise_naming_them(tmp_path, kwargs, message):
+    trainer = make_trainer(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        LLCTrainerCallback(trainer, **kwargs)
+    with pytest.raises(ValueError, match=r"trainer must be a transformers\.Trainer"):
+        LLCTrainerCallback(trainer.args)

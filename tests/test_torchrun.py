@@ -1,0 +1,32 @@
+"""LLCTrainerCallback under torchrun --nproc_per_node=2 on CPU (gloo)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from torchrun_script import STEPS, loss_calls_per_estimate
+
+HERE = Path(__file__).parent
+
+
+def test_torchrun_splits_chains_and_logs_once_per_scheduled_step(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node=2", str(HERE / "torchrun_script.py"), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in (0, 1)]
+    assert all(record["world_size"] == 2 for record in records)
+    # Rank 0 ran chains 0 and 2, rank 1 chain 1; all were gathered on every rank.
+    assert [record["loss_calls"] for record in records] == [
+        len(STEPS) * loss_calls_per_estimate(chains) for chains in (2, 1)
+    ]
+    assert records[0]["history"] == records[1]["history"]
+    assert [row["step"] for row in records[0]["history"]] == STEPS
+    assert all(math.isfinite(row["llc/mean"]) for row in records[0]["history"])
+    main = next(record for record in records if record["is_world_process_zero"])
+    logged = [row["step"] for row in main["log_history"] if "llc/mean" in row]
+    assert logged == STEPS  # once per scheduled step
