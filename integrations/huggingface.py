@@ -14,6 +14,8 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.forked import LossFn
 from llc_callbacks.monitor import LLCMonitor
+from llc_callbacks.plotting import plot_traces
+from llc_callbacks.validation import check_bool
 
 
 class LLCTrainerCallback(TrainerCallback):
@@ -46,6 +48,9 @@ class LLCTrainerCallback(TrainerCallback):
         prefix: First part of every metric key.
         on_error: ``"warn"`` reports a failed estimate as a warning and NaN metrics and
             training goes on; ``"raise"`` stops training with the error.
+        log_trace_plot: Also log each estimate's chain traces (``plot_traces``) to W&B as an
+            image ``train/{prefix}/trace`` when the Trainer reports to wandb (needs
+            matplotlib).
 
     Raises:
         ValueError: For a bad argument, naming it.
@@ -65,7 +70,9 @@ class LLCTrainerCallback(TrainerCallback):
         dataloader: Iterable[Any] | None = None,
         prefix: str = "llc",
         on_error: Literal["warn", "raise"] = "warn",
+        log_trace_plot: bool = False,
     ) -> None:
+        check_bool("log_trace_plot", log_trace_plot)
         if not isinstance(trainer, Trainer):
             raise ValueError(
                 f"trainer must be a transformers.Trainer, got {type(trainer).__name__}"
@@ -87,6 +94,7 @@ class LLCTrainerCallback(TrainerCallback):
         self.trainer = trainer
         self.loss_fn = loss_fn
         self.dataloader = dataloader
+        self.log_trace_plot = log_trace_plot
         # The monitor's state travels in TrainerState.stateful_callbacks under this key.
         self.state_key = "LLCTrainerCallback" + json.dumps(
             {
@@ -169,6 +177,18 @@ class LLCTrainerCallback(TrainerCallback):
         should_log = control.should_log
         self.trainer.log(dict(metrics))
         control.should_log = should_log
+        if self.log_trace_plot and self.monitor.last_result is not None:
+            self._log_trace_plot(args, state)
+
+    def _log_trace_plot(self, args: TrainingArguments, state: TrainerState) -> None:
+        if "wandb" not in args.report_to or not state.is_world_process_zero:
+            return
+        import wandb  # only when the Trainer reports to wandb
+
+        if wandb.run is not None:
+            image = wandb.Image(plot_traces(self.monitor.last_result))
+            key = f"train/{self.monitor.prefix}/trace"
+            wandb.log({key: image, "train/global_step": state.global_step})
 
     def _trainer_loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
         return self.trainer.compute_loss(model, batch)

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
@@ -17,6 +18,8 @@ from typing_extensions import override
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.forked import LossFn
 from llc_callbacks.monitor import LLCMonitor
+from llc_callbacks.plotting import plot_traces
+from llc_callbacks.validation import check_bool
 
 
 class LLCCallback(Callback):
@@ -46,6 +49,8 @@ class LLCCallback(Callback):
         prefix: First part of every metric key.
         on_error: ``"warn"`` reports a failed estimate as a warning and NaN metrics and
             training goes on; ``"raise"`` stops training with the error.
+        log_trace_plot: Also log each estimate's chain traces (``plot_traces``) as an image
+            ``{prefix}/trace`` to every ``WandbLogger`` (needs matplotlib).
 
     Raises:
         ValueError: At construction for a bad argument, naming it; in ``setup`` for an
@@ -66,9 +71,11 @@ class LLCCallback(Callback):
         dataloader: Iterable[Any] | None = None,
         prefix: str = "llc",
         on_error: Literal["warn", "raise"] = "warn",
+        log_trace_plot: bool = False,
     ) -> None:
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"loss_fn must be callable as loss_fn(module, batch), got {loss_fn!r}")
+        check_bool("log_trace_plot", log_trace_plot)
         if dataloader is not None and not isinstance(dataloader, Iterable):
             raise ValueError(f"dataloader must be an iterable of batches, got {dataloader!r}")
         self.monitor = LLCMonitor(
@@ -83,6 +90,7 @@ class LLCCallback(Callback):
         )
         self.loss_fn = loss_fn
         self.dataloader = dataloader
+        self.log_trace_plot = log_trace_plot
         self._state_key = self._generate_state_key(
             prefix=prefix,
             every_n_steps=every_n_steps,
@@ -163,9 +171,16 @@ class LLCCallback(Callback):
                 device=pl_module.device,
                 progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
             )
-        if trainer.is_global_zero:
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        result = self.monitor.last_result
+        if self.log_trace_plot and result is not None:
+            figure = plot_traces(result)
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+                if isinstance(logger, WandbLogger):
+                    logger.log_image(f"{self.monitor.prefix}/trace", [figure], step=step)
 
 
 def training_step_loss(module: LightningModule, batch: Any) -> Tensor:

@@ -1,10 +1,19 @@
 """Local Learning Coefficient estimation inside the trainers people already use."""
 
+from llc_callbacks.calibration import Calibration, calibrate
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.estimator import estimate_llc
 from llc_callbacks.monitor import LLCMonitor
 from llc_callbacks.result import LLCResult
 from llc_callbacks.schedule import log_spaced_steps
 
-__all__ = ["LLCConfig", "LLCMonitor", "LLCResult", "estimate_llc", "log_spaced_steps"]
+__all__ = [
+    "Calibration",
+    "LLCConfig",
+    "LLCMonitor",
+    "LLCResult",
+    "calibrate",
+    "estimate_llc",
+    "log_spaced_steps",
+]
 __version__ = "0.1.0.dev0"

@@ -31,7 +31,8 @@ class LLCConfig:
         num_burnin: Steps per chain before draws are recorded.
         num_draws: Steps per chain whose minibatch losses enter the estimate.
         step_size: SGLD step size epsilon; too large makes chains diverge or fall below the
-            initial loss.
+            initial loss. ``"auto"`` picks one with ``llc_callbacks.calibrate``: a monitor or
+            callback calibrates at its first estimate and keeps that value for the run.
         localization: Strength gamma of the pull back towards the current weights.
         nbeta: Inverse temperature n*beta. ``"batch"`` uses ``B / log B`` with ``B`` the
             sampling batch size (devinterp's convention); ``"dataset"`` uses ``n / log n``
@@ -46,6 +47,8 @@ class LLCConfig:
         vectorize: Run chains batched with ``torch.func.vmap`` (``True``), one after another
             (``False``), or batched when the model supports it (``"auto"``).
         init_loss_batches: Minibatches averaged for ``L(w*)``.
+        mala: Also measure the MALA acceptance of the steps (one more gradient per draw);
+            healthy near 0.9, low when the step size is too large.
 
     Raises:
         ValueError: If a value is outside its accepted range; the message names the argument.
@@ -54,7 +57,7 @@ class LLCConfig:
     num_chains: int = 4
     num_burnin: int = 200
     num_draws: int = 200
-    step_size: float = 1e-4
+    step_size: float | Literal["auto"] = 1e-4
     localization: float = 100.0
     nbeta: NBeta = "batch"
     dataset_size: int | None = None
@@ -65,12 +68,19 @@ class LLCConfig:
     seed: int = 0
     vectorize: Literal["auto"] | bool = "auto"
     init_loss_batches: int = 8
+    mala: bool = False
 
     def __post_init__(self) -> None:
         check_int("num_chains", self.num_chains, minimum=1)
         check_int("num_burnin", self.num_burnin, minimum=0)
         check_int("num_draws", self.num_draws, minimum=1)
-        check_float("step_size", self.step_size, positive=True)
+        if self.step_size != "auto":
+            try:
+                check_float("step_size", self.step_size, positive=True)
+            except ValueError:
+                raise ValueError(
+                    f"step_size must be a finite number > 0 or 'auto', got {self.step_size!r}"
+                ) from None
         check_float("localization", self.localization, positive=False)
         if isinstance(self.nbeta, str):
             if self.nbeta not in ("batch", "dataset"):
@@ -96,6 +106,7 @@ class LLCConfig:
         check_int("seed", self.seed, minimum=0)
         check_choice("vectorize", self.vectorize, VECTORIZE)
         check_int("init_loss_batches", self.init_loss_batches, minimum=1)
+        check_bool("mala", self.mala)
 
     def resolve_nbeta(self, batch_size: int) -> float:
         """The inverse temperature n*beta for a sampling batch size.

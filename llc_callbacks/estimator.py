@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -28,7 +29,12 @@ from llc_callbacks.distributed import (
 from llc_callbacks.forked import ForkedModel, LossFn
 from llc_callbacks.isolation import isolated
 from llc_callbacks.result import LLCResult
-from llc_callbacks.samplers import SamplerState, rmsprop_sgld_step, sgld_step
+from llc_callbacks.samplers import (
+    SamplerState,
+    mala_log_acceptance,
+    rmsprop_sgld_step,
+    sgld_step,
+)
 
 # How often (in steps) the loop asks the device whether every chain has diverged.
 _DIVERGENCE_CHECK_EVERY = 32
@@ -41,6 +47,7 @@ class _ChainPart(NamedTuple):
     trace: np.ndarray  # (len(chains), draws)
     diverged: np.ndarray  # (len(chains),)
     reference: np.ndarray  # (draws,): L_m(w*) at each draw, NaN when not paired
+    mala: np.ndarray | None  # (len(chains),): mean MALA acceptance, when measured
     init_loss: float
     nbeta: float
     vectorized: bool
@@ -55,6 +62,7 @@ def estimate_llc(
     device: torch.device | str | None = None,
     progress: bool = False,
     distributed: bool = False,
+    warn: bool = True,
 ) -> LLCResult:
     """Estimate the local learning coefficient of a model at its current weights.
 
@@ -76,11 +84,14 @@ def estimate_llc(
             rank must call it with the same data and config; all sample around rank zero's
             weights and buffers. Chain ``i`` depends only on the seed, ``i``, the weights and
             the batches, so the result equals a single-process run's.
+        warn: Warn about every failed health check (``LLCResult.problems``); a monitor turns
+            this off and warns once per check and run instead.
 
     Returns:
         The estimate with its traces and diagnostics. Chains whose loss goes NaN or infinite
-        stop counting and are reported in ``diagnostics["num_diverged"]`` with a warning; if
-        all do, the estimate is NaN.
+        stop counting and are reported in ``diagnostics["num_diverged"]``; if all do, the
+        estimate is NaN. With ``config.step_size="auto"`` the step size is first chosen by
+        ``calibrate`` (on every call: a monitor calibrates once per run).
 
     Raises:
         TypeError: If ``model`` is not a module, ``loss_fn`` is not callable or returns
@@ -95,6 +106,13 @@ def estimate_llc(
         raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
     if not isinstance(config, LLCConfig):
         raise TypeError(f"config must be an LLCConfig, got {type(config).__name__}")
+    if config.step_size == "auto":
+        from llc_callbacks.calibration import calibrate  # calibrate itself calls estimate_llc
+
+        calibration = calibrate(
+            model, loss_fn, data, config, device=device, progress=progress, distributed=distributed
+        )
+        config = dataclasses.replace(config, step_size=calibration.chosen_step_size())
     start = time.perf_counter()
     device = torch.device(device) if device is not None else _model_device(model)
     rank, world_size = rank_and_world() if distributed else (0, 1)
@@ -113,7 +131,11 @@ def estimate_llc(
             parts = gather_from_every_rank(
                 lambda: _sample(forked, data, config, chains, progress and rank == 0)
             )
-    return _result(parts, config, time.perf_counter() - start)
+    result = _result(parts, config, time.perf_counter() - start)
+    if warn:
+        for message in result.problems().values():
+            warnings.warn(f"llc_callbacks: {message}", stacklevel=2)
+    return result
 
 
 @contextmanager
@@ -139,8 +161,10 @@ def _sample(
     nbeta = config.resolve_nbeta(batch_size(first))
     init_batches = [first] + [next(batches) for _ in range(config.init_loss_batches - 1)]
     init_loss = torch.stack([forked.loss_at_anchor(b) for b in init_batches]).mean().item()
-    trace, reference, diverged = _run_chains(forked, batches, config, nbeta, chains, progress)
-    return _ChainPart(chains, trace, diverged, reference, init_loss, nbeta, bool(forked.vectorized))
+    trace, reference, diverged, mala = _run_chains(forked, batches, config, nbeta, chains, progress)
+    return _ChainPart(
+        chains, trace, diverged, reference, mala, init_loss, nbeta, bool(forked.vectorized)
+    )
 
 
 def _result(parts: list[_ChainPart], config: LLCConfig, elapsed_s: float) -> LLCResult:
@@ -148,20 +172,22 @@ def _result(parts: list[_ChainPart], config: LLCConfig, elapsed_s: float) -> LLC
     first = parts[0]  # rank 0 always runs chain 0, so it sampled the shared reference
     trace = np.empty((config.num_chains, config.num_draws))
     diverged = np.empty(config.num_chains, dtype=bool)
+    mala = np.empty(config.num_chains) if config.mala else None
     for part in parts:
         trace[part.chains] = part.trace
         diverged[part.chains] = part.diverged
+        if mala is not None:
+            mala[part.chains] = part.mala
     excess = trace - (first.reference if config.paired else first.init_loss)
     per_chain = np.where(diverged, np.nan, first.nbeta * excess.mean(axis=1))
     healthy = per_chain[~diverged]
-    _warn_if_unhealthy(first.init_loss, diverged, config)
     return LLCResult(
         llc_mean=float(healthy.mean()) if len(healthy) else math.nan,
         llc_std=float(healthy.std(ddof=1)) if len(healthy) > 1 else math.nan,
         llc_per_chain=per_chain,
         loss_trace=trace,
         init_loss=first.init_loss,
-        diagnostics=chain_diagnostics(excess, diverged),
+        diagnostics=chain_diagnostics(excess, diverged, mala),
         config=config,
         nbeta=first.nbeta,
         vectorized=first.vectorized,
@@ -176,8 +202,13 @@ def _run_chains(
     nbeta: float,
     chain_ids: list[int],
     progress: bool,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Run the given chains; return their losses, the per-draw ``L_m(w*)`` and divergence."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Run the given chains.
+
+    Returns:
+        Their losses at each draw, the per-draw ``L_m(w*)``, which diverged, and their mean
+        MALA acceptance (``None`` unless ``config.mala``).
+    """
     chains, draws, device = len(chain_ids), config.num_draws, forked.anchor.device
     step = _sampler_step(config, nbeta)
     generators = [_chain_generator(config.seed, c, device) for c in chain_ids]
@@ -185,22 +216,61 @@ def _run_chains(
     noise = torch.empty_like(state.weights)
     trace = torch.full((chains, draws), float("nan"), device=device)
     reference = torch.full((draws,), float("nan"), device=device)
+    acceptance = torch.zeros(chains, device=device)
     healthy = torch.ones(chains, dtype=torch.bool, device=device)
     total = config.num_burnin + draws if chains else 0
     for t in tqdm(range(total), desc="LLC chains", disable=not progress, leave=False):
         batch = next(batches)
         losses, grads = forked.loss_and_grad(state.weights, batch)
         healthy &= torch.isfinite(losses)
-        if t >= config.num_burnin:
+        drawing = t >= config.num_burnin
+        if drawing:
             trace[:, t - config.num_burnin] = torch.where(healthy, losses, float("nan"))
             if config.paired:
                 reference[t - config.num_burnin] = forked.loss_at_anchor(batch)
         for row, generator in zip(noise, generators, strict=True):
             row.normal_(generator=generator)
-        state = step(state, grads, noise, forked.anchor)
+        new_state = step(state, grads, noise, forked.anchor)
+        if drawing and config.mala:
+            acceptance += _mala_acceptance(
+                forked, state, new_state, losses, grads, batch, config, nbeta
+            )
+        state = new_state
         if (t + 1) % _DIVERGENCE_CHECK_EVERY == 0 and not healthy.any():
             break
-    return trace.cpu().numpy(), reference.cpu().numpy(), (~healthy).cpu().numpy()
+    mala = (acceptance / draws).cpu().numpy() if config.mala else None
+    return trace.cpu().numpy(), reference.cpu().numpy(), (~healthy).cpu().numpy(), mala
+
+
+def _mala_acceptance(
+    forked: ForkedModel,
+    state: SamplerState,
+    new_state: SamplerState,
+    losses: Tensor,
+    grads: Tensor,
+    batch: Any,
+    config: LLCConfig,
+    nbeta: float,
+) -> Tensor:
+    """Per-chain MALA acceptance probability of one step (one more gradient, same batch)."""
+    new_losses, new_grads = forked.loss_and_grad(new_state.weights, batch)
+    precond = None
+    if config.sampler == "rmsprop_sgld":
+        precond = (new_state.square_avg.sqrt() + config.rmsprop_eps).reciprocal()
+    log_acceptance = mala_log_acceptance(
+        state.weights,
+        new_state.weights,
+        forked.anchor,
+        losses,
+        new_losses,
+        grads,
+        new_grads,
+        step_size=config.step_size,
+        nbeta=nbeta,
+        localization=config.localization,
+        precond=precond,
+    )
+    return torch.nan_to_num(log_acceptance.exp(), nan=0.0)
 
 
 def _sampler_step(config: LLCConfig, nbeta: float):
@@ -216,27 +286,6 @@ def _chain_generator(seed: int, chain: int, device: torch.device) -> torch.Gener
     """A noise generator that depends only on the seed and the chain's index."""
     chain_seed = int(np.random.SeedSequence([seed, chain]).generate_state(1, np.uint64)[0])
     return torch.Generator(device=device).manual_seed(chain_seed)
-
-
-def _warn_if_unhealthy(init_loss: float, diverged: np.ndarray, config: LLCConfig) -> None:
-    if not math.isfinite(init_loss):
-        warnings.warn(
-            f"llc_callbacks: the loss at the current weights is {init_loss}; the LLC is NaN.",
-            stacklevel=3,
-        )
-    elif diverged.all():
-        warnings.warn(
-            f"llc_callbacks: all {config.num_chains} chains diverged (loss became NaN or "
-            f"infinite); the LLC is NaN. Lower step_size (now {config.step_size:g}) or raise "
-            "localization.",
-            stacklevel=3,
-        )
-    elif diverged.any():
-        warnings.warn(
-            f"llc_callbacks: {int(diverged.sum())} of {config.num_chains} chains diverged and "
-            f"are left out of the LLC; consider a smaller step_size (now {config.step_size:g}).",
-            stacklevel=3,
-        )
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -9,6 +9,7 @@ returns flat metrics for the caller to log.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import warnings
 from collections.abc import Iterable, Sequence
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from llc_callbacks.calibration import Calibration, calibrate
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.distributed import rank_and_world
 from llc_callbacks.estimator import estimate_llc
@@ -27,13 +29,17 @@ from llc_callbacks.schedule import Schedule
 from llc_callbacks.validation import check_choice
 
 ON_ERROR = ("warn", "raise")
+logger = logging.getLogger(__name__)
 
 
 class LLCMonitor:
     """Runs LLC estimates on a schedule and keeps their history.
 
     Each estimate's seed is derived from ``config.seed`` and the step, so the same seed, step
-    and config give the same numbers, after a resume from a checkpoint too.
+    and config give the same numbers, after a resume from a checkpoint too. With
+    ``config.step_size="auto"`` the first estimate runs ``calibrate`` (kept in
+    ``self.calibration``), logs the chosen ``{prefix}/step_size`` once, and every later
+    estimate, after a resume too, uses that value (``self.config`` holds it).
 
     Example, in a hand-written loop::
 
@@ -96,7 +102,9 @@ class LLCMonitor:
         self.distributed = distributed
         self.history: list[dict[str, float]] = []
         self.last_result: LLCResult | None = None
+        self.calibration: Calibration | None = None
         self._last_step = -1
+        self._warned: set[str] = set()
 
     def set_total_steps(self, total_steps: int) -> None:
         """Tell a ``log_spaced`` schedule how long training is, unless it was given already."""
@@ -154,13 +162,17 @@ class LLCMonitor:
         """Estimate now, record it under ``step`` and return its metrics.
 
         With ``on_error="warn"`` an exception becomes a warning and NaN ``mean`` and ``std``;
-        the model and the training process are left as they were either way.
+        the model and the training process are left as they were either way. Each failed
+        health check (``LLCResult.problems``) is warned about once per run.
 
         Raises:
             Exception: Whatever the estimate raised, with ``on_error="raise"``.
         """
         config = dataclasses.replace(self.config, seed=step_seed(self.config.seed, step))
+        calibrated = config.step_size == "auto"
         try:
+            if calibrated:
+                config = self._calibrate(model, loss_fn, data, config, device, progress)
             self.last_result = estimate_llc(
                 model,
                 loss_fn,
@@ -169,8 +181,11 @@ class LLCMonitor:
                 device=device,
                 progress=progress,
                 distributed=self._distributed(),
+                warn=False,
             )
             metrics = self.last_result.to_metrics(self.prefix)
+            if calibrated:
+                metrics[f"{self.prefix}/step_size"] = config.step_size
         except Exception as error:
             if self.on_error == "raise":
                 raise
@@ -183,22 +198,63 @@ class LLCMonitor:
             metrics = {f"{self.prefix}/mean": math.nan, f"{self.prefix}/std": math.nan}
         self._last_step = step
         self.history.append({"step": step, **metrics})
+        if self.last_result is not None:
+            self._warn_once(step, self.last_result.problems())
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        """The history and schedule position, for a checkpoint."""
+        """The history, schedule position, warnings given and step size, for a checkpoint."""
         return {
             "history": [dict(row) for row in self.history],
             "last_step": self._last_step,
             "total_steps": self.schedule.total_steps,
+            "warned": sorted(self._warned),
+            "step_size": self.config.step_size,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint: no estimate is repeated, none is skipped."""
         self.history = [dict(row) for row in state["history"]]
         self._last_step = int(state["last_step"])
+        self._warned = set(state.get("warned", ()))
+        saved_step_size = state.get("step_size", "auto")
+        if self.config.step_size == "auto" and saved_step_size != "auto":
+            self.config = dataclasses.replace(self.config, step_size=saved_step_size)
         if state.get("total_steps") is not None:
             self.schedule = dataclasses.replace(self.schedule, total_steps=state["total_steps"])
+
+    def _calibrate(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Iterable[Any],
+        config: LLCConfig,
+        device: torch.device | str | None,
+        progress: bool,
+    ) -> LLCConfig:
+        """Choose the step size for ``step_size="auto"`` and keep it for the rest of the run."""
+        self.calibration = calibrate(
+            model,
+            loss_fn,
+            data,
+            config,
+            device=device,
+            progress=progress,
+            distributed=self._distributed(),
+        )
+        step_size = self.calibration.chosen_step_size()
+        logger.info("llc_callbacks: step_size='auto' chose %g for this run", step_size)
+        self.config = dataclasses.replace(self.config, step_size=step_size)
+        return dataclasses.replace(config, step_size=step_size)
+
+    def _warn_once(self, step: int, problems: dict[str, str]) -> None:
+        for check, message in problems.items():
+            if check not in self._warned:
+                self._warned.add(check)
+                warnings.warn(
+                    f"llc_callbacks: at step {step}, {message} (warned once per run)",
+                    stacklevel=3,
+                )
 
     def _distributed(self) -> bool:
         if self.distributed is not None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llc_callbacks.config import LLCConfig
+from llc_callbacks.diagnostics import problems
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,8 @@ class LLCResult:
         loss_trace: Minibatch loss at each draw, shape ``(chains, draws)``; a diverged chain's
             row is NaN from the step it diverged.
         init_loss: ``L(w*)``, the mean loss over ``config.init_loss_batches`` minibatches.
-        diagnostics: ``num_diverged``, ``frac_below_init``, ``rhat`` and ``ess`` (see
+        diagnostics: ``num_diverged``, ``frac_below_init``, ``rhat``, ``ess``, ``trend_z``
+            and, when measured, ``mala_acceptance`` (see
             ``llc_callbacks.diagnostics.chain_diagnostics``).
         config: The hyperparameters used.
         nbeta: The inverse temperature used, resolved from ``config.nbeta``.
@@ -40,6 +42,21 @@ class LLCResult:
     nbeta: float
     vectorized: bool
     elapsed_s: float
+
+    def problems(self) -> dict[str, str]:
+        """The health checks this estimate fails, each with what to change.
+
+        Returns:
+            ``{check: message}``; empty when every check passes. See
+            ``llc_callbacks.diagnostics.problems`` for the checks and their thresholds.
+        """
+        return problems(
+            self.llc_mean,
+            self.init_loss,
+            self.diagnostics,
+            self.config.num_chains,
+            self.config.step_size,
+        )
 
     def to_metrics(self, prefix: str = "llc") -> dict[str, float]:
         """Flat metrics for a logger.

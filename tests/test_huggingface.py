@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import wandb
+from compare import assert_same_history
 from hf_helpers import TINY, TokenData, make_trainer, tiny_bert, tiny_gpt2
-from wandb_reader import history_rows, offline_run_dir
 
 from llc_callbacks.integrations.huggingface import LLCTrainerCallback
+from llc_callbacks.integrations.wandb import history_rows, offline_run_dir
 
 
 def train(tmp_path, callback_kwargs=None, resume=None, **changes):
@@ -92,7 +93,7 @@ def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):
     checkpoint = tmp_path / "full" / "checkpoint-6"
     resumed, callback = train(tmp_path / "resumed", kwargs, resume=str(checkpoint))
     assert [row["step"] for row in callback.monitor.history] == [0, 3, 6, 9, 12]
-    assert callback.monitor.history == full_callback.monitor.history
+    assert_same_history(callback.monitor.history, full_callback.monitor.history)
     assert llc_rows(resumed) == llc_rows(full)
 
 

@@ -1,5 +1,6 @@
-"""Read a W&B offline run file back (wandb 0.30+ ships no reader; wandb.Api needs a server).
+"""Read a W&B offline run back: its history rows, for tests and ``llc-callbacks plot``.
 
+wandb 0.30 and later ship no Python reader for run files, and ``wandb.Api`` needs the server.
 Format: a 7-byte header (b":W&B", uint16 magic 0xBEE1, uint8 version), then a LevelDB-style
 log in 32 KiB blocks; each record has a 7-byte header (crc32 uint32, length uint16, type
 uint8: 1 full, 2 first, 3 middle, 4 last) and a payload that is a wandb Record protobuf.
@@ -18,9 +19,14 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
 def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
+    """Every record of a ``run-*.wandb`` file, in order.
+
+    Raises:
+        ValueError: If the file is not a W&B run file.
+    """
     data = Path(path).read_bytes()
-    magic, _version = struct.unpack("<HB", data[4:7])
-    assert data[:4] == b":W&B" and magic == 0xBEE1, f"{path} is not a W&B run file"
+    if len(data) < 7 or data[:4] != b":W&B" or struct.unpack("<H", data[4:6])[0] != 0xBEE1:
+        raise ValueError(f"{path} is not a W&B run file")
     records, pending, offset = [], b"", 7
     while offset + 7 <= len(data):
         if BLOCK - offset % BLOCK < 7:  # a block's tail too short for a header is padding
@@ -44,8 +50,15 @@ def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
 
 
 def history_rows(run_dir: Path) -> list[dict]:
-    """The history rows (``wandb.log`` calls) of an offline run folder, in order."""
-    (run_file,) = Path(run_dir).glob("run-*.wandb")
+    """The history rows (``wandb.log`` calls) of an offline run folder, in order.
+
+    Raises:
+        FileNotFoundError: If the folder holds no ``run-*.wandb`` file.
+    """
+    run_files = sorted(Path(run_dir).glob("run-*.wandb"))
+    if not run_files:
+        raise FileNotFoundError(f"no run-*.wandb file in {run_dir}")
+    run_file = run_files[0]
     rows = []
     for record in read_records(run_file):
         if record.WhichOneof("record_type") != "history":
@@ -59,5 +72,6 @@ def history_rows(run_dir: Path) -> list[dict]:
 
 
 def offline_run_dir(wandb_dir: Path) -> Path:
+    """The single offline run folder under ``wandb_dir/wandb``."""
     (run_dir,) = Path(wandb_dir).glob("wandb/offline-run-*")
     return run_dir

@@ -1,0 +1,101 @@
+"""Figures: chain traces of one estimate, a calibration sweep, and the LLC over training.
+
+Needs matplotlib (``pip install llc-callbacks[plot]``). Figures are built without pyplot, so
+nothing here touches the global matplotlib state; each function returns the figure and saves
+it as PNG when given a path.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llc_callbacks.calibration import Calibration
+from llc_callbacks.history import Series
+from llc_callbacks.result import LLCResult
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+FIGSIZE, DPI = (8.0, 4.5), 100  # 800 x 450 pixels
+
+
+def plot_traces(result: LLCResult, path: str | Path | None = None) -> Figure:
+    """Each chain's minibatch loss over the draws, against the loss at ``w*``.
+
+    A healthy estimate shows flat traces above the line; traces still rising mean too little
+    burn-in, traces below it mean ``w*`` is not a minimum or the step size is too large.
+    """
+    figure = _figure()
+    axes = figure.subplots()
+    for chain, trace in enumerate(result.loss_trace):
+        axes.plot(trace, linewidth=0.8, label=f"chain {chain}")
+    axes.axhline(result.init_loss, color="black", linestyle="--", label="L(w*)")
+    axes.set_xlabel("draw")
+    axes.set_ylabel("minibatch loss")
+    axes.set_title(f"LLC {result.llc_mean:.3g} ± {result.llc_std:.2g}")
+    axes.legend(fontsize="small", ncol=2)
+    return _save(figure, path)
+
+
+def plot_calibration(calibration: Calibration, path: str | Path | None = None) -> Figure:
+    """The estimate (± chain spread) against the step size, marking the recommendation."""
+    figure = _figure()
+    axes = figure.subplots()
+    for ok, color, label in ((True, "tab:green", "passes"), (False, "tab:red", "fails")):
+        rows = [r for r in calibration.rows if r["ok"] is ok and math.isfinite(r["llc_mean"])]
+        axes.errorbar(
+            [r["step_size"] for r in rows],
+            [r["llc_mean"] for r in rows],
+            yerr=[0.0 if math.isnan(r["llc_std"]) else r["llc_std"] for r in rows],
+            fmt="o",
+            color=color,
+            label=label,
+        )
+    if calibration.recommended is not None:
+        axes.axvline(
+            calibration.recommended.step_size, color="black", linestyle="--", label="recommended"
+        )
+    axes.set_xscale("log")
+    axes.set_xlabel("step size")
+    axes.set_ylabel("LLC")
+    axes.legend(fontsize="small")
+    return _save(figure, path)
+
+
+def plot_llc_curve(
+    llc: Series,
+    spread: Series | None = None,
+    loss: Series | None = None,
+    path: str | Path | None = None,
+) -> Figure:
+    """The LLC over training, with its chain spread as a band and the loss on a second axis."""
+    figure = _figure()
+    axes = figure.subplots()
+    axes.plot(llc.steps, llc.values, marker="o", markersize=3, color="tab:blue", label="LLC")
+    if spread is not None and spread.steps == llc.steps:
+        low = [m - s for m, s in zip(llc.values, spread.values, strict=True)]
+        high = [m + s for m, s in zip(llc.values, spread.values, strict=True)]
+        axes.fill_between(llc.steps, low, high, color="tab:blue", alpha=0.2, label="± chain std")
+    axes.set_xlabel("step")
+    axes.set_ylabel("LLC", color="tab:blue")
+    if loss is not None and loss.steps:
+        other = axes.twinx()
+        other.plot(loss.steps, loss.values, color="tab:orange", linewidth=1, label="loss")
+        other.set_ylabel("loss", color="tab:orange")
+    return _save(figure, path)
+
+
+def _figure() -> Figure:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError("plotting needs matplotlib: pip install 'llc-callbacks[plot]'") from error
+    return Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+
+
+def _save(figure: Figure, path: str | Path | None) -> Figure:
+    if path is not None:
+        figure.savefig(path, dpi=DPI)
+    return figure
