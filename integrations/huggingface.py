@@ -14,7 +14,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.forked import LossFn
 from llc_callbacks.monitor import LLCMonitor
-from llc_callbacks.plotting import plot_traces
+from llc_callbacks.plotting import plot_traces, to_pixels
 from llc_callbacks.validation import check_bool
 
 
@@ -186,7 +186,7 @@ class LLCTrainerCallback(TrainerCallback):
         import wandb  # only when the Trainer reports to wandb
 
         if wandb.run is not None:
-            image = wandb.Image(plot_traces(self.monitor.last_result))
+            image = wandb.Image(to_pixels(plot_traces(self.monitor.last_result)))
             key = f"train/{self.monitor.prefix}/trace"
             wandb.log({key: image, "train/global_step": state.global_step})
 

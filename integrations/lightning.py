@@ -18,7 +18,7 @@ from typing_extensions import override
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.forked import LossFn
 from llc_callbacks.monitor import LLCMonitor
-from llc_callbacks.plotting import plot_traces
+from llc_callbacks.plotting import plot_traces, to_pixels
 from llc_callbacks.validation import check_bool
 
 
@@ -177,10 +177,10 @@ class LLCCallback(Callback):
             logger.log_metrics(metrics, step=step)
         result = self.monitor.last_result
         if self.log_trace_plot and result is not None:
-            figure = plot_traces(result)
+            pixels = to_pixels(plot_traces(result))
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
-                    logger.log_image(f"{self.monitor.prefix}/trace", [figure], step=step)
+                    logger.log_image(f"{self.monitor.prefix}/trace", [pixels], step=step)
 
 
 def training_step_loss(module: LightningModule, batch: Any) -> Tensor:

@@ -11,6 +11,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from llc_callbacks.calibration import Calibration
 from llc_callbacks.history import Series
 from llc_callbacks.result import LLCResult
@@ -85,6 +87,15 @@ def plot_llc_curve(
         other.plot(loss.steps, loss.values, color="tab:orange", linewidth=1, label="loss")
         other.set_ylabel("loss", color="tab:orange")
     return _save(figure, path)
+
+
+def to_pixels(figure: Figure) -> np.ndarray:
+    """The figure rendered as an RGBA array of shape ``(height, width, 4)``, for loggers."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba()).copy()
 
 
 def _figure() -> Figure:

@@ -196,3 +196,12 @@ def test_bad_arguments_raise_naming_them(tmp_path, kwargs, message):
         LLCTrainerCallback(trainer, **kwargs)
     with pytest.raises(ValueError, match=r"trainer must be a transformers\.Trainer"):
         LLCTrainerCallback(trainer.args)
+
+
+def test_trace_plots_go_to_wandb_as_images(tmp_path, wandb_dir):
+    train(tmp_path, {"steps": [4, 8], "log_trace_plot": True}, report_to="wandb")
+    wandb.finish()
+    rows = history_rows(offline_run_dir(wandb_dir))
+    images = [row for row in rows if "train/llc/trace/_type" in row]
+    assert [row["train/global_step"] for row in images] == [4, 8]
+    assert all(row["train/llc/trace/width"] == 800 for row in images)

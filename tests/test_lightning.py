@@ -1,6 +1,7 @@
 """LLCCallback with real Lightning trainers, loggers and W&B (offline) on CPU."""
 
 import csv
+import dataclasses
 import math
 import warnings
 
@@ -305,3 +306,38 @@ def test_the_loss_comes_from_training_step_without_logging(tmp_path):
     assert losses[0] == losses[1]
     assert all(not r["train_loss"] for r in csv_rows(watched.logger) if r["llc/mean"])
     assert all(row["llc/init_loss"] > 0 for row in callback.monitor.history)
+
+
+def test_auto_step_size_is_calibrated_once_frozen_and_resumed(tmp_path):
+    auto = dataclasses.replace(TINY, step_size="auto")
+    data = loader(shuffle=False, batch_size=256)
+    first = LLCCallback(auto, every_n_steps=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tiny chains: calibration may fall back, with a warning
+        _, run = fit(tmp_path / "first", [first], data=data, max_steps=6)
+    chosen = first.monitor.config.step_size
+    assert isinstance(chosen, float)
+    assert [("llc/step_size" in row) for row in first.monitor.history] == [True, False]
+    assert first.monitor.history[0]["llc/step_size"] == chosen
+    checkpoint = tmp_path / "six.ckpt"
+    run.save_checkpoint(checkpoint)
+    saved = torch.load(checkpoint, weights_only=False)["callbacks"][first.state_key]
+    assert saved["step_size"] == chosen
+
+    resumed = LLCCallback(auto, every_n_steps=3)
+    fit(tmp_path / "resumed", [resumed], data=data, ckpt_path=checkpoint, max_steps=12)
+    assert resumed.monitor.calibration is None  # no second calibration
+    assert resumed.monitor.config.step_size == chosen
+    assert resumed.monitor.last_result.config.step_size == chosen
+
+
+def test_trace_plots_go_to_wandb_as_images(tmp_path, wandb_dir):
+    callback = LLCCallback(TINY, steps=[4, 8], log_trace_plot=True)
+    logger = WandbLogger(project="llc-callbacks-test", offline=True, save_dir=str(wandb_dir))
+    fit(tmp_path, [callback], logger=logger)
+    wandb.finish()
+    rows = history_rows(offline_run_dir(wandb_dir))
+    images = [row for row in rows if "llc/trace/_type" in row]
+    assert [row["trainer/global_step"] for row in images] == [4, 8]
+    assert all(row["llc/trace/_type"] == "images/separated" for row in images)
+    assert all((row["llc/trace/width"], row["llc/trace/height"]) == (800, 450) for row in images)
