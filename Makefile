@@ -30,3 +30,4 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/step_cost.py
 	$(PY) benchmarks/vs_devinterp.py
+	$(PY) benchmarks/restrictions.py

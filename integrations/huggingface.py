@@ -14,7 +14,8 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.forked import LossFn
 from llc_callbacks.monitor import LLCMonitor
-from llc_callbacks.plotting import plot_traces, to_pixels
+from llc_callbacks.plotting import plot_components, plot_traces, to_pixels
+from llc_callbacks.restrictions import Restrictions
 from llc_callbacks.validation import check_bool
 
 
@@ -51,6 +52,9 @@ class LLCTrainerCallback(TrainerCallback):
         log_trace_plot: Also log each estimate's chain traces (``plot_traces``) to W&B as an
             image ``train/{prefix}/trace`` when the Trainer reports to wandb (needs
             matplotlib).
+        restrictions: Weight- and data-restricted LLCs to estimate too (``{prefix}/<name>/``
+            metrics). At the end of training their heatmap (``plot_components``) goes to W&B
+            as ``train/{prefix}/components`` when the Trainer reports to wandb.
 
     Raises:
         ValueError: For a bad argument, naming it.
@@ -71,6 +75,7 @@ class LLCTrainerCallback(TrainerCallback):
         prefix: str = "llc",
         on_error: Literal["warn", "raise"] = "warn",
         log_trace_plot: bool = False,
+        restrictions: Restrictions | None = None,
     ) -> None:
         check_bool("log_trace_plot", log_trace_plot)
         if not isinstance(trainer, Trainer):
@@ -90,6 +95,7 @@ class LLCTrainerCallback(TrainerCallback):
             at_end=at_end,
             prefix=prefix,
             on_error=on_error,
+            restrictions=restrictions,
         )
         self.trainer = trainer
         self.loss_fn = loss_fn
@@ -149,6 +155,9 @@ class LLCTrainerCallback(TrainerCallback):
     ) -> None:
         """Estimate at the end of training if ``at_end`` and not already done."""
         self._maybe_estimate(args, state, control, model, final=True)
+        if self.monitor.restrictions is not None and self.monitor.history:
+            figure = plot_components(self.monitor.history, self.monitor.prefix)
+            self._log_image(args, state, "components", figure)
 
     def _maybe_estimate(
         self,
@@ -178,16 +187,19 @@ class LLCTrainerCallback(TrainerCallback):
         self.trainer.log(dict(metrics))
         control.should_log = should_log
         if self.log_trace_plot and self.monitor.last_result is not None:
-            self._log_trace_plot(args, state)
+            self._log_image(args, state, "trace", plot_traces(self.monitor.last_result))
 
-    def _log_trace_plot(self, args: TrainingArguments, state: TrainerState) -> None:
+    def _log_image(
+        self, args: TrainingArguments, state: TrainerState, name: str, figure: Any
+    ) -> None:
+        """Log a figure to W&B next to the Trainer's own logs, if the Trainer reports there."""
         if "wandb" not in args.report_to or not state.is_world_process_zero:
             return
         import wandb  # only when the Trainer reports to wandb
 
         if wandb.run is not None:
-            image = wandb.Image(to_pixels(plot_traces(self.monitor.last_result)))
-            key = f"train/{self.monitor.prefix}/trace"
+            image = wandb.Image(to_pixels(figure))
+            key = f"train/{self.monitor.prefix}/{name}"
             wandb.log({key: image, "train/global_step": state.global_step})
 
     def _trainer_loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:

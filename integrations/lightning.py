@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -18,7 +19,8 @@ from typing_extensions import override
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.forked import LossFn
 from llc_callbacks.monitor import LLCMonitor
-from llc_callbacks.plotting import plot_traces, to_pixels
+from llc_callbacks.plotting import plot_components, plot_traces, to_pixels
+from llc_callbacks.restrictions import Restrictions
 from llc_callbacks.validation import check_bool
 
 
@@ -51,6 +53,10 @@ class LLCCallback(Callback):
             training goes on; ``"raise"`` stops training with the error.
         log_trace_plot: Also log each estimate's chain traces (``plot_traces``) as an image
             ``{prefix}/trace`` to every ``WandbLogger`` (needs matplotlib).
+        restrictions: Weight- and data-restricted LLCs to estimate too (``{prefix}/<name>/``
+            metrics); data sources go through the module's batch-transfer hooks. At the end
+            of training their heatmap (``plot_components``) goes to every ``WandbLogger`` as
+            ``{prefix}/components`` (needs matplotlib).
 
     Raises:
         ValueError: At construction for a bad argument, naming it; in ``setup`` for an
@@ -72,6 +78,7 @@ class LLCCallback(Callback):
         prefix: str = "llc",
         on_error: Literal["warn", "raise"] = "warn",
         log_trace_plot: bool = False,
+        restrictions: Restrictions | None = None,
     ) -> None:
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"loss_fn must be callable as loss_fn(module, batch), got {loss_fn!r}")
@@ -87,6 +94,7 @@ class LLCCallback(Callback):
             at_end=at_end,
             prefix=prefix,
             on_error=on_error,
+            restrictions=restrictions,
         )
         self.loss_fn = loss_fn
         self.dataloader = dataloader
@@ -136,6 +144,12 @@ class LLCCallback(Callback):
             self.monitor.set_total_steps(int(total))
         loader = self.dataloader if self.dataloader is not None else _own_loader(trainer)
         self._data = _ModuleBatches(loader, pl_module)
+        if self.monitor.restrictions is not None:
+            sources = self.monitor.restrictions.sources
+            self.monitor.restrictions = dataclasses.replace(
+                self.monitor.restrictions,
+                sources={name: _ModuleBatches(data, pl_module) for name, data in sources.items()},
+            )
         self._maybe_estimate(trainer, pl_module)
 
     @override
@@ -147,6 +161,12 @@ class LLCCallback(Callback):
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._maybe_estimate(trainer, pl_module, final=True)
+        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        restricted = self.monitor.restrictions is not None and self.monitor.history
+        if trainer.is_global_zero and wandb_loggers and restricted:
+            pixels = to_pixels(plot_components(self.monitor.history, self.monitor.prefix))
+            for logger in wandb_loggers:
+                logger.log_image(f"{self.monitor.prefix}/components", [pixels])
 
     @override
     def state_dict(self) -> dict[str, Any]:

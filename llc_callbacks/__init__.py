@@ -2,8 +2,9 @@
 
 from llc_callbacks.calibration import Calibration, calibrate
 from llc_callbacks.config import LLCConfig
-from llc_callbacks.estimator import estimate_llc
+from llc_callbacks.estimator import estimate_llc, estimate_restricted_llcs
 from llc_callbacks.monitor import LLCMonitor
+from llc_callbacks.restrictions import Restrictions
 from llc_callbacks.result import LLCResult
 from llc_callbacks.schedule import log_spaced_steps
 
@@ -12,8 +13,10 @@ __all__ = [
     "LLCConfig",
     "LLCMonitor",
     "LLCResult",
+    "Restrictions",
     "calibrate",
     "estimate_llc",
+    "estimate_restricted_llcs",
     "log_spaced_steps",
 ]
 __version__ = "0.1.0.dev0"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 import warnings
@@ -14,8 +13,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from llc_callbacks.chains import ChainGroup, run_chains
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.data import batch_size, cycle_batches
 from llc_callbacks.diagnostics import chain_diagnostics
@@ -28,22 +27,22 @@ from llc_callbacks.distributed import (
 )
 from llc_callbacks.forked import ForkedModel, LossFn
 from llc_callbacks.isolation import isolated
+from llc_callbacks.restrictions import Restrictions
 from llc_callbacks.result import LLCResult
-from llc_callbacks.samplers import (
-    SamplerState,
-    mala_log_acceptance,
-    rmsprop_sgld_step,
-    sgld_step,
-)
 
-# How often (in steps) the loop asks the device whether every chain has diverged.
-_DIVERGENCE_CHECK_EVERY = 32
+
+class _Pass(NamedTuple):
+    """Estimates that share a data source: one batch of ``num_chains`` chains per name."""
+
+    data: Iterable[Any]
+    names: list[str | None]  # None: the full (unrestricted) estimate
+    masks: list[Tensor | None]  # the weights each name's chains move; None: all
 
 
 class _ChainPart(NamedTuple):
-    """What one process sampled: some chains, and the quantities every process shares."""
+    """What one process sampled of a pass: some chains, and what every process shares."""
 
-    chains: list[int]
+    chains: list[int]  # indices into the pass's names x num_chains chains
     trace: np.ndarray  # (len(chains), draws)
     diverged: np.ndarray  # (len(chains),)
     reference: np.ndarray  # (draws,): L_m(w*) at each draw, NaN when not paired
@@ -60,6 +59,7 @@ def estimate_llc(
     config: LLCConfig = LLCConfig(),
     *,
     device: torch.device | str | None = None,
+    restrictions: Restrictions | None = None,
     progress: bool = False,
     distributed: bool = False,
     warn: bool = True,
@@ -78,6 +78,9 @@ def estimate_llc(
         data: Re-iterable of batches (a DataLoader), cycled when it runs out.
         config: Sampling hyperparameters.
         device: Where chains run; defaults to the device of the model's first parameter.
+        restrictions: Weight- and data-restricted LLCs to estimate too, in
+            ``result.restricted``; the weight restrictions on ``data`` run in the same
+            vectorized batch of chains as the full estimate.
         progress: Show a progress bar over chain steps.
         distributed: Split the chains over the ranks of the initialized ``torch.distributed``
             process group and gather them, so that every rank returns the same result. Every
@@ -96,16 +99,90 @@ def estimate_llc(
     Raises:
         TypeError: If ``model`` is not a module, ``loss_fn`` is not callable or returns
             something other than a scalar tensor, or ``config`` is not an ``LLCConfig``.
-        ValueError: If ``data`` yields no batch or the model has nothing to sample.
+        ValueError: If ``data`` yields no batch, the model has nothing to sample, or a weight
+            restriction selects nothing (see ``Restrictions.masks``).
         RuntimeError: If ``config.vectorize=True`` and the model does not support ``vmap``,
             or, when distributed, if the estimate failed on any rank (raised on every rank).
     """
+    results, elapsed_s = _estimate(
+        model, loss_fn, data, config, restrictions, True, device, progress, distributed
+    )
+    full = results.pop(None)
+    result = dataclasses.replace(full, restricted=results, elapsed_s=elapsed_s)
+    if warn:
+        _warn(result.problems())
+    return result
+
+
+def estimate_restricted_llcs(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Iterable[Any],
+    restrictions: Restrictions,
+    config: LLCConfig = LLCConfig(),
+    *,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    distributed: bool = False,
+    warn: bool = True,
+) -> dict[str, LLCResult]:
+    """Estimate only the restricted LLCs, without the full one.
+
+    All weight restrictions on ``data`` run as one vectorized batch of chains, and those on
+    each data source as another; chain ``i`` of every restriction draws the same noise as
+    chain ``i`` of ``estimate_llc`` with the same seed.
+
+    Args:
+        model: The model at the weights ``w*`` to estimate at.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
+        data: Batches for the weight restrictions.
+        restrictions: What to estimate.
+        config: Sampling hyperparameters.
+        device: Where chains run.
+        progress: Show a progress bar.
+        distributed: Split chains over ranks, as in ``estimate_llc``.
+        warn: Warn about every failed health check.
+
+    Returns:
+        The estimates by name (see ``Restrictions``).
+
+    Raises:
+        Exception: As ``estimate_llc``.
+    """
+    results, _ = _estimate(
+        model, loss_fn, data, config, restrictions, False, device, progress, distributed
+    )
+    if warn:
+        _warn(
+            {
+                f"{name}/{k}": f"{name!r}: {m}"
+                for name, r in results.items()
+                for k, m in r.problems().items()
+            }
+        )
+    return results
+
+
+def _estimate(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Iterable[Any],
+    config: LLCConfig,
+    restrictions: Restrictions | None,
+    include_full: bool,
+    device: torch.device | str | None,
+    progress: bool,
+    distributed: bool,
+) -> tuple[dict[str | None, LLCResult], float]:
+    """Validate, calibrate if asked, fork the weights and run every pass of chains."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
     if not isinstance(config, LLCConfig):
         raise TypeError(f"config must be an LLCConfig, got {type(config).__name__}")
+    if restrictions is not None and not isinstance(restrictions, Restrictions):
+        raise TypeError(f"restrictions must be Restrictions, got {type(restrictions).__name__}")
     if config.step_size == "auto":
         from llc_callbacks.calibration import calibrate  # calibrate itself calls estimate_llc
 
@@ -116,26 +193,46 @@ def estimate_llc(
     start = time.perf_counter()
     device = torch.device(device) if device is not None else _model_device(model)
     rank, world_size = rank_and_world() if distributed else (0, 1)
-    chains = rank_chains(config.num_chains, rank, world_size)
-    # One chain gains nothing from vmap but its overhead.
-    vectorize = False if len(chains) == 1 and config.vectorize == "auto" else config.vectorize
+    results: dict[str | None, LLCResult] = {}
     with _sampling(model, config, device):
         if world_size == 1:
-            forked = ForkedModel(model, loss_fn, device, vectorize)
-            parts = [_sample(forked, data, config, chains, progress)]
+            forked = ForkedModel(model, loss_fn, device, config.vectorize)
         else:
-            forked = on_every_rank(lambda: ForkedModel(model, loss_fn, device, vectorize))
+            forked = on_every_rank(lambda: ForkedModel(model, loss_fn, device, config.vectorize))
             # Ranks may hold different buffers (BatchNorm statistics are not synchronized):
             # every rank samples around rank zero's weights.
             broadcast_from_rank_zero([forked.anchor, *forked.constants.values()])
-            parts = gather_from_every_rank(
-                lambda: _sample(forked, data, config, chains, progress and rank == 0)
-            )
-    result = _result(parts, config, time.perf_counter() - start)
-    if warn:
-        for message in result.problems().values():
-            warnings.warn(f"llc_callbacks: {message}", stacklevel=2)
-    return result
+        passes = _passes(forked, data, restrictions or Restrictions(), include_full)
+        for sampling_pass in passes:
+            pass_start = time.perf_counter()
+            chains = rank_chains(len(sampling_pass.names) * config.num_chains, rank, world_size)
+
+            def sample(p: _Pass = sampling_pass, ids: list[int] = chains) -> _ChainPart:
+                return _sample(forked, p, config, ids, progress and rank == 0)
+
+            parts = [sample()] if world_size == 1 else gather_from_every_rank(sample)
+            elapsed = time.perf_counter() - pass_start
+            results.update(_summaries(sampling_pass, parts, config, elapsed))
+    return results, time.perf_counter() - start
+
+
+def _warn(problems: dict[str, str]) -> None:
+    for message in problems.values():
+        warnings.warn(f"llc_callbacks: {message}", stacklevel=3)
+
+
+def _passes(
+    forked: ForkedModel, data: Iterable[Any], restrictions: Restrictions, include_full: bool
+) -> list[_Pass]:
+    """The full estimate and the weight restrictions on ``data``, then a pass per source."""
+    masks = restrictions.masks(forked)
+    names: list[str | None] = [None, *masks] if include_full else list(masks)
+    passes = [_Pass(data, names, [None, *masks.values()] if include_full else list(masks.values()))]
+    for source, source_data in restrictions.sources.items():
+        pairs = [w for w, s in restrictions.combinations if s == source]
+        names = [source, *(f"{w}/{source}" for w in pairs)]
+        passes.append(_Pass(source_data, names, [None, *(masks[w] for w in pairs)]))
+    return [p for p in passes if p.names]
 
 
 @contextmanager
@@ -153,26 +250,69 @@ def _sampling(model: nn.Module, config: LLCConfig, device: torch.device) -> Iter
 
 
 def _sample(
-    forked: ForkedModel, data: Iterable[Any], config: LLCConfig, chains: list[int], progress: bool
+    forked: ForkedModel, sampling_pass: _Pass, config: LLCConfig, chains: list[int], progress: bool
 ) -> _ChainPart:
-    """Measure ``L(w*)`` and run the given chains."""
-    batches = cycle_batches(data, forked.anchor.device)
+    """Measure ``L(w*)`` on the pass's data and run the given chains of the pass."""
+    batches = cycle_batches(sampling_pass.data, forked.anchor.device)
     first = next(batches)
     nbeta = config.resolve_nbeta(batch_size(first))
     init_batches = [first] + [next(batches) for _ in range(config.init_loss_batches - 1)]
     init_loss = torch.stack([forked.loss_at_anchor(b) for b in init_batches]).mean().item()
-    trace, reference, diverged, mala = _run_chains(forked, batches, config, nbeta, chains, progress)
+    groups, order = _groups(forked, sampling_pass, chains, config.num_chains)
+    traces = run_chains(groups, batches, config, nbeta, progress)
     return _ChainPart(
-        chains, trace, diverged, reference, mala, init_loss, nbeta, bool(forked.vectorized)
+        order,
+        traces.trace,
+        traces.diverged,
+        traces.reference,
+        traces.mala,
+        init_loss,
+        nbeta,
+        bool(forked.vectorized) or any(bool(g.forked.vectorized) for g in groups),
     )
 
 
-def _result(parts: list[_ChainPart], config: LLCConfig, elapsed_s: float) -> LLCResult:
-    """Put every process's chains back in order and summarize them."""
+def _groups(
+    forked: ForkedModel, sampling_pass: _Pass, chains: list[int], num_chains: int
+) -> tuple[list[ChainGroup], list[int]]:
+    """Group the pass's chains by the parameters their restriction touches.
+
+    Chains of restrictions that touch the same parameters run as one vectorized batch with a
+    mask per chain, over those parameters only: a chain needs no gradient and no noise for
+    parameters it never moves, and no chain pays for another restriction's parameters.
+
+    Returns:
+        The groups, and the pass's chain indices in the order of the groups' rows.
+    """
+    by_parameters: dict[tuple[str, ...], list[int]] = {}
+    for chain in chains:
+        mask = sampling_pass.masks[chain // num_chains]
+        touched = tuple(
+            name for name in forked.names if mask is None or bool(mask[forked.slices[name]].any())
+        )
+        by_parameters.setdefault(touched, []).append(chain)
+    groups, order = [], []
+    for touched, members in by_parameters.items():
+        narrow, index = (
+            (forked, None) if len(touched) == len(forked.names) else forked.restricted_to(touched)
+        )
+        masks = [sampling_pass.masks[chain // num_chains] for chain in members]
+        if index is not None:
+            masks = [mask[index] for mask in masks]
+        groups.append(ChainGroup(narrow, [chain % num_chains for chain in members], masks))
+        order.extend(members)
+    return groups, order
+
+
+def _summaries(
+    sampling_pass: _Pass, parts: list[_ChainPart], config: LLCConfig, elapsed_s: float
+) -> dict[str | None, LLCResult]:
+    """Put every process's chains back in order and summarize each name's chains."""
     first = parts[0]  # rank 0 always runs chain 0, so it sampled the shared reference
-    trace = np.empty((config.num_chains, config.num_draws))
-    diverged = np.empty(config.num_chains, dtype=bool)
-    mala = np.empty(config.num_chains) if config.mala else None
+    total = len(sampling_pass.names) * config.num_chains
+    trace = np.empty((total, config.num_draws))
+    diverged = np.empty(total, dtype=bool)
+    mala = np.empty(total) if config.mala else None
     for part in parts:
         trace[part.chains] = part.trace
         diverged[part.chains] = part.diverged
@@ -180,112 +320,25 @@ def _result(parts: list[_ChainPart], config: LLCConfig, elapsed_s: float) -> LLC
             mala[part.chains] = part.mala
     excess = trace - (first.reference if config.paired else first.init_loss)
     per_chain = np.where(diverged, np.nan, first.nbeta * excess.mean(axis=1))
-    healthy = per_chain[~diverged]
-    return LLCResult(
-        llc_mean=float(healthy.mean()) if len(healthy) else math.nan,
-        llc_std=float(healthy.std(ddof=1)) if len(healthy) > 1 else math.nan,
-        llc_per_chain=per_chain,
-        loss_trace=trace,
-        init_loss=first.init_loss,
-        diagnostics=chain_diagnostics(excess, diverged, mala),
-        config=config,
-        nbeta=first.nbeta,
-        vectorized=first.vectorized,
-        elapsed_s=elapsed_s,
-    )
-
-
-def _run_chains(
-    forked: ForkedModel,
-    batches: Any,
-    config: LLCConfig,
-    nbeta: float,
-    chain_ids: list[int],
-    progress: bool,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """Run the given chains.
-
-    Returns:
-        Their losses at each draw, the per-draw ``L_m(w*)``, which diverged, and their mean
-        MALA acceptance (``None`` unless ``config.mala``).
-    """
-    chains, draws, device = len(chain_ids), config.num_draws, forked.anchor.device
-    step = _sampler_step(config, nbeta)
-    generators = [_chain_generator(config.seed, c, device) for c in chain_ids]
-    state = SamplerState(forked.anchor.expand(chains, -1).clone())
-    noise = torch.empty_like(state.weights)
-    trace = torch.full((chains, draws), float("nan"), device=device)
-    reference = torch.full((draws,), float("nan"), device=device)
-    acceptance = torch.zeros(chains, device=device)
-    healthy = torch.ones(chains, dtype=torch.bool, device=device)
-    total = config.num_burnin + draws if chains else 0
-    for t in tqdm(range(total), desc="LLC chains", disable=not progress, leave=False):
-        batch = next(batches)
-        losses, grads = forked.loss_and_grad(state.weights, batch)
-        healthy &= torch.isfinite(losses)
-        drawing = t >= config.num_burnin
-        if drawing:
-            trace[:, t - config.num_burnin] = torch.where(healthy, losses, float("nan"))
-            if config.paired:
-                reference[t - config.num_burnin] = forked.loss_at_anchor(batch)
-        for row, generator in zip(noise, generators, strict=True):
-            row.normal_(generator=generator)
-        new_state = step(state, grads, noise, forked.anchor)
-        if drawing and config.mala:
-            acceptance += _mala_acceptance(
-                forked, state, new_state, losses, grads, batch, config, nbeta
-            )
-        state = new_state
-        if (t + 1) % _DIVERGENCE_CHECK_EVERY == 0 and not healthy.any():
-            break
-    mala = (acceptance / draws).cpu().numpy() if config.mala else None
-    return trace.cpu().numpy(), reference.cpu().numpy(), (~healthy).cpu().numpy(), mala
-
-
-def _mala_acceptance(
-    forked: ForkedModel,
-    state: SamplerState,
-    new_state: SamplerState,
-    losses: Tensor,
-    grads: Tensor,
-    batch: Any,
-    config: LLCConfig,
-    nbeta: float,
-) -> Tensor:
-    """Per-chain MALA acceptance probability of one step (one more gradient, same batch)."""
-    new_losses, new_grads = forked.loss_and_grad(new_state.weights, batch)
-    precond = None
-    if config.sampler == "rmsprop_sgld":
-        precond = (new_state.square_avg.sqrt() + config.rmsprop_eps).reciprocal()
-    log_acceptance = mala_log_acceptance(
-        state.weights,
-        new_state.weights,
-        forked.anchor,
-        losses,
-        new_losses,
-        grads,
-        new_grads,
-        step_size=config.step_size,
-        nbeta=nbeta,
-        localization=config.localization,
-        precond=precond,
-    )
-    return torch.nan_to_num(log_acceptance.exp(), nan=0.0)
-
-
-def _sampler_step(config: LLCConfig, nbeta: float):
-    common = {"step_size": config.step_size, "nbeta": nbeta, "localization": config.localization}
-    if config.sampler == "rmsprop_sgld":
-        return functools.partial(
-            rmsprop_sgld_step, alpha=config.rmsprop_alpha, eps=config.rmsprop_eps, **common
+    summaries = {}
+    for index, name in enumerate(sampling_pass.names):
+        rows = slice(index * config.num_chains, (index + 1) * config.num_chains)
+        healthy = per_chain[rows][~diverged[rows]]
+        summaries[name] = LLCResult(
+            llc_mean=float(healthy.mean()) if len(healthy) else math.nan,
+            llc_std=float(healthy.std(ddof=1)) if len(healthy) > 1 else math.nan,
+            llc_per_chain=per_chain[rows],
+            loss_trace=trace[rows],
+            init_loss=first.init_loss,
+            diagnostics=chain_diagnostics(
+                excess[rows], diverged[rows], None if mala is None else mala[rows]
+            ),
+            config=config,
+            nbeta=first.nbeta,
+            vectorized=first.vectorized,
+            elapsed_s=elapsed_s,
         )
-    return functools.partial(sgld_step, **common)
-
-
-def _chain_generator(seed: int, chain: int, device: torch.device) -> torch.Generator:
-    """A noise generator that depends only on the seed and the chain's index."""
-    chain_seed = int(np.random.SeedSequence([seed, chain]).generate_state(1, np.uint64)[0])
-    return torch.Generator(device=device).manual_seed(chain_seed)
+    return summaries
 
 
 def _model_device(model: nn.Module) -> torch.device:

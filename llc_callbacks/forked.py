@@ -8,8 +8,10 @@ the user's ``loss_fn(model, batch)``.
 
 from __future__ import annotations
 
+import copy
+import itertools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -58,7 +60,12 @@ class ForkedModel:
             one-time warning saying why, when the model does not support it.
 
     Attributes:
-        vectorized: Whether chains run batched with ``vmap``; ``None`` until the first
+        names: Names of the sampled parameters (prefixed ``model.``), in flat order.
+        slices: Where each sampled parameter lies in the flat weights.
+        param_ids: Sampled parameter name by the live tensor's ``id``.
+        aliases: For tied weights, each other name of a sampled parameter.
+        anchor: The flat float32 weights ``w*``.
+        vectorized: Whether chains run batched with ``vmap``; ``None`` until a batched
             evaluation decides it under ``"auto"``.
 
     Raises:
@@ -86,6 +93,14 @@ class ForkedModel:
         self.names = [name for name, _ in trainable]
         self.shapes = [p.shape for _, p in trainable]
         self.numels = [p.numel() for _, p in trainable]
+        ends = list(itertools.accumulate(self.numels))
+        self.slices = {
+            name: slice(end - numel, end)
+            for name, numel, end in zip(self.names, self.numels, ends, strict=True)
+        }
+        # Where each live trainable parameter (by identity) and each of its names lives.
+        self.param_ids = {id(t): name for name, t in trainable}
+        self.aliases = {alias: name for alias, name in self._aliases if name in self.slices}
         self.anchor = torch.cat(
             [p.detach().reshape(-1).to(device=device, dtype=torch.float32) for _, p in trainable]
         )
@@ -95,6 +110,42 @@ class ForkedModel:
         self.vectorized: bool | None = None if vectorize == "auto" else bool(vectorize)
         self._model_name = type(model).__name__
         self._vmapped_loss = vmap(self._loss, in_dims=(0, None))
+
+    def restricted_to(self, names: Collection[str]) -> tuple[ForkedModel, Tensor]:
+        """A fork that samples only ``names``; the other parameters stay constant at ``w*``.
+
+        Restricted chains that never move a parameter need neither its gradient nor its
+        noise: sampling the rest alone saves both.
+
+        Args:
+            names: Sampled parameter names (as in ``self.names``) to keep sampling.
+
+        Returns:
+            The narrower fork, and the positions of its flat weights in this fork's.
+        """
+        narrow = copy.copy(self)
+        narrow.names = [name for name in self.names if name in names]
+        narrow.shapes = [self.shapes[self.names.index(name)] for name in narrow.names]
+        narrow.numels = [shape.numel() for shape in narrow.shapes]
+        ends = list(itertools.accumulate(narrow.numels))
+        narrow.slices = {
+            name: slice(end - numel, end)
+            for name, numel, end in zip(narrow.names, narrow.numels, ends, strict=True)
+        }
+        index = torch.cat(
+            [torch.arange(self.slices[n].start, self.slices[n].stop) for n in narrow.names]
+        ).to(self.anchor.device)
+        narrow.anchor = self.anchor[index]
+        frozen = {
+            name: self.anchor[self.slices[name]].view(shape)
+            for name, shape in zip(self.names, self.shapes, strict=True)
+            if name not in narrow.slices
+        }
+        narrow.constants = {**self.constants, **frozen}
+        narrow.param_ids = {key: n for key, n in self.param_ids.items() if n in narrow.slices}
+        narrow.aliases = {a: n for a, n in self.aliases.items() if n in narrow.slices}
+        narrow._vmapped_loss = vmap(narrow._loss, in_dims=(0, None))
+        return narrow, index
 
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         """Views of flat weights ``(..., dim)`` as named parameters ``(..., *shape)``."""
@@ -123,8 +174,8 @@ class ForkedModel:
         Raises:
             RuntimeError: If ``vectorize=True`` and the model does not support ``vmap``.
         """
-        if self.vectorized is False:
-            return self._looped(weights, batch)
+        if self.vectorized is False or (len(weights) == 1 and self._vectorize == "auto"):
+            return self._looped(weights, batch)  # one chain gains nothing from vmap
         try:
             result = self._vmapped(weights, batch)
         except Exception as error:

@@ -24,6 +24,7 @@ from llc_callbacks.config import LLCConfig
 from llc_callbacks.distributed import rank_and_world
 from llc_callbacks.estimator import estimate_llc
 from llc_callbacks.forked import LossFn
+from llc_callbacks.restrictions import Restrictions
 from llc_callbacks.result import LLCResult
 from llc_callbacks.schedule import Schedule
 from llc_callbacks.validation import check_choice
@@ -63,6 +64,8 @@ class LLCMonitor:
         distributed: Split chains over the ranks of the initialized process group (every
             rank must then call the monitor at the same steps); ``None`` does so whenever a
             process group with more than one rank is initialized.
+        restrictions: Weight- and data-restricted LLCs to estimate at every estimate too,
+            logged as ``{prefix}/<name>/mean`` and so on.
 
     Raises:
         ValueError: If an argument is out of range; the message names it.
@@ -81,6 +84,7 @@ class LLCMonitor:
         prefix: str = "llc",
         on_error: Literal["warn", "raise"] = "warn",
         distributed: bool | None = None,
+        restrictions: Restrictions | None = None,
     ) -> None:
         if config is not None and not isinstance(config, LLCConfig):
             raise ValueError(f"config must be an LLCConfig, got {type(config).__name__}")
@@ -88,6 +92,8 @@ class LLCMonitor:
             raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
         check_choice("on_error", on_error, ON_ERROR)
         check_choice("distributed", distributed, (None, True, False))
+        if restrictions is not None and not isinstance(restrictions, Restrictions):
+            raise ValueError(f"restrictions must be Restrictions, got {restrictions!r}")
         self.config = config or LLCConfig()
         self.schedule = Schedule(
             every_n_steps=every_n_steps,
@@ -100,6 +106,7 @@ class LLCMonitor:
         self.prefix = prefix
         self.on_error = on_error
         self.distributed = distributed
+        self.restrictions = restrictions
         self.history: list[dict[str, float]] = []
         self.last_result: LLCResult | None = None
         self.calibration: Calibration | None = None
@@ -179,6 +186,7 @@ class LLCMonitor:
                 data,
                 config,
                 device=device,
+                restrictions=self.restrictions,
                 progress=progress,
                 distributed=self._distributed(),
                 warn=False,

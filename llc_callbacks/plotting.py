@@ -89,6 +89,55 @@ def plot_llc_curve(
     return _save(figure, path)
 
 
+def plot_components(
+    history: list[dict[str, float]], prefix: str = "llc", path: str | Path | None = None
+) -> Figure:
+    """Restricted LLCs over training: a heatmap (component x step) above their curves.
+
+    Args:
+        history: A monitor's or callback's history (rows with ``step`` and the metrics).
+        prefix: The metric prefix.
+        path: Where to save the PNG.
+
+    Raises:
+        ValueError: If the history holds no restricted LLC.
+    """
+    suffix = "/mean"
+    names = sorted(
+        {
+            key[len(prefix) + 1 : -len(suffix)]
+            for row in history
+            for key in row
+            if key.startswith(prefix + "/") and key.endswith(suffix) and key != prefix + suffix
+        }
+    )
+    if not names:
+        raise ValueError(f"the history holds no restricted LLC ({prefix}/<name>/mean)")
+    steps = [row["step"] for row in history]
+    values = np.array(
+        [[row.get(f"{prefix}/{name}{suffix}", math.nan) for row in history] for name in names]
+    )
+    figure = _figure()
+    heat, lines = figure.subplots(2, 1, sharex=True)
+    edges = np.array([*steps, steps[-1] + 1]) if len(steps) == 1 else _edges(steps)
+    image = heat.pcolormesh(edges, np.arange(len(names) + 1), values, shading="flat")
+    heat.set_yticks(np.arange(len(names)) + 0.5, names, fontsize="small")
+    figure.colorbar(image, ax=heat, label="LLC")
+    for name, row in zip(names, values, strict=True):
+        lines.plot(steps, row, marker="o", markersize=2, label=name)
+    lines.set_xlabel("step")
+    lines.set_ylabel("LLC")
+    lines.legend(fontsize="x-small", ncol=max(1, len(names) // 8))
+    return _save(figure, path)
+
+
+def _edges(steps: list[float]) -> np.ndarray:
+    """Cell edges around each step, halfway between neighbours."""
+    centers = np.asarray(steps, dtype=float)
+    middles = (centers[1:] + centers[:-1]) / 2
+    return np.concatenate([[2 * centers[0] - middles[0]], middles, [2 * centers[-1] - middles[-1]]])
+
+
 def to_pixels(figure: Figure) -> np.ndarray:
     """The figure rendered as an RGBA array of shape ``(height, width, 4)``, for loggers."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,6 +30,8 @@ class LLCResult:
         nbeta: The inverse temperature used, resolved from ``config.nbeta``.
         vectorized: Whether the chains ran batched with ``vmap``.
         elapsed_s: Wall time of the estimate in seconds.
+        restricted: The weight- and data-restricted estimates, by name (see
+            ``Restrictions``); empty when none were asked for.
     """
 
     llc_mean: float
@@ -42,21 +44,24 @@ class LLCResult:
     nbeta: float
     vectorized: bool
     elapsed_s: float
+    restricted: dict[str, LLCResult] = field(default_factory=dict)
 
     def problems(self) -> dict[str, str]:
         """The health checks this estimate fails, each with what to change.
 
         Returns:
-            ``{check: message}``; empty when every check passes. See
-            ``llc_callbacks.diagnostics.problems`` for the checks and their thresholds.
+            ``{check: message}``, with ``<name>/<check>`` for the restricted estimates; empty
+            when every check passes. See ``llc_callbacks.diagnostics.problems`` for the
+            checks and their thresholds.
         """
-        return problems(
+        found = problems(
             self.llc_mean,
             self.init_loss,
             self.diagnostics,
             self.config.num_chains,
             self.config.step_size,
         )
+        return {**found, **restricted_problems(self.restricted)}
 
     def to_metrics(self, prefix: str = "llc") -> dict[str, float]:
         """Flat metrics for a logger.
@@ -66,7 +71,8 @@ class LLCResult:
 
         Returns:
             ``{prefix}/mean``, ``{prefix}/std``, ``{prefix}/chain_<i>``, ``{prefix}/init_loss``
-            and ``{prefix}/diag/<name>`` for each diagnostic, as floats.
+            and ``{prefix}/diag/<name>`` for each diagnostic, as floats; and the same under
+            ``{prefix}/<name>/`` for each restricted estimate.
         """
         metrics = {
             f"{prefix}/mean": self.llc_mean,
@@ -75,4 +81,15 @@ class LLCResult:
             f"{prefix}/init_loss": self.init_loss,
         }
         metrics.update({f"{prefix}/diag/{k}": float(v) for k, v in self.diagnostics.items()})
+        for name, result in self.restricted.items():
+            metrics.update(result.to_metrics(f"{prefix}/{name}"))
         return metrics
+
+
+def restricted_problems(results: dict[str, LLCResult]) -> dict[str, str]:
+    """The failed checks of restricted estimates, as ``{"<name>/<check>": message}``."""
+    return {
+        f"{name}/{check}": f"restricted LLC {name!r}: {message}"
+        for name, result in results.items()
+        for check, message in result.problems().items()
+    }

@@ -116,6 +116,7 @@ def mala_log_acceptance(
     nbeta: float,
     localization: float,
     precond: Tensor | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Log Metropolis-Hastings acceptance of a Langevin step, as MALA would compute it.
 
@@ -137,6 +138,7 @@ def mala_log_acceptance(
         nbeta: Inverse temperature.
         localization: Strength gamma of the pull towards ``anchor``.
         precond: The diagonal preconditioner ``G`` of the step, or ``None`` for SGLD.
+        mask: Which weights each chain moves (restricted chains); ``None``: all.
 
     Returns:
         ``log min(1, acceptance ratio)`` per chain.
@@ -148,7 +150,10 @@ def mala_log_acceptance(
 
     def log_proposal(to: Tensor, start: Tensor, start_grad: Tensor) -> Tensor:
         drift = (start_grad * nbeta + (start - anchor) * localization) * g
-        return -(to - start + drift * (step_size / 2)).square().div(g).sum(dim=1) / (2 * step_size)
+        squares = (to - start + drift * (step_size / 2)).square().div(g)
+        if mask is not None:  # a restricted chain proposes moves inside its mask only
+            squares = squares * mask
+        return -squares.sum(dim=1) / (2 * step_size)
 
     log_ratio = (
         potential(weights, losses)

@@ -117,3 +117,40 @@ def classification_batches(
     x = torch.randn(samples, inputs, generator=generator)
     y = (x[:, :3] @ torch.randn(3, 3, generator=generator)).argmax(dim=1)
     return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, samples, batch_size)]
+
+
+class LinearPlusRRR(nn.Module):
+    """A regular linear map of x[:, :3] beside reduced-rank regression of x[:, 3:]: the loss is
+    a sum over the two disjoint groups, so their learning coefficients add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 2, bias=False)  # 6 parameters: λ = 3
+        self.rrr = ReducedRankRegression(5, 3, 5)  # rank 2 below: λ = 9.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.linear(x[:, :3]), self.rrr(x[:, 3:])], dim=1)
+
+
+def linear_plus_rrr_problem(samples: int = 8192, batch_size: int = 256):
+    """The model at a teacher's weights (RRR part of rank 2) and three noise-free data sets:
+    both inputs, only the linear part's input, only the RRR part's input."""
+    generator = torch.Generator().manual_seed(0)
+    model = LinearPlusRRR()
+    with torch.no_grad():
+        model.linear.weight.copy_(torch.randn(2, 3, generator=generator))
+        a = torch.randn(3, 5, generator=generator)
+        b = torch.randn(5, 3, generator=generator)
+        a[2:] = 0
+        b[:, 2:] = 0
+        model.rrr.a.weight.copy_(a)
+        model.rrr.b.weight.copy_(b)
+        x = torch.randn(samples, 8, generator=generator)
+        only_linear, only_rrr = x.clone(), x.clone()
+        only_linear[:, 3:] = 0
+        only_rrr[:, :3] = 0
+        sets = [
+            ShuffledBatches(inputs, model(inputs), batch_size=batch_size, seed=i)
+            for i, inputs in enumerate((x, only_linear, only_rrr))
+        ]
+    return model, *sets

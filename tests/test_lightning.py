@@ -79,7 +79,7 @@ def test_wandb_run_file_holds_the_llc_at_the_scheduled_steps(tmp_path, wandb_dir
     callback = LLCCallback(TINY, steps=[2, 5, 11], at_end=True)
     logger = WandbLogger(project="llc-callbacks-test", offline=True, save_dir=str(wandb_dir))
     fit(tmp_path, [callback], logger=logger)
-    wandb.finish()
+    logger.experiment.finish()  # writes the run file; the global wandb.run may be another
     rows = history_rows(offline_run_dir(wandb_dir))
     llc = [row for row in rows if "llc/mean" in row]
     assert [row["trainer/global_step"] for row in llc] == [2, 5, 11, 12]
@@ -335,7 +335,7 @@ def test_trace_plots_go_to_wandb_as_images(tmp_path, wandb_dir):
     callback = LLCCallback(TINY, steps=[4, 8], log_trace_plot=True)
     logger = WandbLogger(project="llc-callbacks-test", offline=True, save_dir=str(wandb_dir))
     fit(tmp_path, [callback], logger=logger)
-    wandb.finish()
+    logger.experiment.finish()  # writes the run file; the global wandb.run may be another
     rows = history_rows(offline_run_dir(wandb_dir))
     images = [row for row in rows if "llc/trace/_type" in row]
     assert [row["trainer/global_step"] for row in images] == [4, 8]

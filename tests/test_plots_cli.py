@@ -58,7 +58,7 @@ def wandb_run(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("WANDB_SILENT", "true")
     logger = WandbLogger(project="llc-callbacks-test", offline=True, save_dir=str(tmp_path))
     lightning_run(tmp_path, logger)
-    wandb.finish()
+    logger.experiment.finish()
     yield next(tmp_path.glob("wandb/offline-run-*"))
     wandb.teardown()
 

@@ -1,0 +1,190 @@
+"""The loop that runs SGLD chains: batches in, loss traces out.
+
+The update rules live in ``samplers``; this module draws the noise, applies restriction
+masks, records the draws, and measures MALA acceptance when asked. Chains are grouped: each
+group is one vectorized batch over the parameters its chains may move, and all groups step
+in lockstep on the same minibatches.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from llc_callbacks.config import LLCConfig
+from llc_callbacks.forked import ForkedModel
+from llc_callbacks.samplers import SamplerState, mala_log_acceptance, rmsprop_sgld_step, sgld_step
+
+# How often (in steps) the loop asks the device whether every chain has diverged.
+DIVERGENCE_CHECK_EVERY = 32
+
+
+class ChainGroup(NamedTuple):
+    """Chains that run as one vectorized batch: they sample the same parameters.
+
+    Attributes:
+        forked: The fork whose flat weights these chains move (narrowed to the parameters
+            their restrictions touch).
+        noise_ids: Per chain, the index whose generator (seeded by ``config.seed`` and it)
+            draws the chain's noise; chain ``i`` of any restriction uses ``i``.
+        masks: Per chain, the flat weights it may move (``None``: all of ``forked``'s).
+    """
+
+    forked: ForkedModel
+    noise_ids: Sequence[int]
+    masks: Sequence[Tensor | None]
+
+
+class ChainTraces(NamedTuple):
+    """What the chains recorded, one row per chain in group order.
+
+    Attributes:
+        trace: Minibatch loss at each draw, ``(chains, draws)``; NaN after a divergence.
+        reference: ``L_m(w*)`` on each draw's batch, ``(draws,)``; NaN unless paired.
+        diverged: Which chains' loss went NaN or infinite, ``(chains,)``.
+        mala: Each chain's mean MALA acceptance, or ``None`` unless ``config.mala``.
+    """
+
+    trace: np.ndarray
+    reference: np.ndarray
+    diverged: np.ndarray
+    mala: np.ndarray | None
+
+
+class _Running:
+    """One group's chains in flight."""
+
+    def __init__(self, group: ChainGroup, config: LLCConfig, rows: slice) -> None:
+        device = group.forked.anchor.device
+        self.forked = group.forked
+        self.rows = rows
+        self.generators = [_chain_generator(config.seed, i, device) for i in group.noise_ids]
+        self.movable = None
+        if any(mask is not None and not bool(mask.all()) for mask in group.masks):
+            everything = torch.ones_like(self.forked.anchor, dtype=torch.bool)
+            self.movable = torch.stack([everything if m is None else m for m in group.masks])
+        self.state = SamplerState(self.forked.anchor.expand(len(group.noise_ids), -1).clone())
+        self.noise = torch.empty_like(self.state.weights)
+
+
+def run_chains(
+    groups: Sequence[ChainGroup],
+    batches: Iterator[Any],
+    config: LLCConfig,
+    nbeta: float,
+    progress: bool,
+) -> ChainTraces:
+    """Run groups of chains from ``w*`` in lockstep, all on the same minibatches.
+
+    Args:
+        groups: The chains, each group one vectorized batch.
+        batches: Endless minibatches on the chains' device.
+        config: Hyperparameters (``num_burnin``, ``num_draws``, sampler, ...).
+        nbeta: The resolved inverse temperature.
+        progress: Show a progress bar.
+
+    Returns:
+        The traces, one row per chain, group after group.
+    """
+    step = _sampler_step(config, nbeta)
+    sizes = [len(group.noise_ids) for group in groups]
+    ends = list(itertools.accumulate(sizes))
+    running = [
+        _Running(group, config, slice(end - size, end))
+        for group, size, end in zip(groups, sizes, ends, strict=True)
+    ]
+    chains, draws = sum(sizes), config.num_draws
+    device = groups[0].forked.anchor.device if groups else torch.device("cpu")
+    trace = torch.full((chains, draws), float("nan"), device=device)
+    reference = torch.full((draws,), float("nan"), device=device)
+    acceptance = torch.zeros(chains, device=device)
+    healthy = torch.ones(chains, dtype=torch.bool, device=device)
+    total = config.num_burnin + draws if chains else 0
+    for t in tqdm(range(total), desc="LLC chains", disable=not progress, leave=False):
+        batch = next(batches)
+        drawing = t >= config.num_burnin
+        if drawing and config.paired:
+            reference[t - config.num_burnin] = running[0].forked.loss_at_anchor(batch)
+        for group in running:
+            forked, state, rows = group.forked, group.state, group.rows
+            losses, grads = forked.loss_and_grad(state.weights, batch)
+            healthy[rows] &= torch.isfinite(losses)
+            if drawing:
+                trace[rows, t - config.num_burnin] = torch.where(
+                    healthy[rows], losses, float("nan")
+                )
+            for row, generator in zip(group.noise, group.generators, strict=True):
+                row.normal_(generator=generator)
+            new_state = step(state, grads, group.noise, forked.anchor)
+            if group.movable is not None:  # no drift and no noise outside a chain's mask
+                new_state = new_state._replace(
+                    weights=torch.where(group.movable, new_state.weights, state.weights)
+                )
+            if drawing and config.mala:
+                acceptance[rows] += _mala_acceptance(
+                    forked, state, new_state, losses, grads, batch, config, nbeta, group.movable
+                )
+            group.state = new_state
+        if (t + 1) % DIVERGENCE_CHECK_EVERY == 0 and not healthy.any():
+            break
+    return ChainTraces(
+        trace.cpu().numpy(),
+        reference.cpu().numpy(),
+        (~healthy).cpu().numpy(),
+        (acceptance / draws).cpu().numpy() if config.mala else None,
+    )
+
+
+def _mala_acceptance(
+    forked: ForkedModel,
+    state: SamplerState,
+    new_state: SamplerState,
+    losses: Tensor,
+    grads: Tensor,
+    batch: Any,
+    config: LLCConfig,
+    nbeta: float,
+    movable: Tensor | None,
+) -> Tensor:
+    """Per-chain MALA acceptance probability of one step (one more gradient, same batch)."""
+    new_losses, new_grads = forked.loss_and_grad(new_state.weights, batch)
+    precond = None
+    if config.sampler == "rmsprop_sgld":
+        precond = (new_state.square_avg.sqrt() + config.rmsprop_eps).reciprocal()
+    log_acceptance = mala_log_acceptance(
+        state.weights,
+        new_state.weights,
+        forked.anchor,
+        losses,
+        new_losses,
+        grads,
+        new_grads,
+        step_size=config.step_size,
+        nbeta=nbeta,
+        localization=config.localization,
+        precond=precond,
+        mask=movable,
+    )
+    return torch.nan_to_num(log_acceptance.exp(), nan=0.0)
+
+
+def _sampler_step(config: LLCConfig, nbeta: float):
+    common = {"step_size": config.step_size, "nbeta": nbeta, "localization": config.localization}
+    if config.sampler == "rmsprop_sgld":
+        return functools.partial(
+            rmsprop_sgld_step, alpha=config.rmsprop_alpha, eps=config.rmsprop_eps, **common
+        )
+    return functools.partial(sgld_step, **common)
+
+
+def _chain_generator(seed: int, chain: int, device: torch.device) -> torch.Generator:
+    """A noise generator that depends only on the seed and the chain's index."""
+    chain_seed = int(np.random.SeedSequence([seed, chain]).generate_state(1, np.uint64)[0])
+    return torch.Generator(device=device).manual_seed(chain_seed)
