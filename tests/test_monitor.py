@@ -2,8 +2,6 @@
 
 import dataclasses
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +10,6 @@ from models import DropoutBatchNormNet, classification_batches, cross_entropy
 from llc_callbacks import LLCConfig, LLCMonitor, estimate_llc, log_spaced_steps
 from llc_callbacks.monitor import step_seed
 from llc_callbacks.schedule import Schedule
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
-import manual_loop
 
 TINY = LLCConfig(num_chains=2, num_burnin=5, num_draws=5, init_loss_batches=2)
 
@@ -128,8 +123,3 @@ def test_monitor_takes_the_total_steps_later_and_keeps_it_in_its_state():
 def test_bad_arguments_raise_naming_them(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LLCMonitor(**kwargs)
-
-
-def test_the_manual_loop_example_runs():
-    monitor = manual_loop.main(steps=40, every=20, config=TINY)
-    assert [row["step"] for row in monitor.history] == [0, 20, 40]

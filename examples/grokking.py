@@ -1,0 +1,212 @@
+"""Grokking modular addition, with the LLC tracked by LLCCallback (``make demo``).
+
+A small MLP learns (a + b) mod p from 30% of the pairs with AdamW and strong weight decay.
+Training accuracy saturates within a few hundred steps; test accuracy stays low, then climbs
+to 100% thousands of steps later. The LLC rises while the network memorizes and then falls by
+orders of magnitude as weight decay compresses it into the generalizing solution.
+
+The run logs to W&B (offline unless ``WANDB_MODE`` says otherwise; sync it later with
+``wandb sync``) and to a CSV file, and always writes a PNG of train loss, test accuracy and
+the LLC with its chain spread on one step axis.
+
+Run: ``make demo`` or ``python examples/grokking.py [--steps 12000] [--out outputs/grokking]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import lightning.pytorch as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from matplotlib.figure import Figure
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+from llc_callbacks import LLCConfig
+from llc_callbacks.history import read_rows, series
+from llc_callbacks.integrations.lightning import LLCCallback
+
+
+class ModularAddition(L.LightningModule):
+    """Embeddings of a and b, summed, then a ReLU layer and a linear readout over p classes."""
+
+    def __init__(self, p: int, width: int = 128, lr: float = 1e-3, weight_decay: float = 1.0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.embed = nn.Embedding(p, width)
+        self.hidden = nn.Linear(width, width)
+        self.readout = nn.Linear(width, p)
+
+    def forward(self, pairs: torch.Tensor) -> torch.Tensor:
+        return self.readout(F.relu(self.hidden(self.embed(pairs[:, 0]) + self.embed(pairs[:, 1]))))
+
+    def training_step(self, batch, batch_idx):
+        pairs, sums = batch
+        logits = self(pairs)
+        loss = F.cross_entropy(logits, sums)
+        self.log("train_loss", loss)
+        self.log("train_acc", (logits.argmax(dim=1) == sums).float().mean())
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        pairs, sums = batch
+        self.log("test_acc", (self(pairs).argmax(dim=1) == sums).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(
+            self.parameters(),
+            lr=self.hparams.lr,
+            weight_decay=self.hparams.weight_decay,
+            betas=(0.9, 0.98),
+        )
+
+
+def datasets(p: int, train_fraction: float, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+    """All pairs (a, b) with a + b mod p, split at random into train and test."""
+    a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+    pairs = torch.stack([a.flatten(), b.flatten()], dim=1)
+    sums = pairs.sum(dim=1) % p
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))
+    cut = int(train_fraction * len(pairs))
+    train, test = order[:cut], order[cut:]
+    return TensorDataset(pairs[train], sums[train]), TensorDataset(pairs[test], sums[test])
+
+
+def wandb_mode() -> str:
+    """Online when W&B is set up (WANDB_MODE or an API key), offline otherwise."""
+    return os.environ.get("WANDB_MODE") or (
+        "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    )
+
+
+def run(
+    out: Path,
+    p: int = 59,
+    steps: int = 12000,
+    estimates: int = 30,
+    config: LLCConfig | None = None,
+    seed: int = 0,
+) -> dict:
+    """Train, estimate, log, plot; return the summary.
+
+    Args:
+        out: Folder for the CSV log, the W&B run and the PNG.
+        p: The modulus.
+        steps: Optimizer steps.
+        estimates: About how many LLC estimates, at log-spaced steps (plus one at the start).
+        config: Sampling hyperparameters (the library's defaults if ``None``).
+        seed: Seed of the initialization, the split and the batches.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(seed, verbose=False)
+    train, test = datasets(p, train_fraction=0.3, seed=seed)
+    batches = RandomSampler(train, replacement=True, num_samples=steps * 512)
+    train_loader = DataLoader(train, batch_size=512, sampler=batches)
+    test_loader = DataLoader(test, batch_size=len(test))
+    callback = LLCCallback(config, log_spaced=estimates, at_start=True)
+    csv = CSVLogger(out, name="csv")
+    wandb_logger = WandbLogger(
+        project="llc-callbacks-grokking", save_dir=str(out), mode=wandb_mode()
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        val_check_interval=max(1, steps // 80),
+        check_val_every_n_epoch=None,
+        log_every_n_steps=max(1, steps // 400),
+        logger=[csv, wandb_logger],
+        callbacks=[callback],
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(ModularAddition(p), train_loader, test_loader)
+    run_dir = Path(wandb_logger.experiment.dir).parent
+    wandb_logger.experiment.finish()
+    rows = read_rows(Path(csv.log_dir) / "metrics.csv")
+    summary = summarize(rows)
+    figure_path = out / "grokking.png"
+    plot(rows, summary, figure_path)
+    return {
+        **summary,
+        "png": figure_path,
+        "csv": Path(csv.log_dir) / "metrics.csv",
+        "wandb": run_dir,
+    }
+
+
+def summarize(rows: list[dict]) -> dict:
+    """When test accuracy crossed 90%, and the LLC at the memorization peak, then and at the end."""
+    test = series(rows, "test_acc")
+    llc = series(rows, "llc/mean")
+    crossed = next((s for s, a in zip(test.steps, test.values, strict=True) if a >= 0.9), None)
+    peak = max(range(len(llc.values)), key=llc.values.__getitem__)
+    before = [
+        v for s, v in zip(llc.steps, llc.values, strict=True) if crossed is None or s <= crossed
+    ]
+    return {
+        "crossed_90": crossed,
+        "final_test_acc": test.values[-1],
+        "llc_peak": (llc.steps[peak], llc.values[peak]),
+        "llc_at_crossing": before[-1],
+        "llc_final": llc.values[-1],
+    }
+
+
+def plot(rows: list[dict], summary: dict, path: Path) -> None:
+    """Train loss, test accuracy and the LLC with its chain spread, on one step axis."""
+    llc, spread = series(rows, "llc/mean"), series(rows, "llc/std")
+    figure = Figure(figsize=(8, 7), dpi=100, layout="constrained")
+    top, middle, bottom = figure.subplots(3, 1, sharex=True)
+    low = [max(m - s, 1e-3) for m, s in zip(llc.values, spread.values, strict=True)]
+    high = [m + s for m, s in zip(llc.values, spread.values, strict=True)]
+    top.plot(llc.steps, llc.values, marker="o", markersize=3, color="tab:blue")
+    top.fill_between(llc.steps, low, high, color="tab:blue", alpha=0.25, label="± chain std")
+    top.set(ylabel="LLC", yscale="log", title="Grokking (a + b) mod p")
+    top.legend(loc="upper right")
+    for key, color in (("train_acc", "tab:orange"), ("test_acc", "tab:green")):
+        values = series(rows, key)
+        middle.plot(values.steps, values.values, color=color, label=key.replace("_", " "))
+    middle.set(ylabel="accuracy", ylim=(0, 1.05))
+    middle.legend(loc="center right")
+    loss = series(rows, "train_loss")
+    bottom.plot(loss.steps, loss.values, color="tab:red", linewidth=0.8)
+    bottom.set(ylabel="train loss", yscale="log", xlabel="step (log scale after 10)")
+    bottom.set_xscale("symlog", linthresh=10)
+    bottom.set_xlim(0, max(loss.steps[-1], llc.steps[-1]))
+    if summary["crossed_90"] is not None:
+        for axes in (top, middle, bottom):
+            axes.axvline(summary["crossed_90"], color="gray", linestyle="--", linewidth=0.8)
+    figure.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12000)
+    parser.add_argument("--out", type=Path, default=Path("outputs/grokking"))
+    args = parser.parse_args()
+    start = time.perf_counter()
+    result = run(args.out, steps=args.steps)
+    step, peak = result["llc_peak"]
+    print(f"\nDone in {time.perf_counter() - start:.0f} s.")
+    if result["crossed_90"] is None:
+        print(f"Test accuracy did not reach 90% (final {result['final_test_acc']:.1%}).")
+    else:
+        print(f"Test accuracy crossed 90% at step {result['crossed_90']}.")
+    print(f"LLC: {peak:.1f} at its peak (step {step}, while memorizing),")
+    print(f"     {result['llc_at_crossing']:.2f} when test accuracy crossed 90%,")
+    print(
+        f"     {result['llc_final']:.2f} at the end (test accuracy {result['final_test_acc']:.1%})."
+    )
+    print(f"Figure: {result['png']}")
+    print(f"Metrics: {result['csv']}")
+    print(f"W&B run: {result['wandb']}  (upload it with: wandb sync {result['wandb']})")
+
+
+if __name__ == "__main__":
+    main()

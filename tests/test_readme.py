@@ -1,0 +1,91 @@
+"""Every code block of the README runs: Python blocks in order, with small stand-ins for the
+user's objects the README names, then the shell lines."""
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import torch
+import wandb
+from hf_helpers import TokenData, tiny_gpt2
+from lightning_helpers import Classifier, loader
+from models import DropoutBatchNormNet, cross_entropy
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).parents[1]
+BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+
+
+def blocks(language: str) -> list[str]:
+    return [
+        code for lang, code in BLOCK.findall((ROOT / "README.md").read_text()) if lang == language
+    ]
+
+
+def stand_ins() -> dict:
+    """The objects the README's examples assume, small."""
+    torch.manual_seed(0)
+    model = DropoutBatchNormNet()
+    dataset = torch.utils.data.TensorDataset(torch.randn(512, 6), torch.randint(0, 3, (512,)))
+    gpt2 = tiny_gpt2()
+    embed = gpt2.config.n_embd
+    head0_columns = torch.zeros(embed, 3 * embed, dtype=torch.bool)
+    for part in range(3):  # query, key and value columns of head 0 (of 2)
+        head0_columns[:, part * embed : part * embed + embed // 2] = True
+    return {
+        "module": Classifier(),
+        "train_loader": loader(),
+        "gpt2": gpt2,
+        "train_dataset": TokenData(),
+        "model": model,
+        "loss_fn": cross_entropy,
+        "optimizer": torch.optim.SGD(model.parameters(), lr=0.1),
+        "loader": DataLoader(dataset, batch_size=64, shuffle=True),
+        "head0_columns": head0_columns,
+        "code_loader": DataLoader(TokenData(samples=128), batch_size=16),
+        "prose_loader": DataLoader(TokenData(samples=96), batch_size=16),
+    }
+
+
+def test_every_readme_code_block_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "hf"))
+    (tmp_path / "hf").mkdir()
+    python = blocks("python")
+    assert len(python) >= 6
+    namespace = stand_ins()
+    for code in python:
+        exec(compile(code, "README.md", "exec"), namespace)
+    wandb.finish()
+
+    makefile = (ROOT / "Makefile").read_text()
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    commands = [
+        line.strip() for code in blocks("bash") for line in code.splitlines() if line.strip()
+    ]
+    assert commands
+    script = Path(sys.executable).parent / "llc-callbacks"
+    for command in commands:
+        if command.startswith("make "):
+            assert re.search(rf"^{command.split()[1]}:", makefile, re.MULTILINE), command
+        elif command.startswith("pip install -e"):
+            wanted = re.findall(r"\[(\w+)\]", command)
+            assert all(extra in extras for extra in wanted), command
+        elif command.startswith("llc-callbacks "):
+            done = subprocess.run(
+                command.replace("llc-callbacks", str(script), 1),
+                shell=True,
+                capture_output=True,
+                text=True,
+            )
+            assert done.returncode == 0, (command, done.stderr)
+            assert Path(done.stdout.strip()).stat().st_size > 0
+        else:
+            raise AssertionError(f"the README has a command this test does not know: {command}")
+    wandb.teardown()
