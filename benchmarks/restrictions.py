@@ -11,9 +11,9 @@ runs restrictions that touch the same parameters as one vectorized batch.
 """
 
 import argparse
-import time
 
 import torch
+from timing import best_of
 from torch.utils.data import DataLoader
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -61,15 +61,6 @@ def per_head(model) -> dict:
 
 def loss_fn(model, batch):
     return model(**batch).loss
-
-
-def best_of(repeats: int, fn) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

@@ -9,22 +9,12 @@ cancel. All batches come from memory, so data loading costs nothing on either si
 """
 
 import argparse
-import time
 
 import torch
 from mlp import BATCH_SIZE, loss_fn, make_data, trained_model
+from timing import best_of
 
 from llc_callbacks import LLCConfig, estimate_llc
-
-
-def best_of(repeats: int, fn) -> float:
-    """The fastest of ``repeats`` timings of ``fn()``, in seconds."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def training_step_s(batch, optimizer_name: str, steps: int, repeats: int) -> float:
@@ -50,7 +40,7 @@ def chain_step_s(model, batches, chains: int, paired: bool, vectorize, repeats: 
         config = LLCConfig(
             num_chains=chains, num_burnin=0, num_draws=draws, paired=paired, vectorize=vectorize
         )
-        return lambda: estimate_llc(model, loss_fn, batches, config)
+        return lambda: estimate_llc(model, loss_fn, batches, config, warn=False)
 
     run(short)()
     extra = best_of(repeats, run(long)) - best_of(repeats, run(short))

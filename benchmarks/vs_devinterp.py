@@ -58,7 +58,7 @@ def run_ours(model, loader, seed: int, warmup: bool = False) -> dict:
 
     config = LLCConfig(**settings(warmup), paired=False, seed=seed, init_loss_batches=8)
     start = time.perf_counter()
-    result = estimate_llc(model, loss_fn, loader, config)
+    result = estimate_llc(model, loss_fn, loader, config, warn=False)
     elapsed = time.perf_counter() - start
     return {"seconds": elapsed, "mean": result.llc_mean, "std": result.llc_std}
 
