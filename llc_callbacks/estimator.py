@@ -284,13 +284,18 @@ def _groups(
     Returns:
         The groups, and the pass's chain indices in the order of the groups' rows.
     """
+    touched_by: dict[int, tuple[str, ...]] = {}  # per restriction, the parameters it moves
     by_parameters: dict[tuple[str, ...], list[int]] = {}
     for chain in chains:
-        mask = sampling_pass.masks[chain // num_chains]
-        touched = tuple(
-            name for name in forked.names if mask is None or bool(mask[forked.slices[name]].any())
-        )
-        by_parameters.setdefault(touched, []).append(chain)
+        restriction = chain // num_chains
+        if restriction not in touched_by:
+            mask = sampling_pass.masks[restriction]
+            touched_by[restriction] = tuple(
+                name
+                for name in forked.names
+                if mask is None or bool(mask[forked.slices[name]].any())
+            )
+        by_parameters.setdefault(touched_by[restriction], []).append(chain)
     groups, order = [], []
     for touched, members in by_parameters.items():
         narrow, index = (
