@@ -98,6 +98,7 @@ class LLCCallback(Callback):
         )
         self.loss_fn = loss_fn
         self.dataloader = dataloader
+        self.restrictions = restrictions
         self.log_trace_plot = log_trace_plot
         self._state_key = self._generate_state_key(
             prefix=prefix,
@@ -144,10 +145,10 @@ class LLCCallback(Callback):
             self.monitor.set_total_steps(int(total))
         loader = self.dataloader if self.dataloader is not None else _own_loader(trainer)
         self._data = _ModuleBatches(loader, pl_module)
-        if self.monitor.restrictions is not None:
-            sources = self.monitor.restrictions.sources
+        if self.restrictions is not None:
+            sources = self.restrictions.sources
             self.monitor.restrictions = dataclasses.replace(
-                self.monitor.restrictions,
+                self.restrictions,
                 sources={name: _ModuleBatches(data, pl_module) for name, data in sources.items()},
             )
         self._maybe_estimate(trainer, pl_module)

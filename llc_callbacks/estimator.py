@@ -28,7 +28,7 @@ from llc_callbacks.distributed import (
 from llc_callbacks.forked import ForkedModel, LossFn
 from llc_callbacks.isolation import isolated
 from llc_callbacks.restrictions import Restrictions
-from llc_callbacks.result import LLCResult
+from llc_callbacks.result import LLCResult, restricted_problems
 
 
 class _Pass(NamedTuple):
@@ -153,13 +153,7 @@ def estimate_restricted_llcs(
         model, loss_fn, data, config, restrictions, False, device, progress, distributed
     )
     if warn:
-        _warn(
-            {
-                f"{name}/{k}": f"{name!r}: {m}"
-                for name, r in results.items()
-                for k, m in r.problems().items()
-            }
-        )
+        _warn(restricted_problems(results))
     return results
 
 
@@ -226,8 +220,9 @@ def _passes(
 ) -> list[_Pass]:
     """The full estimate and the weight restrictions on ``data``, then a pass per source."""
     masks = restrictions.masks(forked)
-    names: list[str | None] = [None, *masks] if include_full else list(masks)
-    passes = [_Pass(data, names, [None, *masks.values()] if include_full else list(masks.values()))]
+    weights: dict[str | None, Tensor | None] = {None: None} if include_full else {}
+    weights.update(masks)
+    passes = [_Pass(data, list(weights), list(weights.values()))]
     for source, source_data in restrictions.sources.items():
         pairs = [w for w, s in restrictions.combinations if s == source]
         names = [source, *(f"{w}/{source}" for w in pairs)]
@@ -268,7 +263,7 @@ def _sample(
         traces.mala,
         init_loss,
         nbeta,
-        bool(forked.vectorized) or any(bool(g.forked.vectorized) for g in groups),
+        any(bool(group.forked.vectorized) for group in groups),
     )
 
 

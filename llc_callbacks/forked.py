@@ -93,11 +93,7 @@ class ForkedModel:
         self.names = [name for name, _ in trainable]
         self.shapes = [p.shape for _, p in trainable]
         self.numels = [p.numel() for _, p in trainable]
-        ends = list(itertools.accumulate(self.numels))
-        self.slices = {
-            name: slice(end - numel, end)
-            for name, numel, end in zip(self.names, self.numels, ends, strict=True)
-        }
+        self.slices = _slices(self.names, self.numels)
         # Where each live trainable parameter (by identity) and each of its names lives.
         self.param_ids = {id(t): name for name, t in trainable}
         self.aliases = {alias: name for alias, name in self._aliases if name in self.slices}
@@ -127,11 +123,7 @@ class ForkedModel:
         narrow.names = [name for name in self.names if name in names]
         narrow.shapes = [self.shapes[self.names.index(name)] for name in narrow.names]
         narrow.numels = [shape.numel() for shape in narrow.shapes]
-        ends = list(itertools.accumulate(narrow.numels))
-        narrow.slices = {
-            name: slice(end - numel, end)
-            for name, numel, end in zip(narrow.names, narrow.numels, ends, strict=True)
-        }
+        narrow.slices = _slices(narrow.names, narrow.numels)
         index = torch.cat(
             [torch.arange(self.slices[n].start, self.slices[n].stop) for n in narrow.names]
         ).to(self.anchor.device)
@@ -239,6 +231,14 @@ class ForkedModel:
             "skip the attempt.",
             stacklevel=5,
         )
+
+
+def _slices(names: list[str], numels: list[int]) -> dict[str, slice]:
+    """Where each parameter lies in the flat weights, laid out in order."""
+    ends = itertools.accumulate(numels)
+    return {
+        name: slice(end - numel, end) for name, numel, end in zip(names, numels, ends, strict=True)
+    }
 
 
 def _fork(tensor: Tensor, device: torch.device) -> Tensor:
