@@ -11,18 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from llc_callbacks import LLCConfig, estimate_llc
-
-
-def rrr_lambda(m: int, h: int, n: int, r: int) -> float:
-    """Learning coefficient of reduced-rank regression (Aoyagi and Watanabe 2005)."""
-    if m + h < n + r:
-        return (h * m - h * r + n * r) / 2
-    if n + h < m + r:
-        return (h * n - h * r + m * r) / 2
-    if m + n < h + r:
-        return m * n / 2
-    value = (2 * (h + r) * (m + n) - (m - n) ** 2 - (h + r) ** 2) / 8
-    return value + (1 / 8 if (m + h + n + r) % 2 else 0)
+from llc_callbacks.theory import rrr_learning_coefficient
 
 
 def teacher(m: int, h: int, n: int, r: int) -> nn.Module:
@@ -49,7 +38,7 @@ def main(cases=((5, 3, 5, 0), (5, 3, 5, 2), (4, 3, 8, 1), (10, 6, 10, 3)), confi
         with torch.no_grad():
             data = DataLoader(TensorDataset(x, model(x)), batch_size=256, shuffle=True)
         result = estimate_llc(model, lambda mdl, b: F.mse_loss(mdl(b[0]), b[1]), data, config)
-        truth = rrr_lambda(*case)
+        truth = rrr_learning_coefficient(*case)
         print(f"{case!s:>14} {truth:8.2f} {result.llc_mean:9.2f} ± {result.llc_std:5.2f}")
         rows.append((case, truth, result.llc_mean))
     return rows

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Literal
 
+import numpy as np
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.forked import LossFn
-from llc_callbacks.monitor import LLCMonitor
-from llc_callbacks.plotting import plot_components, plot_traces, to_pixels
+from llc_callbacks.integrations.common import (
+    Sink,
+    build_monitor,
+    log_components_figure,
+    log_trace_figure,
+    state_key,
+    warn_if_state_is_stale,
+)
 from llc_callbacks.restrictions import Restrictions
-from llc_callbacks.validation import check_bool
 
 
 class LLCTrainerCallback(TrainerCallback):
@@ -30,6 +36,9 @@ class LLCTrainerCallback(TrainerCallback):
     integration get them at ``state.global_step`` (W&B shows ``train/llc/mean`` on the
     ``train/global_step`` axis, next to ``train/loss``), and the loss log of the same step is
     kept. Under ``torchrun`` the chains are split over the processes and gathered.
+
+    When training starts, the callback checks the loss, the data and the restrictions once
+    and logs ``{prefix}/num_sampled``, as ``LLCCallback`` does.
 
     Args:
         trainer: The Trainer whose loss, data and logging the callback uses.
@@ -47,11 +56,12 @@ class LLCTrainerCallback(TrainerCallback):
             set, owned by the callback (same dataset, per-device batch size and collator,
             shuffled, no workers, not split across processes).
         prefix: First part of every metric key.
-        on_error: ``"warn"`` reports a failed estimate as a warning and NaN metrics and
-            training goes on; ``"raise"`` stops training with the error.
+        on_error: What a failure does, be it the check at the start, an estimate, a figure
+            or a log call: ``"warn"``: one warning, NaN metrics for a failed estimate, and
+            training goes on; ``"raise"``: training stops with the error.
         log_trace_plot: Also log each estimate's chain traces (``plot_traces``) to W&B as an
             image ``train/{prefix}/trace`` when the Trainer reports to wandb (needs
-            matplotlib).
+            matplotlib; without it, one warning and no images).
         restrictions: Weight- and data-restricted LLCs to estimate too (``{prefix}/<name>/``
             metrics). At the end of training their heatmap (``plot_components``) goes to W&B
             as ``train/{prefix}/components`` when the Trainer reports to wandb.
@@ -77,24 +87,22 @@ class LLCTrainerCallback(TrainerCallback):
         log_trace_plot: bool = False,
         restrictions: Restrictions | None = None,
     ) -> None:
-        check_bool("log_trace_plot", log_trace_plot)
         if not isinstance(trainer, Trainer):
             raise ValueError(
                 f"trainer must be a transformers.Trainer, got {type(trainer).__name__}"
             )
-        if loss_fn is not None and not callable(loss_fn):
-            raise ValueError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
-        if dataloader is not None and not isinstance(dataloader, Iterable):
-            raise ValueError(f"dataloader must be an iterable of batches, got {dataloader!r}")
-        self.monitor = LLCMonitor(
+        self.monitor = build_monitor(
             config,
             every_n_steps=every_n_steps,
             steps=steps,
             log_spaced=log_spaced,
             at_start=at_start,
             at_end=at_end,
+            loss_fn=loss_fn,
+            dataloader=dataloader,
             prefix=prefix,
             on_error=on_error,
+            log_trace_plot=log_trace_plot,
             restrictions=restrictions,
         )
         self.trainer = trainer
@@ -102,16 +110,7 @@ class LLCTrainerCallback(TrainerCallback):
         self.dataloader = dataloader
         self.log_trace_plot = log_trace_plot
         # The monitor's state travels in TrainerState.stateful_callbacks under this key.
-        self.state_key = "LLCTrainerCallback" + json.dumps(
-            {
-                "prefix": prefix,
-                "every_n_steps": every_n_steps,
-                "steps": self.monitor.schedule.steps,
-                "log_spaced": log_spaced,
-                "config": repr(self.monitor.config),
-            },
-            sort_keys=True,
-        )
+        self.state_key = state_key("LLCTrainerCallback", self.monitor, every_n_steps, log_spaced)
         self._data: Iterable[Any] | None = None
 
     def on_train_begin(
@@ -123,15 +122,21 @@ class LLCTrainerCallback(TrainerCallback):
         train_dataloader: DataLoader | None = None,
         **kwargs: Any,
     ) -> None:
-        """Restore a resumed run's history, choose the data, and estimate if ``at_start``."""
-        saved = (state.stateful_callbacks or {}).get(self.state_key)
-        if saved is not None:
-            self.monitor.load_state_dict(saved)
+        """Restore a resumed run's history, check the inputs, and estimate if ``at_start``."""
+        saved = state.stateful_callbacks or {}
+        warn_if_state_is_stale(self.monitor, "LLCTrainerCallback", self.state_key, saved)
+        if self.state_key in saved:
+            self.monitor.load_state_dict(saved[self.state_key])
         if self.monitor.schedule.log_spaced:
             self.monitor.set_total_steps(state.max_steps)
         self._data = (
             self.dataloader if self.dataloader is not None else _own_loader(train_dataloader, args)
         )
+        with _chains_ready(model):
+            metrics = self.monitor.start(
+                model, self._loss_fn(), self._data, device=next(model.parameters()).device
+            )
+        self._log(control, metrics)
         self._maybe_estimate(args, state, control, model)
 
     def on_step_end(
@@ -155,9 +160,7 @@ class LLCTrainerCallback(TrainerCallback):
     ) -> None:
         """Estimate at the end of training if ``at_end`` and not already done."""
         self._maybe_estimate(args, state, control, model, final=True)
-        if self.monitor.restrictions is not None and self.monitor.history:
-            figure = plot_components(self.monitor.history, self.monitor.prefix)
-            self._log_image(args, state, "components", figure)
+        log_components_figure(self.monitor, self._image_sinks(args, state), state.global_step)
 
     def _maybe_estimate(
         self,
@@ -170,44 +173,55 @@ class LLCTrainerCallback(TrainerCallback):
         step = state.global_step
         if not self.monitor.is_due(step, final=final):
             return
-        with _float32_forward(model):
+        with _chains_ready(model):
             metrics = self.monitor.estimate(
                 step,
                 model,
-                self.loss_fn or self._trainer_loss,
+                self._loss_fn(),
                 self._data,
                 device=next(model.parameters()).device,
                 progress=state.is_world_process_zero and not args.disable_tqdm,
             )
-        # The state is saved with every checkpoint, so a resumed run continues from it.
-        state.stateful_callbacks[self.state_key] = self.monitor.state_dict()
+        with self.monitor.reporting("saving the LLC state"):
+            # Saved with every checkpoint, so that a resumed run continues from it.
+            state.stateful_callbacks[self.state_key] = self.monitor.state_dict()
+        self._log(control, metrics)
+        if self.log_trace_plot:
+            log_trace_figure(self.monitor, self._image_sinks(args, state), step)
+
+    def _loss_fn(self) -> LossFn:
+        return self.loss_fn or self._trainer_loss
+
+    def _log(self, control: TrainerControl, metrics: dict[str, float]) -> None:
+        if not metrics:
+            return
         # Trainer.log resets control.should_log: without this, the loss due at this very step
         # would not be logged.
         should_log = control.should_log
-        self.trainer.log(dict(metrics))
+        with self.monitor.reporting("logging the LLC metrics"):
+            self.trainer.log(dict(metrics))
         control.should_log = should_log
-        if self.log_trace_plot and self.monitor.last_result is not None:
-            self._log_image(args, state, "trace", plot_traces(self.monitor.last_result))
 
-    def _log_image(
-        self, args: TrainingArguments, state: TrainerState, name: str, figure: Any
-    ) -> None:
-        """Log a figure to W&B next to the Trainer's own logs, if the Trainer reports there."""
+    def _image_sinks(self, args: TrainingArguments, state: TrainerState) -> list[Sink]:
+        """The W&B run the Trainer reports to, on the main process: the receiver of figures."""
         if "wandb" not in args.report_to or not state.is_world_process_zero:
-            return
+            return []
         import wandb  # only when the Trainer reports to wandb
 
-        if wandb.run is not None:
-            image = wandb.Image(to_pixels(figure))
-            key = f"train/{self.monitor.prefix}/{name}"
-            wandb.log({key: image, "train/global_step": state.global_step})
+        return [partial(_log_image, self.monitor.prefix)] if wandb.run is not None else []
 
     def _trainer_loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
         return self.trainer.compute_loss(model, batch)
 
 
+def _log_image(prefix: str, name: str, pixels: np.ndarray, step: int) -> None:
+    import wandb
+
+    wandb.log({f"train/{prefix}/{name}": wandb.Image(pixels), "train/global_step": step})
+
+
 @contextmanager
-def _float32_forward(model: nn.Module) -> Iterator[None]:
+def _chains_ready(model: nn.Module) -> Iterator[None]:
     """While chains run, undo accelerate's autocast wrapper of ``model.forward``, if any."""
     original = model.__dict__.get("_original_forward")
     patched = model.__dict__.get("forward")

@@ -7,8 +7,10 @@ import inspect
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Literal
 
+import numpy as np
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
@@ -18,10 +20,15 @@ from typing_extensions import override
 
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.forked import LossFn
-from llc_callbacks.monitor import LLCMonitor
-from llc_callbacks.plotting import plot_components, plot_traces, to_pixels
+from llc_callbacks.integrations.common import (
+    Sink,
+    build_monitor,
+    log_components_figure,
+    log_trace_figure,
+    state_key,
+    warn_if_state_is_stale,
+)
 from llc_callbacks.restrictions import Restrictions
-from llc_callbacks.validation import check_bool
 
 
 class LLCCallback(Callback):
@@ -31,6 +38,12 @@ class LLCCallback(Callback):
     ``llc/diag/<name>``) are logged with ``step=trainer.global_step``, the number of optimizer
     steps behind the weights, which is also the step Lightning logs the loss of those weights
     under. Under DDP the chains are split over the ranks and gathered, and rank zero logs.
+
+    When training starts, the callback checks the loss, the data and the restrictions once
+    (one forward pass per data source on the forked weights) and logs
+    ``{prefix}/num_sampled``, the number of weights each chain samples: under
+    ``on_error="raise"`` a mistake stops the run before its first step, under ``"warn"`` it is
+    one warning and the callback is off for the run.
 
     Args:
         config: Sampling hyperparameters, fixed for the run.
@@ -43,16 +56,18 @@ class LLCCallback(Callback):
         loss_fn: ``loss_fn(module, batch) -> scalar tensor``; by default the loss returned by
             the module's ``training_step`` (its ``self.log`` calls are dropped while chains
             run). Pass one if ``training_step`` has other side effects, such as updating
-            torchmetrics.
+            torchmetrics, or returns ``None`` for some batches.
         dataloader: Where batches come from; by default a loader of the trainer's training
             set, owned by the callback (same dataset, batch size, collate function and
             shuffling, no workers, not split across ranks). Either way batches go through
             the module's batch-transfer hooks.
         prefix: First part of every metric key.
-        on_error: ``"warn"`` reports a failed estimate as a warning and NaN metrics and
-            training goes on; ``"raise"`` stops training with the error.
+        on_error: What a failure does, be it the check at the start, an estimate, a figure
+            or a log call: ``"warn"``: one warning, NaN metrics for a failed estimate, and
+            training goes on; ``"raise"``: training stops with the error.
         log_trace_plot: Also log each estimate's chain traces (``plot_traces``) as an image
-            ``{prefix}/trace`` to every ``WandbLogger`` (needs matplotlib).
+            ``{prefix}/trace`` to every ``WandbLogger`` (needs matplotlib; without it, one
+            warning and no images).
         restrictions: Weight- and data-restricted LLCs to estimate too (``{prefix}/<name>/``
             metrics); data sources go through the module's batch-transfer hooks. At the end
             of training their heatmap (``plot_components``) goes to every ``WandbLogger`` as
@@ -80,33 +95,25 @@ class LLCCallback(Callback):
         log_trace_plot: bool = False,
         restrictions: Restrictions | None = None,
     ) -> None:
-        if loss_fn is not None and not callable(loss_fn):
-            raise ValueError(f"loss_fn must be callable as loss_fn(module, batch), got {loss_fn!r}")
-        check_bool("log_trace_plot", log_trace_plot)
-        if dataloader is not None and not isinstance(dataloader, Iterable):
-            raise ValueError(f"dataloader must be an iterable of batches, got {dataloader!r}")
-        self.monitor = LLCMonitor(
+        self.monitor = build_monitor(
             config,
             every_n_steps=every_n_steps,
             steps=steps,
             log_spaced=log_spaced,
             at_start=at_start,
             at_end=at_end,
+            loss_fn=loss_fn,
+            dataloader=dataloader,
             prefix=prefix,
             on_error=on_error,
+            log_trace_plot=log_trace_plot,
             restrictions=restrictions,
         )
         self.loss_fn = loss_fn
         self.dataloader = dataloader
         self.restrictions = restrictions
         self.log_trace_plot = log_trace_plot
-        self._state_key = self._generate_state_key(
-            prefix=prefix,
-            every_n_steps=every_n_steps,
-            steps=self.monitor.schedule.steps,
-            log_spaced=log_spaced,
-            config=self.monitor.config,
-        )
+        self._state_key = state_key("LLCCallback", self.monitor, every_n_steps, log_spaced)
         self._data: Iterable[Any] | None = None
 
     @property
@@ -135,14 +142,18 @@ class LLCCallback(Callback):
             )
 
     @override
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        saved = checkpoint.get("callbacks", {})
+        warn_if_state_is_stale(self.monitor, "LLCCallback", self.state_key, saved)
+
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.monitor.schedule.log_spaced:
             total = trainer.estimated_stepping_batches
-            if not math.isfinite(total):
-                raise ValueError(
-                    "log_spaced needs a run of known length: set max_steps or max_epochs"
-                )
-            self.monitor.set_total_steps(int(total))
+            if math.isfinite(total):
+                self.monitor.set_total_steps(int(total))
         loader = self.dataloader if self.dataloader is not None else _own_loader(trainer)
         self._data = _ModuleBatches(loader, pl_module)
         if self.restrictions is not None:
@@ -151,6 +162,11 @@ class LLCCallback(Callback):
                 self.restrictions,
                 sources={name: _ModuleBatches(data, pl_module) for name, data in sources.items()},
             )
+        with _chain_ready(pl_module):
+            metrics = self.monitor.start(
+                pl_module, self._loss_fn(), self._data, device=pl_module.device
+            )
+        self._log(trainer, metrics)
         self._maybe_estimate(trainer, pl_module)
 
     @override
@@ -162,12 +178,7 @@ class LLCCallback(Callback):
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._maybe_estimate(trainer, pl_module, final=True)
-        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
-        restricted = self.monitor.restrictions is not None and self.monitor.history
-        if trainer.is_global_zero and wandb_loggers and restricted:
-            pixels = to_pixels(plot_components(self.monitor.history, self.monitor.prefix))
-            for logger in wandb_loggers:
-                logger.log_image(f"{self.monitor.prefix}/components", [pixels])
+        log_components_figure(self.monitor, self._image_sinks(trainer), trainer.global_step)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -187,21 +198,35 @@ class LLCCallback(Callback):
             metrics = self.monitor.estimate(
                 step,
                 pl_module,
-                self.loss_fn or training_step_loss,
+                self._loss_fn(),
                 self._data,
                 device=pl_module.device,
                 progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
             )
-        if not trainer.is_global_zero:
+        self._log(trainer, metrics)
+        if self.log_trace_plot:
+            log_trace_figure(self.monitor, self._image_sinks(trainer), step)
+
+    def _loss_fn(self) -> LossFn:
+        return self.loss_fn or training_step_loss
+
+    def _log(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        if not trainer.is_global_zero or not metrics:
             return
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-        result = self.monitor.last_result
-        if self.log_trace_plot and result is not None:
-            pixels = to_pixels(plot_traces(result))
+        with self.monitor.reporting("logging the LLC metrics"):
             for logger in trainer.loggers:
-                if isinstance(logger, WandbLogger):
-                    logger.log_image(f"{self.monitor.prefix}/trace", [pixels], step=step)
+                logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _image_sinks(self, trainer: Trainer) -> list[Sink]:
+        """Every ``WandbLogger``, on rank zero: the receivers of figures."""
+        if not trainer.is_global_zero:
+            return []
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        return [partial(_log_image, logger, self.monitor.prefix) for logger in loggers]
+
+
+def _log_image(logger: WandbLogger, prefix: str, name: str, pixels: np.ndarray, step: int) -> None:
+    logger.log_image(f"{prefix}/{name}", [pixels], step=step)
 
 
 def training_step_loss(module: LightningModule, batch: Any) -> Tensor:
@@ -217,9 +242,12 @@ def training_step_loss(module: LightningModule, batch: Any) -> Tensor:
     if isinstance(output, Mapping) and "loss" in output:
         output = output["loss"]
     if not isinstance(output, Tensor):
+        skipped = (
+            " (Lightning's way to skip a batch: chains cannot skip one)" if output is None else ""
+        )
         raise ValueError(
-            f"training_step returned {type(output).__name__}, not a loss tensor or a dict with"
-            " 'loss'; pass loss_fn=... to LLCCallback"
+            f"training_step returned {type(output).__name__}{skipped}, not a loss tensor or a"
+            " dict with 'loss'; pass loss_fn=... to LLCCallback"
         )
     return output
 

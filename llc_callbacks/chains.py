@@ -20,7 +20,13 @@ from tqdm.auto import tqdm
 
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.forked import ForkedModel
-from llc_callbacks.samplers import SamplerState, mala_log_acceptance, rmsprop_sgld_step, sgld_step
+from llc_callbacks.samplers import (
+    SamplerState,
+    StepInfo,
+    mala_log_acceptance,
+    rmsprop_sgld_step,
+    sgld_step,
+)
 
 # How often (in steps) the loop asks the device whether every chain has diverged.
 DIVERGENCE_CHECK_EVERY = 32
@@ -88,7 +94,7 @@ def run_chains(
         batches: Endless minibatches on the chains' device.
         config: Hyperparameters (``num_burnin``, ``num_draws``, sampler, ...).
         nbeta: The resolved inverse temperature.
-        progress: Show a progress bar.
+        progress: Show a progress bar, when the output is a terminal.
 
     Returns:
         The traces, one row per chain, group after group.
@@ -107,7 +113,9 @@ def run_chains(
     acceptance = torch.zeros(chains, device=device)
     healthy = torch.ones(chains, dtype=torch.bool, device=device)
     total = config.num_burnin + draws if chains else 0
-    for t in tqdm(range(total), desc="LLC chains", disable=not progress, leave=False):
+    # disable=None: a bar only on a terminal, never as lines of a log file.
+    bar = tqdm(range(total), desc="LLC chains", disable=None if progress else True, leave=False)
+    for t in bar:
         batch = next(batches)
         drawing = t >= config.num_burnin
         if drawing and config.paired:
@@ -122,14 +130,23 @@ def run_chains(
                 )
             for row, generator in zip(group.noise, group.generators, strict=True):
                 row.normal_(generator=generator)
-            new_state = step(state, grads, group.noise, forked.anchor)
+            new_state, info = step(state, grads, group.noise, forked.anchor)
             if group.movable is not None:  # no drift and no noise outside a chain's mask
                 new_state = new_state._replace(
                     weights=torch.where(group.movable, new_state.weights, state.weights)
                 )
             if drawing and config.mala:
                 acceptance[rows] += _mala_acceptance(
-                    forked, state, new_state, losses, grads, batch, config, nbeta, group.movable
+                    forked,
+                    state,
+                    new_state,
+                    info,
+                    losses,
+                    grads,
+                    batch,
+                    config,
+                    nbeta,
+                    group.movable,
                 )
             group.state = new_state
         if (t + 1) % DIVERGENCE_CHECK_EVERY == 0 and not healthy.any():
@@ -146,6 +163,7 @@ def _mala_acceptance(
     forked: ForkedModel,
     state: SamplerState,
     new_state: SamplerState,
+    info: StepInfo,
     losses: Tensor,
     grads: Tensor,
     batch: Any,
@@ -155,9 +173,6 @@ def _mala_acceptance(
 ) -> Tensor:
     """Per-chain MALA acceptance probability of one step (one more gradient, same batch)."""
     new_losses, new_grads = forked.loss_and_grad(new_state.weights, batch)
-    precond = None
-    if config.sampler == "rmsprop_sgld":
-        precond = (new_state.square_avg.sqrt() + config.rmsprop_eps).reciprocal()
     log_acceptance = mala_log_acceptance(
         state.weights,
         new_state.weights,
@@ -169,7 +184,7 @@ def _mala_acceptance(
         step_size=config.step_size,
         nbeta=nbeta,
         localization=config.localization,
-        precond=precond,
+        precond=info.precond,
         mask=movable,
     )
     return torch.nan_to_num(log_acceptance.exp(), nan=0.0)

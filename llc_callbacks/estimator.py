@@ -63,6 +63,7 @@ def estimate_llc(
     progress: bool = False,
     distributed: bool = False,
     warn: bool = True,
+    strict: bool = True,
 ) -> LLCResult:
     """Estimate the local learning coefficient of a model at its current weights.
 
@@ -89,23 +90,26 @@ def estimate_llc(
             the batches, so the result equals a single-process run's.
         warn: Warn about every failed health check (``LLCResult.problems``); a monitor turns
             this off and warns once per check and run instead.
+        strict: Raise when a restriction fails (a selection that matches nothing, a data
+            source that raises); ``False`` reports it as a NaN ``result.restricted[name]``
+            with its ``error`` and still estimates the full LLC and the other restrictions.
 
     Returns:
         The estimate with its traces and diagnostics. Chains whose loss goes NaN or infinite
         stop counting and are reported in ``diagnostics["num_diverged"]``; if all do, the
-        estimate is NaN. With ``config.step_size="auto"`` the step size is first chosen by
-        ``calibrate`` (on every call: a monitor calibrates once per run).
+        estimate is NaN.
 
     Raises:
-        TypeError: If ``model`` is not a module, ``loss_fn`` is not callable or returns
-            something other than a scalar tensor, or ``config`` is not an ``LLCConfig``.
-        ValueError: If ``data`` yields no batch, the model has nothing to sample, or a weight
-            restriction selects nothing (see ``Restrictions.masks``).
+        ValueError: If an argument has the wrong type, ``config.step_size`` is ``"auto"``
+            (``calibrate`` chooses a step size; a monitor or callback does it once per run),
+            ``loss_fn`` returns something other than a scalar tensor, ``data`` yields no
+            batch, the model has nothing to sample, or (``strict``) a weight restriction
+            selects nothing (see ``Restrictions.masks``).
         RuntimeError: If ``config.vectorize=True`` and the model does not support ``vmap``,
             or, when distributed, if the estimate failed on any rank (raised on every rank).
     """
     results, elapsed_s = _estimate(
-        model, loss_fn, data, config, restrictions, True, device, progress, distributed
+        model, loss_fn, data, config, restrictions, True, device, progress, distributed, strict
     )
     full = results.pop(None)
     result = dataclasses.replace(full, restricted=results, elapsed_s=elapsed_s)
@@ -125,6 +129,7 @@ def estimate_restricted_llcs(
     progress: bool = False,
     distributed: bool = False,
     warn: bool = True,
+    strict: bool = True,
 ) -> dict[str, LLCResult]:
     """Estimate only the restricted LLCs, without the full one.
 
@@ -142,6 +147,7 @@ def estimate_restricted_llcs(
         progress: Show a progress bar.
         distributed: Split chains over ranks, as in ``estimate_llc``.
         warn: Warn about every failed health check.
+        strict: Raise when a restriction fails, as in ``estimate_llc``.
 
     Returns:
         The estimates by name (see ``Restrictions``).
@@ -150,11 +156,68 @@ def estimate_restricted_llcs(
         Exception: As ``estimate_llc``.
     """
     results, _ = _estimate(
-        model, loss_fn, data, config, restrictions, False, device, progress, distributed
+        model, loss_fn, data, config, restrictions, False, device, progress, distributed, strict
     )
     if warn:
         _warn(restricted_problems(results))
     return results
+
+
+def check_inputs(
+    model: nn.Module, loss_fn: LossFn, config: LLCConfig, restrictions: Restrictions | None
+) -> None:
+    """Refuse arguments of the wrong type, naming them.
+
+    Raises:
+        ValueError: If ``model`` is not a module, ``loss_fn`` is not callable, ``config`` is
+            not an ``LLCConfig`` or ``restrictions`` is neither ``None`` nor ``Restrictions``.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise ValueError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
+    if not isinstance(config, LLCConfig):
+        raise ValueError(f"config must be an LLCConfig, got {type(config).__name__}")
+    if restrictions is not None and not isinstance(restrictions, Restrictions):
+        raise ValueError(f"restrictions must be Restrictions, got {type(restrictions).__name__}")
+
+
+def fork(
+    model: nn.Module, loss_fn: LossFn, config: LLCConfig, device: torch.device, distributed: bool
+) -> ForkedModel:
+    """Fork the model's weights; across ranks, every rank forks rank zero's weights.
+
+    Raises:
+        ValueError: If the model has nothing to sample.
+        RuntimeError: When distributed, if forking failed on any rank (on every rank).
+    """
+    if not distributed or rank_and_world()[1] == 1:
+        return ForkedModel(model, loss_fn, device, config.vectorize)
+    forked = on_every_rank(lambda: ForkedModel(model, loss_fn, device, config.vectorize))
+    # Ranks may hold different buffers (BatchNorm statistics are not synchronized):
+    # every rank samples around rank zero's weights.
+    broadcast_from_rank_zero([forked.anchor, *forked.constants.values()])
+    return forked
+
+
+@contextmanager
+def sampling(model: nn.Module, config: LLCConfig, device: torch.device) -> Iterator[None]:
+    """Isolate the training process, enable gradients, and keep chains in float32."""
+    with (
+        isolated(model, config.seed),
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        torch.autocast(device.type, enabled=False)
+        if device.type in ("cpu", "cuda")
+        else nullcontext(),
+    ):
+        yield
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without any)."""
+    tensor: Tensor | None = next(model.parameters(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def _estimate(
@@ -167,47 +230,49 @@ def _estimate(
     device: torch.device | str | None,
     progress: bool,
     distributed: bool,
+    strict: bool,
 ) -> tuple[dict[str | None, LLCResult], float]:
-    """Validate, calibrate if asked, fork the weights and run every pass of chains."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
-    if not isinstance(config, LLCConfig):
-        raise TypeError(f"config must be an LLCConfig, got {type(config).__name__}")
-    if restrictions is not None and not isinstance(restrictions, Restrictions):
-        raise TypeError(f"restrictions must be Restrictions, got {type(restrictions).__name__}")
+    """Validate, fork the weights and run every pass of chains."""
+    check_inputs(model, loss_fn, config, restrictions)
     if config.step_size == "auto":
-        from llc_callbacks.calibration import calibrate  # calibrate itself calls estimate_llc
-
-        calibration = calibrate(
-            model, loss_fn, data, config, device=device, progress=progress, distributed=distributed
+        raise ValueError(
+            "step_size='auto' is resolved by calibrate(...).chosen_step_size(), or once per run"
+            " by LLCMonitor and the callbacks; estimate_llc needs a number"
         )
-        config = dataclasses.replace(config, step_size=calibration.chosen_step_size())
     start = time.perf_counter()
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     rank, world_size = rank_and_world() if distributed else (0, 1)
+    restrictions = restrictions or Restrictions()
+    failures: dict[str, str] = {}
     results: dict[str | None, LLCResult] = {}
-    with _sampling(model, config, device):
-        if world_size == 1:
-            forked = ForkedModel(model, loss_fn, device, config.vectorize)
-        else:
-            forked = on_every_rank(lambda: ForkedModel(model, loss_fn, device, config.vectorize))
-            # Ranks may hold different buffers (BatchNorm statistics are not synchronized):
-            # every rank samples around rank zero's weights.
-            broadcast_from_rank_zero([forked.anchor, *forked.constants.values()])
-        passes = _passes(forked, data, restrictions or Restrictions(), include_full)
-        for sampling_pass in passes:
+    with sampling(model, config, device):
+        forked = fork(model, loss_fn, config, device, distributed)
+        masks = restrictions.masks(forked, failures=None if strict else failures)
+        for sampling_pass in _passes(data, restrictions, masks, include_full, failures):
             pass_start = time.perf_counter()
             chains = rank_chains(len(sampling_pass.names) * config.num_chains, rank, world_size)
 
             def sample(p: _Pass = sampling_pass, ids: list[int] = chains) -> _ChainPart:
                 return _sample(forked, p, config, ids, progress and rank == 0)
 
-            parts = [sample()] if world_size == 1 else gather_from_every_rank(sample)
+            try:
+                parts = [sample()] if world_size == 1 else gather_from_every_rank(sample)
+            except Exception as error:
+                if strict or None in sampling_pass.names:
+                    raise
+                # A data source that fails fails alone (on every rank alike: the gather
+                # raised on all of them).
+                failures.update(dict.fromkeys(sampling_pass.names, _describe(error)))
+                continue
             elapsed = time.perf_counter() - pass_start
             results.update(_summaries(sampling_pass, parts, config, elapsed))
+    for name, message in failures.items():
+        results[name] = LLCResult.failed(config, message)
     return results, time.perf_counter() - start
+
+
+def _describe(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"
 
 
 def _warn(problems: dict[str, str]) -> None:
@@ -216,32 +281,31 @@ def _warn(problems: dict[str, str]) -> None:
 
 
 def _passes(
-    forked: ForkedModel, data: Iterable[Any], restrictions: Restrictions, include_full: bool
+    data: Iterable[Any],
+    restrictions: Restrictions,
+    masks: dict[str, Tensor],
+    include_full: bool,
+    failures: dict[str, str],
 ) -> list[_Pass]:
-    """The full estimate and the weight restrictions on ``data``, then a pass per source."""
-    masks = restrictions.masks(forked)
+    """The full estimate and the weight restrictions on ``data``, then a pass per source.
+
+    A combination whose weight selection failed fails too (recorded in ``failures``).
+    """
     weights: dict[str | None, Tensor | None] = {None: None} if include_full else {}
     weights.update(masks)
     passes = [_Pass(data, list(weights), list(weights.values()))]
     for source, source_data in restrictions.sources.items():
-        pairs = [w for w, s in restrictions.combinations if s == source]
+        pairs = []
+        for w, s in restrictions.combinations:
+            if s != source:
+                continue
+            if w in masks:
+                pairs.append(w)
+            else:
+                failures[f"{w}/{source}"] = f"weights[{w!r}] failed: {failures[w]}"
         names = [source, *(f"{w}/{source}" for w in pairs)]
         passes.append(_Pass(source_data, names, [None, *(masks[w] for w in pairs)]))
     return [p for p in passes if p.names]
-
-
-@contextmanager
-def _sampling(model: nn.Module, config: LLCConfig, device: torch.device) -> Iterator[None]:
-    """Isolate the training process, enable gradients, and keep chains in float32."""
-    with (
-        isolated(model, config.seed),
-        torch.inference_mode(False),
-        torch.enable_grad(),
-        torch.autocast(device.type, enabled=False)
-        if device.type in ("cpu", "cuda")
-        else nullcontext(),
-    ):
-        yield
 
 
 def _sample(
@@ -285,16 +349,19 @@ def _groups(
         restriction = chain // num_chains
         if restriction not in touched_by:
             mask = sampling_pass.masks[restriction]
+            slices = forked.layout.slices
             touched_by[restriction] = tuple(
                 name
-                for name in forked.names
-                if mask is None or bool(mask[forked.slices[name]].any())
+                for name in forked.layout.names
+                if mask is None or bool(mask[slices[name]].any())
             )
         by_parameters.setdefault(touched_by[restriction], []).append(chain)
     groups, order = [], []
     for touched, members in by_parameters.items():
         narrow, index = (
-            (forked, None) if len(touched) == len(forked.names) else forked.restricted_to(touched)
+            (forked, None)
+            if len(touched) == len(forked.layout.names)
+            else forked.restricted_to(touched)
         )
         masks = [sampling_pass.masks[chain // num_chains] for chain in members]
         if index is not None:
@@ -339,8 +406,3 @@ def _summaries(
             elapsed_s=elapsed_s,
         )
     return summaries
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    tensor: Tensor | None = next(model.parameters(), None)
-    return tensor.device if tensor is not None else torch.device("cpu")

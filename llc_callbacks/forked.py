@@ -9,9 +9,11 @@ the user's ``loss_fn(model, batch)``.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import warnings
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,8 +23,6 @@ from torch.func import functional_call, vmap
 from llc_callbacks.data import to_device
 
 LossFn = Callable[[nn.Module, Any], Tensor]
-
-_reported_vmap_failures: set[str] = set()
 
 
 class _LossModule(nn.Module):
@@ -37,7 +37,7 @@ class _LossModule(nn.Module):
     def forward(self, batch: Any) -> Tensor:
         loss = self.loss_fn(self.model, batch)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise TypeError(
+            raise ValueError(
                 "loss_fn(model, batch) must return a scalar tensor (the mean loss), got "
                 + (
                     f"a tensor of shape {tuple(loss.shape)}"
@@ -46,6 +46,47 @@ class _LossModule(nn.Module):
                 )
             )
         return loss.reshape(()).float()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each sampled parameter lies in the flat weights, in order.
+
+    Attributes:
+        names: Names of the sampled parameters (prefixed ``model.``).
+        shapes: Their shapes.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+
+    @functools.cached_property
+    def numels(self) -> list[int]:
+        """The number of weights of each parameter."""
+        return [shape.numel() for shape in self.shapes]
+
+    @functools.cached_property
+    def slices(self) -> dict[str, slice]:
+        """Each parameter's slice of the flat weights."""
+        ends = itertools.accumulate(self.numels)
+        return {
+            name: slice(end - shape.numel(), end)
+            for name, shape, end in zip(self.names, self.shapes, ends, strict=True)
+        }
+
+    def narrow(self, names: Collection[str]) -> tuple[Layout, Tensor]:
+        """The layout of ``names`` alone, and where its flat weights lie in this one's.
+
+        Args:
+            names: Parameter names of this layout to keep, in any order.
+
+        Returns:
+            The narrower layout (in this one's order) and the index of its weights.
+        """
+        kept = [(n, s) for n, s in zip(self.names, self.shapes, strict=True) if n in names]
+        slices = self.slices
+        index = torch.cat([torch.arange(slices[n].start, slices[n].stop) for n, _ in kept])
+        return Layout(tuple(n for n, _ in kept), tuple(s for _, s in kept)), index
 
 
 class ForkedModel:
@@ -57,14 +98,14 @@ class ForkedModel:
         device: Where the forked weights live and the chains run.
         vectorize: ``True`` to require ``vmap`` over chains, ``False`` to loop over chains,
             ``"auto"`` to try ``vmap`` on the first evaluation and fall back to the loop, with a
-            one-time warning saying why, when the model does not support it.
+            warning saying why, when the model does not support it.
 
     Attributes:
-        names: Names of the sampled parameters (prefixed ``model.``), in flat order.
-        slices: Where each sampled parameter lies in the flat weights.
+        layout: The sampled parameters' names and shapes, in flat order.
+        anchor: The flat float32 weights ``w*``.
+        constants: Every other tensor the model uses (frozen parameters, buffers), forked.
         param_ids: Sampled parameter name by the live tensor's ``id``.
         aliases: For tied weights, each other name of a sampled parameter.
-        anchor: The flat float32 weights ``w*``.
         vectorized: Whether chains run batched with ``vmap``; ``None`` until a batched
             evaluation decides it under ``"auto"``.
 
@@ -90,22 +131,17 @@ class ForkedModel:
         trainable = [(n, t) for n, t in unique if isinstance(t, nn.Parameter) and t.requires_grad]
         if not trainable:
             raise ValueError("model has no parameters with requires_grad=True to sample")
-        self.names = [name for name, _ in trainable]
-        self.shapes = [p.shape for _, p in trainable]
-        self.numels = [p.numel() for _, p in trainable]
-        self.slices = _slices(self.names, self.numels)
-        # Where each live trainable parameter (by identity) and each of its names lives.
+        self.layout = Layout(tuple(n for n, _ in trainable), tuple(p.shape for _, p in trainable))
         self.param_ids = {id(t): name for name, t in trainable}
-        self.aliases = {alias: name for alias, name in self._aliases if name in self.slices}
+        sampled = set(self.layout.names)
+        self.aliases = {alias: name for alias, name in self._aliases if name in sampled}
         self.anchor = torch.cat(
             [p.detach().reshape(-1).to(device=device, dtype=torch.float32) for _, p in trainable]
         )
-        sampled = set(self.names)
         self.constants = {n: _fork(t, device) for n, t in unique if n not in sampled}
         self._vectorize = vectorize
         self.vectorized: bool | None = None if vectorize == "auto" else bool(vectorize)
         self._model_name = type(model).__name__
-        self._vmapped_loss = vmap(self._loss, in_dims=(0, None))
 
     def restricted_to(self, names: Collection[str]) -> tuple[ForkedModel, Tensor]:
         """A fork that samples only ``names``; the other parameters stay constant at ``w*``.
@@ -114,38 +150,32 @@ class ForkedModel:
         noise: sampling the rest alone saves both.
 
         Args:
-            names: Sampled parameter names (as in ``self.names``) to keep sampling.
+            names: Sampled parameter names (as in ``self.layout.names``) to keep sampling.
 
         Returns:
             The narrower fork, and the positions of its flat weights in this fork's.
         """
         narrow = copy.copy(self)
-        narrow.names = [name for name in self.names if name in names]
-        narrow.shapes = [self.shapes[self.names.index(name)] for name in narrow.names]
-        narrow.numels = [shape.numel() for shape in narrow.shapes]
-        narrow.slices = _slices(narrow.names, narrow.numels)
-        index = torch.cat(
-            [torch.arange(self.slices[n].start, self.slices[n].stop) for n in narrow.names]
-        ).to(self.anchor.device)
+        narrow.layout, index = self.layout.narrow(names)
+        index = index.to(self.anchor.device)
         narrow.anchor = self.anchor[index]
         frozen = {
-            name: self.anchor[self.slices[name]].view(shape)
-            for name, shape in zip(self.names, self.shapes, strict=True)
-            if name not in narrow.slices
+            name: weights
+            for name, weights in self.unflatten(self.anchor).items()
+            if name not in narrow.layout.names
         }
         narrow.constants = {**self.constants, **frozen}
-        narrow.param_ids = {key: n for key, n in self.param_ids.items() if n in narrow.slices}
-        narrow.aliases = {a: n for a, n in self.aliases.items() if n in narrow.slices}
-        narrow._vmapped_loss = vmap(narrow._loss, in_dims=(0, None))
         return narrow, index
 
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         """Views of flat weights ``(..., dim)`` as named parameters ``(..., *shape)``."""
         lead = flat.shape[:-1]
-        pieces = flat.split(self.numels, dim=-1)
+        pieces = flat.split(self.layout.numels, dim=-1)
         return {
             name: piece.view(*lead, *shape)
-            for name, piece, shape in zip(self.names, pieces, self.shapes, strict=True)
+            for name, piece, shape in zip(
+                self.layout.names, pieces, self.layout.shapes, strict=True
+            )
         }
 
     def loss_at_anchor(self, batch: Any) -> Tensor:
@@ -176,9 +206,12 @@ class ForkedModel:
                     f"vectorize=True but torch.func.vmap failed on {self._model_name}: {error}"
                 ) from error
             if self.vectorized is None:
+                # A loss that fails one chain at a time too fails for its own reasons: raise
+                # that, and blame vmap only when the chains run without it.
+                result = self._looped(weights, batch)
                 self._report_fallback(error)
                 self.vectorized = False
-                return self._looped(weights, batch)
+                return result
             raise
         self.vectorized = True
         return result
@@ -196,7 +229,8 @@ class ForkedModel:
         # graph gives every chain's gradient (chains are independent, so the gradient of
         # their summed losses is each chain's own), faster than vmapping the backward too.
         leaves = self._leaves(weights)
-        losses = self._vmapped_loss(dict(zip(self.names, leaves, strict=True)), batch)
+        params = dict(zip(self.layout.names, leaves, strict=True))
+        losses = vmap(self._loss, in_dims=(0, None))(params, batch)
         grads = torch.autograd.grad(losses.sum(), leaves, materialize_grads=True)
         return losses.detach(), self._flatten(grads, len(weights))
 
@@ -204,7 +238,7 @@ class ForkedModel:
         losses, grads = [], []
         for chain_weights in weights:
             leaves = self._leaves(chain_weights)
-            loss = self._loss(dict(zip(self.names, leaves, strict=True)), batch)
+            loss = self._loss(dict(zip(self.layout.names, leaves, strict=True)), batch)
             grads.append(
                 self._flatten(torch.autograd.grad(loss, leaves, materialize_grads=True), 1)
             )
@@ -221,24 +255,12 @@ class ForkedModel:
 
     def _report_fallback(self, error: Exception) -> None:
         reason = f"{type(error).__name__}: {error}".splitlines()[0]
-        key = f"{self._model_name}: {reason}"
-        if key in _reported_vmap_failures:
-            return
-        _reported_vmap_failures.add(key)
         warnings.warn(
             f"llc_callbacks: chains of {self._model_name} run one after another because "
             f"torch.func.vmap does not support this model ({reason}). Pass vectorize=False to "
             "skip the attempt.",
             stacklevel=5,
         )
-
-
-def _slices(names: list[str], numels: list[int]) -> dict[str, slice]:
-    """Where each parameter lies in the flat weights, laid out in order."""
-    ends = itertools.accumulate(numels)
-    return {
-        name: slice(end - numel, end) for name, numel, end in zip(names, numels, ends, strict=True)
-    }
 
 
 def _fork(tensor: Tensor, device: torch.device) -> Tensor:

@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from llc_callbacks.keys import find_prefix
+
 # Where each format keeps the step, in order of preference.
 STEP_KEYS = ("step", "trainer/global_step", "train/global_step", "_step")
 # Loss keys the trainers write by default, in order of preference.
@@ -71,10 +73,9 @@ def series(rows: list[dict[str, float]], key: str) -> Series:
     return Series([s for s, _ in points], [v for _, v in points])
 
 
-def llc_key(rows: list[dict[str, float]]) -> str | None:
-    """The key of the LLC mean (``llc/mean``, or with a prefix such as ``train/llc/mean``)."""
-    keys = sorted({key for row in rows for key in row if key.endswith("llc/mean")}, key=len)
-    return keys[0] if keys else None
+def llc_prefix(rows: list[dict[str, float]]) -> str | None:
+    """The prefix of the LLC metrics (``llc``, or ``train/llc`` as transformers logs it)."""
+    return find_prefix({key for row in rows for key in row})
 
 
 def loss_key(rows: list[dict[str, float]]) -> str | None:

@@ -1,8 +1,9 @@
-"""Leave the training process exactly as it was: RNG states and train/eval modes."""
+"""Leave the training process exactly as it was: RNG states, train/eval modes, warnings."""
 
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -46,3 +47,30 @@ def isolated(model: nn.Module, seed: int) -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda_states)
         np.random.set_state(numpy_state)
         random.setstate(python_state)
+
+
+@contextmanager
+def warnings_once(shown: set[tuple[str, type[Warning]]]) -> Iterator[None]:
+    """Show each distinct warning raised in the block once, however often the block runs.
+
+    Some libraries warn on every call (torch's notice that ``vmap`` has no batching rule for
+    an attention kernel), and ``warnings.catch_warnings`` anywhere resets Python's own
+    once-per-location memory, so the same notice would come with every estimate.
+
+    Args:
+        shown: The warnings already shown, by message and category; updated in place (a
+            monitor keeps one set per run).
+    """
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        # Shown outside the block, under the caller's own warning filters.
+        for warning in caught:
+            key = (str(warning.message), warning.category)
+            if key not in shown:
+                shown.add(key)
+                warnings.warn_explicit(
+                    warning.message, warning.category, warning.filename, warning.lineno
+                )

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
+import sys
 import warnings
-from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -24,12 +25,17 @@ from llc_callbacks.config import LLCConfig
 from llc_callbacks.distributed import rank_and_world
 from llc_callbacks.estimator import estimate_llc
 from llc_callbacks.forked import LossFn
+from llc_callbacks.isolation import warnings_once
+from llc_callbacks.keys import metric_key
+from llc_callbacks.preflight import preflight
 from llc_callbacks.restrictions import Restrictions
 from llc_callbacks.result import LLCResult
 from llc_callbacks.schedule import Schedule
 from llc_callbacks.validation import check_choice
 
 ON_ERROR = ("warn", "raise")
+# Modules whose frames a warning skips to reach the caller.
+INTERNAL = ("llc_callbacks", "contextlib")
 logger = logging.getLogger(__name__)
 
 
@@ -39,8 +45,12 @@ class LLCMonitor:
     Each estimate's seed is derived from ``config.seed`` and the step, so the same seed, step
     and config give the same numbers, after a resume from a checkpoint too. With
     ``config.step_size="auto"`` the first estimate runs ``calibrate`` (kept in
-    ``self.calibration``), logs the chosen ``{prefix}/step_size`` once, and every later
-    estimate, after a resume too, uses that value (``self.config`` holds it).
+    ``self.calibration``) at the weights of its step (with ``at_start``, the untrained
+    weights), logs the chosen ``{prefix}/step_size`` once, and every later estimate, after a
+    resume too, uses that value (``self.config`` holds it).
+
+    Before the first estimate, ``start`` checks the loss, the data and the restrictions once
+    (``llc_callbacks.preflight``), so that a mistake surfaces when training starts.
 
     Example, in a hand-written loop::
 
@@ -55,21 +65,34 @@ class LLCMonitor:
         every_n_steps: Estimate after every ``n``-th optimizer step.
         steps: Estimate after exactly these steps.
         log_spaced: Estimate about this many times at log-spaced steps up to ``total_steps``.
-        total_steps: The length of training (for ``log_spaced``).
+        total_steps: The length of training (needed by ``log_spaced``).
         at_start: Also estimate at step 0, before training.
         at_end: Also estimate when training ends.
         prefix: First part of every metric key.
-        on_error: ``"warn"``: an estimate that raises is reported with a warning and NaN
-            metrics, and training goes on; ``"raise"``: the exception propagates.
+        on_error: What happens when something the monitor runs fails (the check at the
+            start, an estimate, or a side effect an adapter runs through ``reporting``):
+            ``"warn"`` reports it with one warning and training goes on (a failed estimate
+            logs NaN; a failed check at the start turns the estimates off for the run);
+            ``"raise"``: the exception propagates.
         distributed: Split chains over the ranks of the initialized process group (every
             rank must then call the monitor at the same steps); ``None`` does so whenever a
             process group with more than one rank is initialized.
         restrictions: Weight- and data-restricted LLCs to estimate at every estimate too,
-            logged as ``{prefix}/<name>/mean`` and so on.
+            logged as ``{prefix}/<name>/mean`` and so on. Under ``on_error="warn"`` one
+            that fails is NaN on its own and the others are still reported.
+
+    Attributes:
+        history: One row per estimate: ``step`` and the metrics.
+        enabled: Whether estimates run (``False`` after a failed check under ``"warn"``).
 
     Raises:
-        ValueError: If an argument is out of range; the message names it.
+        ValueError: If an argument is out of range, or ``log_spaced`` is given without
+            ``total_steps``; the message names it.
     """
+
+    #: Whether ``total_steps`` may come after construction, through ``set_total_steps``
+    #: (the adapters read it from their trainer when training starts).
+    total_steps_later: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -93,7 +116,9 @@ class LLCMonitor:
         check_choice("on_error", on_error, ON_ERROR)
         check_choice("distributed", distributed, (None, True, False))
         if restrictions is not None and not isinstance(restrictions, Restrictions):
-            raise ValueError(f"restrictions must be Restrictions, got {restrictions!r}")
+            raise ValueError(
+                f"restrictions must be Restrictions, got {type(restrictions).__name__}"
+            )
         self.config = config or LLCConfig()
         self.schedule = Schedule(
             every_n_steps=every_n_steps,
@@ -103,6 +128,10 @@ class LLCMonitor:
             at_start=at_start,
             at_end=at_end,
         )
+        if log_spaced is not None and total_steps is None and not self.total_steps_later:
+            raise ValueError(
+                "log_spaced needs total_steps, the number of optimizer steps of the run"
+            )
         self.prefix = prefix
         self.on_error = on_error
         self.distributed = distributed
@@ -110,8 +139,11 @@ class LLCMonitor:
         self.history: list[dict[str, float]] = []
         self.last_result: LLCResult | None = None
         self.calibration: Calibration | None = None
+        self.enabled = True
+        self._started = False
         self._last_step = -1
         self._warned: set[str] = set()
+        self._shown: set[tuple[str, type[Warning]]] = set()
 
     def set_total_steps(self, total_steps: int) -> None:
         """Tell a ``log_spaced`` schedule how long training is, unless it was given already."""
@@ -125,7 +157,62 @@ class LLCMonitor:
             step: Optimizer steps completed.
             final: Whether training has just ended (for ``at_end``).
         """
-        return step > self._last_step and self.schedule.is_due(step, final=final)
+        return self.enabled and step > self._last_step and self.schedule.is_due(step, final=final)
+
+    def start(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Iterable[Any],
+        *,
+        device: torch.device | str | None = None,
+    ) -> dict[str, float]:
+        """Check, when training starts, what every estimate will need (see ``preflight``).
+
+        The check forks the weights and runs one forward pass per data source; it leaves
+        the model and training as they were. ``maybe_estimate`` runs it on its first call.
+
+        Args:
+            model: The model at its current weights.
+            loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
+            data: Re-iterable of batches.
+            device: Where chains will run; defaults to the model's device.
+
+        Returns:
+            ``{prefix}/num_sampled`` (the weights each chain samples) and
+            ``{prefix}/<name>/num_sampled`` per weight restriction, to log once; empty if the
+            check failed under ``on_error="warn"``, which turns the estimates off.
+
+        Raises:
+            Exception: What the check raised, with ``on_error="raise"``.
+        """
+        self._started = True
+        with (
+            self.reporting("the check before the first LLC estimate", disable=True),
+            warnings_once(self._shown),
+        ):
+            self.schedule.due_steps  # noqa: B018 (log_spaced needs total_steps by now)
+            found = preflight(
+                model,
+                loss_fn,
+                data,
+                self.config,
+                restrictions=self.restrictions,
+                device=device,
+                distributed=self._distributed(),
+            )
+            if rank_and_world()[0] == 0:
+                logger.info(
+                    "llc_callbacks: each estimate samples %d weights%s (checked in %.3f s)",
+                    found.num_sampled,
+                    "".join(f", {name!r} {n}" for name, n in found.restricted.items()),
+                    found.seconds,
+                )
+            return {
+                metric_key(self.prefix, "num_sampled", name): float(count)
+                for name, count in [(None, found.num_sampled), *found.restricted.items()]
+            }
+        return {}
 
     def maybe_estimate(
         self,
@@ -140,6 +227,8 @@ class LLCMonitor:
     ) -> dict[str, float] | None:
         """Estimate if one is due after ``step`` optimizer steps.
 
+        The first call runs ``start`` first, unless it ran already.
+
         Args:
             step: Optimizer steps completed.
             model: The model at its current weights.
@@ -147,11 +236,13 @@ class LLCMonitor:
             data: Re-iterable of batches; each estimate iterates it afresh.
             final: Whether training has just ended (for ``at_end``).
             device: Where chains run; defaults to the model's device.
-            progress: Show a progress bar while chains run.
+            progress: Show a progress bar while chains run (on a terminal).
 
         Returns:
             The estimate's metrics, or ``None`` if none was due.
         """
+        if not self._started:
+            self.start(model, loss_fn, data, device=device)
         if not self.is_due(step, final=final):
             return None
         return self.estimate(step, model, loss_fn, data, device=device, progress=progress)
@@ -168,9 +259,10 @@ class LLCMonitor:
     ) -> dict[str, float]:
         """Estimate now, record it under ``step`` and return its metrics.
 
-        With ``on_error="warn"`` an exception becomes a warning and NaN ``mean`` and ``std``;
-        the model and the training process are left as they were either way. Each failed
-        health check (``LLCResult.problems``) is warned about once per run.
+        With ``on_error="warn"`` an exception becomes a warning and NaN ``mean`` and ``std``,
+        and a failed restriction is NaN alone; the model and the training process are left
+        as they were either way. Each failed health check (``LLCResult.problems``) is warned
+        about once per run, on rank zero, and so is each distinct warning raised inside.
 
         Raises:
             Exception: Whatever the estimate raised, with ``on_error="raise"``.
@@ -178,37 +270,82 @@ class LLCMonitor:
         config = dataclasses.replace(self.config, seed=step_seed(self.config.seed, step))
         calibrated = config.step_size == "auto"
         try:
-            if calibrated:
-                config = self._calibrate(model, loss_fn, data, config, device, progress)
-            self.last_result = estimate_llc(
-                model,
-                loss_fn,
-                data,
-                config,
-                device=device,
-                restrictions=self.restrictions,
-                progress=progress,
-                distributed=self._distributed(),
-                warn=False,
-            )
+            with warnings_once(self._shown):
+                if calibrated:
+                    config = self._calibrate(model, loss_fn, data, config, device, progress)
+                self.last_result = estimate_llc(
+                    model,
+                    loss_fn,
+                    data,
+                    config,
+                    device=device,
+                    restrictions=self.restrictions,
+                    progress=progress,
+                    distributed=self._distributed(),
+                    warn=False,
+                    strict=self.on_error == "raise",
+                )
             metrics = self.last_result.to_metrics(self.prefix)
             if calibrated:
-                metrics[f"{self.prefix}/step_size"] = config.step_size
+                metrics[metric_key(self.prefix, "step_size")] = config.step_size
         except Exception as error:
             if self.on_error == "raise":
                 raise
             warnings.warn(
                 f"llc_callbacks: the LLC estimate at step {step} failed and is reported as NaN;"
                 f" training goes on. {type(error).__name__}: {error}",
-                stacklevel=2,
+                stacklevel=_caller_level(),
             )
             self.last_result = None
-            metrics = {f"{self.prefix}/mean": math.nan, f"{self.prefix}/std": math.nan}
+            metrics = LLCResult.failed(config, str(error)).to_metrics(self.prefix)
         self._last_step = step
         self.history.append({"step": step, **metrics})
         if self.last_result is not None:
-            self._warn_once(step, self.last_result.problems())
+            for check, message in self.last_result.problems().items():
+                self.warn_once(check, f"at step {step}, {message}")
         return metrics
+
+    @contextmanager
+    def reporting(self, action: str, *, disable: bool = False) -> Iterator[None]:
+        """Run a side effect (a figure, an image, a log call) under the error policy.
+
+        Under ``on_error="warn"`` an exception inside is one warning per ``action`` and run,
+        and the block is left; under ``"raise"`` it propagates.
+
+        Args:
+            action: What the block does, for the warning ("logging the trace figure").
+            disable: Also turn the estimates off for the run when the block fails.
+        """
+        try:
+            yield
+        except Exception as error:
+            if self.on_error == "raise":
+                raise
+            if disable:
+                self.enabled = False
+            consequence = "LLC estimates are off for this run" if disable else "training goes on"
+            self.warn_once(
+                f"failed: {action}",
+                f"{action} failed; {consequence}. {type(error).__name__}: {error}",
+                every_rank=True,
+            )
+
+    def warn_once(self, key: str, message: str, *, every_rank: bool = False) -> None:
+        """Warn ``message`` the first time ``key`` comes up in this run.
+
+        Args:
+            key: What the warning is about; remembered in the state, so a resumed run does
+                not repeat it.
+            message: The warning, after ``"llc_callbacks: "``.
+            every_rank: Warn on every rank; otherwise only on rank zero.
+        """
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        if every_rank or rank_and_world()[0] == 0:
+            warnings.warn(
+                f"llc_callbacks: {message} (warned once per run)", stacklevel=_caller_level()
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """The history, schedule position, warnings given and step size, for a checkpoint."""
@@ -255,19 +392,21 @@ class LLCMonitor:
         self.config = dataclasses.replace(self.config, step_size=step_size)
         return dataclasses.replace(config, step_size=step_size)
 
-    def _warn_once(self, step: int, problems: dict[str, str]) -> None:
-        for check, message in problems.items():
-            if check not in self._warned:
-                self._warned.add(check)
-                warnings.warn(
-                    f"llc_callbacks: at step {step}, {message} (warned once per run)",
-                    stacklevel=3,
-                )
-
     def _distributed(self) -> bool:
         if self.distributed is not None:
             return self.distributed
         return rank_and_world()[1] > 1
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first caller outside this package and ``contextlib``.
+
+    A warning then points at the user's training loop or trainer, not at our internals.
+    """
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def step_seed(seed: int, step: int) -> int:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from llc_callbacks.calibration import Calibration
 from llc_callbacks.history import Series
+from llc_callbacks.keys import metric_key, parse_key
 from llc_callbacks.result import LLCResult
 
 if TYPE_CHECKING:
@@ -66,26 +67,55 @@ def plot_calibration(calibration: Calibration, path: str | Path | None = None) -
     return _save(figure, path)
 
 
-def plot_llc_curve(
-    llc: Series,
-    spread: Series | None = None,
-    loss: Series | None = None,
-    path: str | Path | None = None,
-) -> Figure:
-    """The LLC over training, with its chain spread as a band and the loss on a second axis."""
+class Curves(NamedTuple):
+    """One run's curves for ``plot_llc_curve``.
+
+    Attributes:
+        llc: The LLC mean against the step.
+        spread: Its chain spread (std), drawn as a band around it.
+        loss: The training loss, drawn on a second axis.
+        label: The run's name in the legend.
+    """
+
+    llc: Series
+    spread: Series | None = None
+    loss: Series | None = None
+    label: str | None = None
+
+
+def plot_llc_curve(*runs: Curves, path: str | Path | None = None) -> Figure:
+    """The LLC over training, a curve per run, with its chain spread and the loss.
+
+    Each run's spread is a band around its curve; the losses are dashed, on a second axis.
+
+    Raises:
+        ValueError: If no run is given.
+    """
+    if not runs:
+        raise ValueError("plot_llc_curve needs the curves of at least one run")
     figure = _figure()
     axes = figure.subplots()
-    axes.plot(llc.steps, llc.values, marker="o", markersize=3, color="tab:blue", label="LLC")
-    if spread is not None and spread.steps == llc.steps:
-        low = [m - s for m, s in zip(llc.values, spread.values, strict=True)]
-        high = [m + s for m, s in zip(llc.values, spread.values, strict=True)]
-        axes.fill_between(llc.steps, low, high, color="tab:blue", alpha=0.2, label="± chain std")
+    losses = axes.twinx() if any(run.loss is not None and run.loss.steps for run in runs) else None
+    single = len(runs) == 1
+    for index, run in enumerate(runs):
+        color = "tab:blue" if single else f"C{index}"
+        name = run.label or ("LLC" if single else f"run {index}")
+        axes.plot(run.llc.steps, run.llc.values, marker="o", markersize=3, color=color, label=name)
+        if run.spread is not None and run.spread.steps == run.llc.steps:
+            low = [m - s for m, s in zip(run.llc.values, run.spread.values, strict=True)]
+            high = [m + s for m, s in zip(run.llc.values, run.spread.values, strict=True)]
+            axes.fill_between(run.llc.steps, low, high, color=color, alpha=0.2)
+        if losses is not None and run.loss is not None and run.loss.steps:
+            loss_color = "tab:orange" if single else color
+            losses.plot(
+                run.loss.steps, run.loss.values, color=loss_color, linewidth=1, linestyle="--"
+            )
     axes.set_xlabel("step")
-    axes.set_ylabel("LLC", color="tab:blue")
-    if loss is not None and loss.steps:
-        other = axes.twinx()
-        other.plot(loss.steps, loss.values, color="tab:orange", linewidth=1, label="loss")
-        other.set_ylabel("loss", color="tab:orange")
+    axes.set_ylabel("LLC (± chain std)")
+    if losses is not None:
+        losses.set_ylabel("loss (dashed)")
+    if not single:
+        axes.legend(fontsize="small")
     return _save(figure, path)
 
 
@@ -100,22 +130,14 @@ def plot_components(
         path: Where to save the PNG.
 
     Raises:
-        ValueError: If the history holds no restricted LLC.
+        ValueError: If the history holds no finite restricted LLC.
     """
-    suffix = "/mean"
-    names = sorted(
-        {
-            key[len(prefix) + 1 : -len(suffix)]
-            for row in history
-            for key in row
-            if key.startswith(prefix + "/") and key.endswith(suffix) and key != prefix + suffix
-        }
-    )
+    names = component_names(history, prefix)
     if not names:
-        raise ValueError(f"the history holds no restricted LLC ({prefix}/<name>/mean)")
+        raise ValueError(f"the history holds no finite restricted LLC ({prefix}/<name>/mean)")
     steps = [row["step"] for row in history]
     values = np.array(
-        [[row.get(f"{prefix}/{name}{suffix}", math.nan) for row in history] for name in names]
+        [[row.get(metric_key(prefix, "mean", name), math.nan) for row in history] for name in names]
     )
     figure = _figure()
     heat, lines = figure.subplots(2, 1, sharex=True)
@@ -129,6 +151,17 @@ def plot_components(
     lines.set_ylabel("LLC")
     lines.legend(fontsize="x-small", ncol=max(1, len(names) // 8))
     return _save(figure, path)
+
+
+def component_names(history: list[dict[str, float]], prefix: str = "llc") -> list[str]:
+    """The restricted LLCs with at least one finite mean in a history, sorted by name."""
+    names = set()
+    for row in history:
+        for key, value in row.items():
+            parsed = parse_key(key, prefix)
+            if parsed and parsed.restriction and parsed.field == "mean" and math.isfinite(value):
+                names.add(parsed.restriction)
+    return sorted(names)
 
 
 def _edges(steps: list[float]) -> np.ndarray:

@@ -24,6 +24,8 @@ from llc_callbacks.validation import check_bool
 # masks by parameter name (each the shape of its parameter: one attention head's rows of a
 # fused QKV weight, say).
 Selection = Union[str, Sequence[str], nn.Module, Mapping[str, Tensor]]  # noqa: UP007
+# Names that would read as a field of the full LLC's metrics (see ``llc_callbacks.keys``).
+RESERVED = ("diag", "mean", "std", "init_loss", "num_sampled", "step_size")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,11 @@ class Restrictions:
                     raise ValueError(
                         f"{kind} names must be non-empty strings without '/', got {name!r}"
                     )
+                if name in RESERVED:
+                    raise ValueError(
+                        f"{kind} names must not be a metric's own name"
+                        f" ({', '.join(RESERVED)}), got {name!r}"
+                    )
         if shared := set(self.weights) & set(self.sources):
             raise ValueError(f"names used for both weights and sources: {sorted(shared)}")
         for name, source in self.sources.items():
@@ -76,22 +83,43 @@ class Restrictions:
             raise ValueError("combinations lists a pair twice")
         check_bool("partition", self.partition)
 
-    def masks(self, forked: ForkedModel) -> dict[str, Tensor]:
+    def masks(
+        self, forked: ForkedModel, *, failures: dict[str, str] | None = None
+    ) -> dict[str, Tensor]:
         """Each weight selection as a boolean mask over the flat sampled weights.
 
+        Args:
+            forked: The fork whose flat weights the masks cover.
+            failures: Where to record, by name, a selection that fails instead of raising
+                (with ``partition``, both selections of an overlapping pair fail).
+
+        Returns:
+            The masks by name, without those recorded in ``failures``.
+
         Raises:
-            ValueError: If a pattern matches no sampled parameter, a module holds none, a
-                mask names an unknown parameter or has the wrong shape or type, a selection
-                is empty, or (with ``partition``) two selections overlap; the message names
-                the selection and the offending pattern or parameter.
+            ValueError: If ``failures`` is ``None`` and a pattern matches no sampled
+                parameter, a module holds none, a mask names an unknown parameter or has the
+                wrong shape or type, a selection is empty, or (with ``partition``) two
+                selections overlap; the message names the selection and the offending
+                pattern or parameter.
         """
-        masks = {name: _mask(name, selection, forked) for name, selection in self.weights.items()}
+        masks = {}
+        for name, selection in self.weights.items():
+            try:
+                masks[name] = _mask(name, selection, forked)
+            except ValueError as error:
+                if failures is None:
+                    raise
+                failures[name] = str(error)
         if self.partition:
-            for (a, mask_a), (b, mask_b) in itertools.combinations(masks.items(), 2):
-                if (mask_a & mask_b).any():
-                    raise ValueError(
-                        f"weights[{a!r}] and weights[{b!r}] overlap, but partition=True"
-                    )
+            for (a, mask_a), (b, mask_b) in itertools.combinations(list(masks.items()), 2):
+                if a in masks and b in masks and (mask_a & mask_b).any():
+                    message = f"weights[{a!r}] and weights[{b!r}] overlap, but partition=True"
+                    if failures is None:
+                        raise ValueError(message)
+                    for name in (a, b):
+                        failures[name] = message
+                        masks.pop(name)
         return masks
 
 
@@ -106,19 +134,19 @@ def _mask(name: str, selection: Selection, forked: ForkedModel) -> Tensor:
                 f"weights[{name!r}]: the module holds no sampled parameter of the model"
             )
         for parameter in names:
-            mask[forked.slices[parameter]] = True
+            mask[forked.layout.slices[parameter]] = True
     elif isinstance(selection, Mapping):
         for parameter, part in selection.items():
             key = _sampled_name(forked, parameter)
             if key is None:
                 raise ValueError(f"weights[{name!r}]: {parameter!r} is not a sampled parameter")
-            shape = forked.shapes[forked.names.index(key)]
+            shape = forked.layout.shapes[forked.layout.names.index(key)]
             if not isinstance(part, Tensor) or part.dtype != torch.bool or part.shape != shape:
                 raise ValueError(
                     f"weights[{name!r}][{parameter!r}] must be a boolean tensor of shape"
                     f" {tuple(shape)}"
                 )
-            mask[forked.slices[key]] |= part.reshape(-1).to(mask.device)
+            mask[forked.layout.slices[key]] |= part.reshape(-1).to(mask.device)
     else:
         patterns = [selection] if isinstance(selection, str) else selection
         if (
@@ -133,7 +161,7 @@ def _mask(name: str, selection: Selection, forked: ForkedModel) -> Tensor:
         for pattern in patterns:
             matched = {
                 key
-                for key in [*forked.names, *forked.aliases]
+                for key in [*forked.layout.names, *forked.aliases]
                 if fnmatch.fnmatchcase(key.removeprefix("model."), pattern)
             }
             if not matched:
@@ -141,7 +169,7 @@ def _mask(name: str, selection: Selection, forked: ForkedModel) -> Tensor:
                     f"weights[{name!r}]: pattern {pattern!r} matches no sampled parameter"
                 )
             for key in matched:
-                mask[forked.slices[forked.aliases.get(key, key)]] = True
+                mask[forked.layout.slices[forked.aliases.get(key, key)]] = True
     if not mask.any():
         raise ValueError(f"weights[{name!r}] selects no weight")
     return mask
@@ -150,4 +178,4 @@ def _mask(name: str, selection: Selection, forked: ForkedModel) -> Tensor:
 def _sampled_name(forked: ForkedModel, parameter: str) -> str | None:
     key = "model." + parameter
     key = forked.aliases.get(key, key)
-    return key if key in forked.slices else None
+    return key if key in forked.layout.slices else None

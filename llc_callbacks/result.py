@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.diagnostics import problems
+from llc_callbacks.keys import DIAGNOSTICS, metric_key
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class LLCResult:
         elapsed_s: Wall time of the estimate in seconds.
         restricted: The weight- and data-restricted estimates, by name (see
             ``Restrictions``); empty when none were asked for.
+        error: Why the estimate failed (``LLCResult.failed``), or ``None``.
     """
 
     llc_mean: float
@@ -45,6 +48,29 @@ class LLCResult:
     vectorized: bool
     elapsed_s: float
     restricted: dict[str, LLCResult] = field(default_factory=dict)
+    error: str | None = None
+
+    @classmethod
+    def failed(cls, config: LLCConfig, error: str) -> LLCResult:
+        """An estimate that could not run: NaN everywhere, and why.
+
+        Args:
+            config: The hyperparameters it was to use.
+            error: What went wrong.
+        """
+        return cls(
+            llc_mean=math.nan,
+            llc_std=math.nan,
+            llc_per_chain=np.full(config.num_chains, math.nan),
+            loss_trace=np.empty((config.num_chains, 0)),
+            init_loss=math.nan,
+            diagnostics={},
+            config=config,
+            nbeta=math.nan,
+            vectorized=False,
+            elapsed_s=0.0,
+            error=error,
+        )
 
     def problems(self) -> dict[str, str]:
         """The health checks this estimate fails, each with what to change.
@@ -54,6 +80,8 @@ class LLCResult:
             when every check passes. See ``llc_callbacks.diagnostics.problems`` for the
             checks and their thresholds.
         """
+        if self.error is not None:
+            return {"failed": f"the estimate failed and is NaN: {self.error}"}
         found = problems(
             self.llc_mean,
             self.init_loss,
@@ -71,19 +99,24 @@ class LLCResult:
 
         Returns:
             ``{prefix}/mean``, ``{prefix}/std``, ``{prefix}/chain_<i>``, ``{prefix}/init_loss``
-            and ``{prefix}/diag/<name>`` for each diagnostic, as floats; and the same under
-            ``{prefix}/<name>/`` for each restricted estimate.
+            and ``{prefix}/diag/<name>`` for each diagnostic, as floats (only ``mean`` and
+            ``std``, NaN, for a failed estimate); and the same under ``{prefix}/<name>/`` for
+            each restricted estimate (see ``llc_callbacks.keys``).
         """
-        metrics = {
-            f"{prefix}/mean": self.llc_mean,
-            f"{prefix}/std": self.llc_std,
-            **{f"{prefix}/chain_{i}": float(v) for i, v in enumerate(self.llc_per_chain)},
-            f"{prefix}/init_loss": self.init_loss,
+        return {
+            metric_key(prefix, field, restriction): value
+            for restriction, result in [(None, self), *self.restricted.items()]
+            for field, value in result._fields().items()
         }
-        metrics.update({f"{prefix}/diag/{k}": float(v) for k, v in self.diagnostics.items()})
-        for name, result in self.restricted.items():
-            metrics.update(result.to_metrics(f"{prefix}/{name}"))
-        return metrics
+
+    def _fields(self) -> dict[str, float]:
+        fields = {"mean": self.llc_mean, "std": self.llc_std}
+        if self.error is not None:
+            return fields
+        fields.update({f"chain_{i}": float(v) for i, v in enumerate(self.llc_per_chain)})
+        fields["init_loss"] = self.init_loss
+        fields.update({f"{DIAGNOSTICS}/{k}": float(v) for k, v in self.diagnostics.items()})
+        return fields
 
 
 def restricted_problems(results: dict[str, LLCResult]) -> dict[str, str]:

@@ -2,7 +2,8 @@
 
 Each rule is a pure function of flat weights of shape ``(chains, dim)``: it takes the current
 state, the gradient of the mean minibatch loss and standard normal noise, and returns the
-next state. The loop that draws batches and noise lives in the estimator.
+next state with what the step used (as BlackJAX kernels return ``(state, info)``). The loop
+that draws batches and noise lives in ``chains``.
 
 The step (Welling and Teh convention, as in Lau et al. 2023 and devinterp)::
 
@@ -31,6 +32,16 @@ class SamplerState(NamedTuple):
     square_avg: Tensor | None = None
 
 
+class StepInfo(NamedTuple):
+    """What a step used besides the state, for checks such as MALA's acceptance.
+
+    Attributes:
+        precond: The diagonal preconditioner ``G`` of the step, or ``None`` (plain SGLD).
+    """
+
+    precond: Tensor | None = None
+
+
 def sgld_step(
     state: SamplerState,
     grad: Tensor,
@@ -40,7 +51,7 @@ def sgld_step(
     step_size: float,
     nbeta: float,
     localization: float,
-) -> SamplerState:
+) -> tuple[SamplerState, StepInfo]:
     """One SGLD step.
 
     Args:
@@ -53,13 +64,13 @@ def sgld_step(
         localization: Strength gamma of the pull towards ``anchor`` (not multiplied by nbeta).
 
     Returns:
-        The state after the step.
+        The state after the step, and an empty ``StepInfo``.
     """
     # w + (eps * gamma / 2) * (w* - w) is a lerp; then the gradient and noise terms, in place
     # on the new tensor: three passes over memory instead of six.
     new = torch.lerp(state.weights, anchor, step_size * localization / 2)
     new.add_(grad, alpha=-step_size * nbeta / 2).add_(noise, alpha=math.sqrt(step_size))
-    return SamplerState(new)
+    return SamplerState(new), StepInfo()
 
 
 def rmsprop_sgld_step(
@@ -73,7 +84,7 @@ def rmsprop_sgld_step(
     localization: float,
     alpha: float,
     eps: float,
-) -> SamplerState:
+) -> tuple[SamplerState, StepInfo]:
     """One RMSprop-preconditioned SGLD step (Hitchcock and Hoogland 2025).
 
     The running mean ``v`` sees the loss gradient only; the preconditioner
@@ -91,7 +102,7 @@ def rmsprop_sgld_step(
         eps: Added to ``sqrt(v)`` before inverting.
 
     Returns:
-        The state after the step.
+        The state after the step, and the preconditioner ``G`` it used.
     """
     weights = state.weights
     square_avg = state.square_avg if state.square_avg is not None else torch.zeros_like(weights)
@@ -99,8 +110,8 @@ def rmsprop_sgld_step(
     precond = (square_avg.sqrt() + eps).reciprocal()
     drift = (weights - anchor).mul_(localization).add_(grad, alpha=nbeta).mul_(precond)
     new = torch.add(weights, drift, alpha=-step_size / 2)
-    new.addcmul_(precond.sqrt_(), noise, value=math.sqrt(step_size))
-    return SamplerState(new, square_avg)
+    new.addcmul_(precond.sqrt(), noise, value=math.sqrt(step_size))
+    return SamplerState(new, square_avg), StepInfo(precond)
 
 
 def mala_log_acceptance(

@@ -68,7 +68,10 @@ class Schedule:
         """
         if self.log_spaced:
             if self.total_steps is None:
-                raise ValueError("log_spaced needs total_steps, the number of training steps")
+                raise ValueError(
+                    "log_spaced needs total_steps, the number of optimizer steps of the run"
+                    " (a trainer's max_steps, or max_epochs over a sized DataLoader)"
+                )
             return frozenset(log_spaced_steps(self.total_steps, self.log_spaced))
         return frozenset(self.steps) if self.steps is not None else None
 

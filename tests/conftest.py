@@ -1,7 +1,43 @@
+"""Shared fixtures: one thread for torch, W&B offline in a temporary folder, the examples."""
+
+import importlib.util
 import os
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest
 import torch
+import wandb
 
 torch.set_num_threads(1)
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+@pytest.fixture
+def wandb_dir(tmp_path, monkeypatch):
+    """W&B in offline mode, writing under ``tmp_path``; finished and torn down afterwards.
+
+    wandb caches its folder per process, so each test gets a fresh service.
+    """
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_PROJECT", "llc-callbacks-test")
+    yield tmp_path
+    wandb.finish()
+    wandb.teardown()
+
+
+@pytest.fixture
+def example():
+    """Import an example script from ``examples/`` by its file name, without ``sys.path``."""
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"examples.{name}", EXAMPLES / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

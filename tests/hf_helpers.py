@@ -13,10 +13,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from llc_callbacks import LLCConfig
-
 VOCAB, LENGTH = 64, 16
-TINY = LLCConfig(num_chains=2, num_burnin=5, num_draws=5, init_loss_batches=2)
 
 
 def tiny_gpt2() -> GPT2LMHeadModel:

@@ -8,11 +8,6 @@ import torch.nn.functional as F
 from models import DropoutBatchNormNet
 from torch.utils.data import DataLoader, TensorDataset
 
-from llc_callbacks import LLCConfig
-
-# Tiny chains: these tests check plumbing, not accuracy.
-TINY = LLCConfig(num_chains=2, num_burnin=5, num_draws=5, init_loss_batches=2)
-
 
 class Classifier(L.LightningModule):
     """Dropout and BatchNorm, a logged loss, and an SGD optimizer."""

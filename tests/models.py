@@ -2,16 +2,40 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import struct
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The accuracy tests check the example's formula for the known learning coefficients.
-sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
-from rrr import rrr_lambda  # noqa: F401
+from llc_callbacks import LLCConfig
+
+# Tiny chains for the tests that check plumbing, not accuracy.
+TINY = LLCConfig(num_chains=2, num_burnin=5, num_draws=5, init_loss_batches=2)
+
+
+def png_size(path) -> tuple[int, int]:
+    """The width and height of a PNG file, read from its header."""
+    with open(path, "rb") as file:
+        data = file.read(24)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+# What every figure of llc_callbacks.plotting measures: FIGSIZE x DPI.
+FIGURE_SIZE = (800, 450)
+
+
+def fails_in_chains(loss_fn):
+    """``loss_fn``, except that it raises where chains run (with gradients): the check at the
+    start (without gradients) passes, every estimate fails."""
+
+    def loss(model, batch):
+        if torch.is_grad_enabled():
+            raise RuntimeError("boom")
+        return loss_fn(model, batch)
+
+    return loss
 
 
 class ShuffledBatches:

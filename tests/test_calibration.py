@@ -10,12 +10,12 @@ from models import (
     classification_batches,
     cross_entropy,
     mse_loss,
-    rrr_lambda,
     rrr_problem,
 )
 
 from llc_callbacks import LLCConfig, LLCMonitor, calibrate, estimate_llc
 from llc_callbacks.calibration import AGREEMENT
+from llc_callbacks.theory import rrr_learning_coefficient
 
 RRR = (10, 6, 10, 3)  # λ = 35
 # Short chains for the sweep; the weak localization of the accuracy tests.
@@ -40,7 +40,7 @@ def test_calibrate_recommends_a_step_size_that_gets_the_known_llc(rrr, calibrati
     final = dataclasses.replace(recommended, num_burnin=1000, num_draws=2000)
     estimate = estimate_llc(model, mse_loss, data, final).llc_mean
     # Seeds 0-2 landed within 2% of λ; 15% is the tolerance.
-    assert estimate == pytest.approx(rrr_lambda(*RRR), rel=0.15)
+    assert estimate == pytest.approx(rrr_learning_coefficient(*RRR), rel=0.15)
 
 
 def test_calibration_table_follows_the_documented_rule(calibration):
@@ -133,14 +133,6 @@ def test_auto_step_size_is_calibrated_once_logged_once_and_kept_across_resume(rr
     resumed.maybe_estimate(3, model, mse_loss, data)
     assert resumed.calibration is None  # not calibrated again
     assert resumed.last_result.config.step_size == chosen
-
-
-def test_estimate_llc_calibrates_a_standalone_auto_step_size(rrr):
-    model, data = rrr
-    config = dataclasses.replace(SWEEP, step_size="auto", num_burnin=100, num_draws=200)
-    result = estimate_llc(model, mse_loss, data, config, warn=False)
-    assert isinstance(result.config.step_size, float)
-    assert math.isfinite(result.llc_mean)
 
 
 def test_no_passing_step_size_falls_back_with_a_warning(rrr):

@@ -1,5 +1,6 @@
 import math
 import random
+import sys
 import warnings
 
 import numpy as np
@@ -17,7 +18,7 @@ from models import (
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from llc_callbacks import LLCConfig, LLCResult, estimate_llc
+from llc_callbacks import LLCConfig, LLCMonitor, LLCResult, estimate_llc
 from llc_callbacks.forked import ForkedModel
 
 SHORT = LLCConfig(num_chains=3, num_burnin=20, num_draws=30, step_size=1e-3, localization=10.0)
@@ -55,19 +56,20 @@ class ScaleByMaxWeight(nn.Module):
         return self.linear(x) * scale
 
 
-def test_auto_falls_back_to_sequential_chains_once_saying_why():
+def test_auto_falls_back_to_sequential_chains_saying_why_once_per_run():
     torch.manual_seed(0)
     model, data = ScaleByMaxWeight(), classification_batches()
     with pytest.warns(UserWarning, match=r"run one after another because torch\.func\.vmap"):
         auto = estimate_llc(model, cross_entropy, data, short())
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        again = estimate_llc(model, cross_entropy, data, short())
-        sequential = estimate_llc(model, cross_entropy, data, short(vectorize=False))
-    assert not [w for w in caught if "one after another" in str(w.message)]  # said once
+    sequential = estimate_llc(model, cross_entropy, data, short(vectorize=False))
     assert not auto.vectorized
     np.testing.assert_array_equal(auto.loss_trace, sequential.loss_trace)
-    np.testing.assert_array_equal(again.loss_trace, sequential.loss_trace)
+    monitor = LLCMonitor(short(), every_n_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in (1, 2, 3):
+            monitor.maybe_estimate(step, model, cross_entropy, data)
+    assert len([w for w in caught if "one after another" in str(w.message)]) == 1
     with pytest.raises(RuntimeError, match=r"vectorize=True but torch\.func\.vmap failed"):
         estimate_llc(model, cross_entropy, data, short(vectorize=True))
 
@@ -275,12 +277,12 @@ def test_frozen_parameters_are_not_sampled():
     model = DropoutBatchNormNet()
     model.net[0].requires_grad_(False)
     forked = ForkedModel(model, cross_entropy, torch.device("cpu"), vectorize="auto")
-    assert forked.names == [
+    assert forked.layout.names == (
         "model.net.1.weight",
         "model.net.1.bias",
         "model.net.4.weight",
         "model.net.4.bias",
-    ]
+    )
 
 
 def test_low_precision_models_are_sampled_in_float32_and_left_alone():
@@ -304,11 +306,13 @@ def test_works_inside_no_grad_and_inference_mode(context):
     np.testing.assert_array_equal(result.loss_trace, expected.loss_trace)
 
 
-def test_progress_bar_is_shown_on_request(capsys):
+def test_progress_bar_is_shown_on_request_on_a_terminal_only(capsys, monkeypatch):
     torch.manual_seed(0)
-    estimate_llc(
-        DropoutBatchNormNet(), cross_entropy, classification_batches(), short(), progress=True
-    )
+    model, data = DropoutBatchNormNet(), classification_batches()
+    estimate_llc(model, cross_entropy, data, short(), progress=True)
+    assert "LLC chains" not in capsys.readouterr().err  # a log file gets no bar
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    estimate_llc(model, cross_entropy, data, short(), progress=True)
     assert "LLC chains" in capsys.readouterr().err
 
 
@@ -323,18 +327,20 @@ def test_progress_bar_is_shown_on_request(capsys):
     ],
 )
 def test_a_loss_that_is_not_a_scalar_tensor_is_refused(loss_fn, message):
-    with pytest.raises(TypeError, match=message):
+    with pytest.raises(ValueError, match=message):
         estimate_llc(DropoutBatchNormNet(), loss_fn, classification_batches(), short())
 
 
 def test_bad_arguments_are_refused_early():
     model, data = DropoutBatchNormNet(), classification_batches()
-    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
+    with pytest.raises(ValueError, match=r"model must be a torch\.nn\.Module"):
         estimate_llc(lambda x: x, cross_entropy, data)
-    with pytest.raises(TypeError, match="loss_fn must be callable"):
+    with pytest.raises(ValueError, match="loss_fn must be callable"):
         estimate_llc(model, "cross_entropy", data)
-    with pytest.raises(TypeError, match="config must be an LLCConfig"):
+    with pytest.raises(ValueError, match="config must be an LLCConfig"):
         estimate_llc(model, cross_entropy, data, {"num_chains": 2})
+    with pytest.raises(ValueError, match="step_size='auto' is resolved by calibrate"):
+        estimate_llc(model, cross_entropy, data, short(step_size="auto"))
     with pytest.raises(ValueError, match="data yielded no batches"):
         estimate_llc(model, cross_entropy, [], short())
     with pytest.raises(ValueError, match="cannot restart"):

@@ -1,32 +1,19 @@
 """Every example and the demo run, on small settings."""
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
-import wandb
-from test_plots_cli import png_size
+from models import FIGURE_SIZE, TINY, png_size
 
 from llc_callbacks import LLCConfig
 from llc_callbacks.integrations.wandb import history_rows
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
-import grokking
-import lightning_mlp
-import manual_loop
-import per_layer_transformer
-import rrr
-import transformers_gpt2
-
-TINY = LLCConfig(num_chains=2, num_burnin=5, num_draws=5, init_loss_batches=2)
+from llc_callbacks.theory import rrr_learning_coefficient
 
 
-def test_the_demo_writes_the_png_and_a_wandb_run_with_llc_and_accuracy(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    result = grokking.run(tmp_path, p=23, steps=300, estimates=5, config=TINY)
+def test_the_demo_writes_the_png_and_a_wandb_run_with_llc_and_accuracy(
+    tmp_path, wandb_dir, example
+):
+    result = example("grokking").run(tmp_path, p=23, steps=300, estimates=5, config=TINY)
     assert png_size(result["png"]) == (800, 700)
     rows = history_rows(result["wandb"])
     llc_steps = [row["trainer/global_step"] for row in rows if "llc/mean" in row]
@@ -34,43 +21,44 @@ def test_the_demo_writes_the_png_and_a_wandb_run_with_llc_and_accuracy(tmp_path,
     assert sum("test_acc" in row for row in rows) >= 10
     assert sum("train_loss" in row for row in rows) >= 10
     assert {"crossed_90", "llc_peak", "llc_final", "final_test_acc"} <= set(result)
-    wandb.teardown()
 
 
-def test_the_demo_finds_the_transition_in_a_run():
+def test_the_demo_finds_the_transition_in_a_run(example):
     rows = [{"step": s, "test_acc": a} for s, a in ((0, 0.1), (10, 0.5), (20, 0.95), (30, 1.0))]
     rows += [{"step": s, "llc/mean": v} for s, v in ((0, 5.0), (10, 9.0), (20, 3.0), (30, 1.0))]
-    summary = grokking.summarize(rows)
+    summary = example("grokking").summarize(rows)
     assert summary["crossed_90"] == 20
     assert summary["llc_peak"] == (10, 9.0)
     assert (summary["llc_at_crossing"], summary["llc_final"]) == (3.0, 1.0)
 
 
-def test_lightning_mlp(tmp_path):
-    history = lightning_mlp.main(steps=60, every=30, out=tmp_path)
+def test_lightning_mlp(tmp_path, example):
+    history = example("lightning_mlp").main(steps=60, every=30, out=tmp_path)
     assert [row["step"] for row in history] == [30, 60]
 
 
-def test_transformers_gpt2(tmp_path):
-    rows = transformers_gpt2.main(steps=20, every=10, out=tmp_path, llc=TINY)
+def test_transformers_gpt2(tmp_path, example):
+    rows = example("transformers_gpt2").main(steps=20, every=10, out=tmp_path, llc=TINY)
     assert [row["step"] for row in rows] == [10, 20]
 
 
-def test_manual_loop():
-    monitor = manual_loop.main(steps=40, every=20, config=TINY)
+def test_manual_loop(example):
+    monitor = example("manual_loop").main(steps=40, every=20, config=TINY)
     assert [row["step"] for row in monitor.history] == [0, 20, 40]
 
 
-def test_rrr_prints_estimates_beside_the_truth(capsys):
+def test_rrr_prints_estimates_beside_the_truth(capsys, example):
     short = LLCConfig(num_burnin=100, num_draws=200, step_size=2e-3, localization=0.3)
-    ((_, truth, estimate),) = rrr.main(cases=[(5, 3, 5, 2)], config=short)
-    assert truth == 9.5 and math.isfinite(estimate)
+    ((_, truth, estimate),) = example("rrr").main(cases=[(5, 3, 5, 2)], config=short)
+    assert truth == rrr_learning_coefficient(5, 3, 5, 2) == 9.5 and math.isfinite(estimate)
     assert "9.50" in capsys.readouterr().out
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_per_layer_transformer(tmp_path):
-    history, path = per_layer_transformer.main(steps=20, every=10, out=tmp_path, config=TINY)
+def test_per_layer_transformer(tmp_path, example):
+    history, path = example("per_layer_transformer").main(
+        steps=20, every=10, out=tmp_path, config=TINY
+    )
     assert [row["step"] for row in history] == [0, 10, 20]
     assert all(f"llc/layer{i}/mean" in history[-1] for i in range(3))
-    assert png_size(path) == (800, 450)
+    assert png_size(path) == FIGURE_SIZE

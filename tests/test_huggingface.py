@@ -1,13 +1,15 @@
 """LLCTrainerCallback with a real transformers Trainer on CPU, tiny models built from configs."""
 
 import math
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 import wandb
 from compare import assert_same_history
-from hf_helpers import TINY, TokenData, make_trainer, tiny_bert, tiny_gpt2
+from hf_helpers import TokenData, make_trainer, tiny_bert, tiny_gpt2
+from models import TINY, fails_in_chains
 
 from llc_callbacks.integrations.huggingface import LLCTrainerCallback
 from llc_callbacks.integrations.wandb import history_rows, offline_run_dir
@@ -54,17 +56,6 @@ def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
     # Every step's loss is logged, also at the steps where the LLC was logged.
     assert losses(watched) == losses(plain)
     assert [step for step, _ in losses(plain)] == list(range(1, 13))
-
-
-@pytest.fixture
-def wandb_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_PROJECT", "llc-callbacks-test")
-    yield tmp_path
-    wandb.finish()
-    wandb.teardown()
 
 
 def test_wandb_run_file_holds_the_llc_next_to_the_loss(tmp_path, wandb_dir):
@@ -148,9 +139,7 @@ def test_gradient_checkpointing_and_torch_compile(tmp_path):
 
 
 def test_a_failing_estimate_warns_logs_nan_and_training_goes_on(tmp_path):
-    def broken(model, batch):
-        raise RuntimeError("boom")
-
+    broken = fails_in_chains(lambda model, batch: model(**batch).loss)
     with pytest.warns(UserWarning, match="estimate at step 4 failed.*RuntimeError: boom"):
         trainer, _ = train(tmp_path, {"every_n_steps": 4, "loss_fn": broken})
     assert trainer.state.global_step == 12
@@ -173,7 +162,10 @@ def test_custom_loss_and_dataloader(tmp_path):
     assert len(callback.monitor.history) == 1
 
 
-def test_progress_bar_follows_disable_tqdm(tmp_path, capsys):
+def test_progress_bar_follows_disable_tqdm_on_a_terminal(tmp_path, capsys, monkeypatch):
+    train(tmp_path, {"steps": [1]}, max_steps=1, disable_tqdm=False)
+    assert "LLC chains" not in capsys.readouterr().err  # not a terminal: no bar in the log
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     train(tmp_path, {"steps": [1]}, max_steps=1, disable_tqdm=True)
     assert "LLC chains" not in capsys.readouterr().err
     train(tmp_path, {"steps": [1]}, max_steps=1, disable_tqdm=False)

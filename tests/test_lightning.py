@@ -3,19 +3,20 @@
 import csv
 import dataclasses
 import math
+import sys
 import warnings
 
 import lightning.pytorch as L
 import pytest
 import torch
-import wandb
 from compare import assert_same_history
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-from lightning_helpers import TINY, Classifier, loader, trainer
+from lightning_helpers import Classifier, loader, trainer
+from models import TINY, fails_in_chains
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from llc_callbacks.integrations.lightning import LLCCallback
+from llc_callbacks.integrations.lightning import LLCCallback, training_step_loss
 from llc_callbacks.integrations.wandb import history_rows, offline_run_dir
 
 
@@ -65,16 +66,6 @@ def test_csv_logger_gets_the_llc_at_exactly_the_scheduled_steps(tmp_path):
         assert all(row[f"llc/diag/{key}"] for key in ("num_diverged", "rhat", "ess"))
 
 
-@pytest.fixture
-def wandb_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    yield tmp_path
-    wandb.finish()
-    wandb.teardown()
-
-
 def test_wandb_run_file_holds_the_llc_at_the_scheduled_steps(tmp_path, wandb_dir):
     callback = LLCCallback(TINY, steps=[2, 5, 11], at_end=True)
     logger = WandbLogger(project="llc-callbacks-test", offline=True, save_dir=str(wandb_dir))
@@ -113,8 +104,20 @@ def test_log_spaced_schedule_spans_the_run(tmp_path):
 
 
 def test_log_spaced_needs_a_run_of_known_length(tmp_path):
-    with pytest.raises(ValueError, match="log_spaced needs a run of known length"):
-        fit(tmp_path, [LLCCallback(TINY, log_spaced=4)], max_steps=-1, max_epochs=-1)
+    endless = {"max_steps": -1, "max_epochs": -1}
+    strict = LLCCallback(TINY, log_spaced=4, on_error="raise")
+    with pytest.raises(ValueError, match=r"log_spaced needs total_steps.*max_steps"):
+        fit(tmp_path, [strict], **endless)
+    assert strict.monitor.history == []
+
+    class StopAtStep8(L.Callback):  # the run's length is not known in advance
+        def on_train_batch_end(self, trainer, *args):
+            trainer.should_stop = trainer.global_step >= 8
+
+    lenient = LLCCallback(TINY, log_spaced=4)
+    with pytest.warns(UserWarning, match=r"estimates are off.*log_spaced needs total_steps"):
+        _, run = fit(tmp_path, [lenient, StopAtStep8()], **endless)
+    assert run.global_step == 8 and lenient.monitor.history == []
 
 
 def test_custom_loss_and_dataloader_are_used(tmp_path):
@@ -130,7 +133,10 @@ def test_custom_loss_and_dataloader_are_used(tmp_path):
     assert len(callback.monitor.history) == 2
 
 
-def test_progress_bar_follows_the_trainers(tmp_path, capsys):
+def test_progress_bar_follows_the_trainers_on_a_terminal(tmp_path, capsys, monkeypatch):
+    fit(tmp_path, [LLCCallback(TINY, every_n_steps=12)], enable_progress_bar=True)
+    assert "LLC chains" not in capsys.readouterr().err  # not a terminal: no bar in the log
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     fit(tmp_path, [LLCCallback(TINY, every_n_steps=12)], enable_progress_bar=False)
     assert "LLC chains" not in capsys.readouterr().err
     fit(tmp_path, [LLCCallback(TINY, every_n_steps=12)], enable_progress_bar=True)
@@ -210,9 +216,7 @@ def test_two_differently_configured_callbacks_keep_separate_state(tmp_path):
 
 
 def test_a_failing_estimate_warns_logs_nan_and_training_goes_on(tmp_path):
-    def broken(module, batch):
-        raise RuntimeError("boom")
-
+    broken = fails_in_chains(training_step_loss)
     callback = LLCCallback(TINY, every_n_steps=4, loss_fn=broken)
     with pytest.warns(UserWarning, match="estimate at step 4 failed.*RuntimeError: boom"):
         _, run = fit(tmp_path, [callback], logger=CSVLogger(tmp_path))
@@ -223,12 +227,11 @@ def test_a_failing_estimate_warns_logs_nan_and_training_goes_on(tmp_path):
 
 
 def test_on_error_raise_stops_training(tmp_path):
-    def broken(module, batch):
-        raise RuntimeError("boom")
-
+    broken = fails_in_chains(training_step_loss)
     callback = LLCCallback(TINY, every_n_steps=4, loss_fn=broken, on_error="raise")
     with pytest.raises(RuntimeError, match="boom"):
         fit(tmp_path, [callback])
+    assert callback.monitor.history == []
 
 
 @pytest.mark.parametrize(

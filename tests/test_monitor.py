@@ -2,16 +2,16 @@
 
 import dataclasses
 import math
+import warnings
 
 import pytest
 import torch
-from models import DropoutBatchNormNet, classification_batches, cross_entropy
+from models import TINY, DropoutBatchNormNet, classification_batches, cross_entropy
 
-from llc_callbacks import LLCConfig, LLCMonitor, estimate_llc, log_spaced_steps
+from llc_callbacks import LLCMonitor, Restrictions, estimate_llc, log_spaced_steps
+from llc_callbacks.integrations.common import TrainerMonitor
 from llc_callbacks.monitor import step_seed
 from llc_callbacks.schedule import Schedule
-
-TINY = LLCConfig(num_chains=2, num_burnin=5, num_draws=5, init_loss_batches=2)
 
 
 def train(monitor: LLCMonitor | None, steps: int = 12) -> torch.nn.Module:
@@ -71,11 +71,12 @@ def test_errors_warn_and_report_nan_or_raise():
     model, data = DropoutBatchNormNet(), classification_batches()
     monitor = LLCMonitor(TINY, steps=[1])
     with pytest.warns(UserWarning, match="at step 1 failed.*ValueError: bad batch"):
-        metrics = monitor.maybe_estimate(1, model, broken, data)
+        metrics = monitor.estimate(1, model, broken, data)
+    assert metrics.keys() == {"llc/mean", "llc/std"}
     assert math.isnan(metrics["llc/mean"]) and math.isnan(metrics["llc/std"])
     assert monitor.history == [{"step": 1, **metrics}]
     with pytest.raises(ValueError, match="bad batch"):
-        LLCMonitor(TINY, steps=[1], on_error="raise").maybe_estimate(1, model, broken, data)
+        LLCMonitor(TINY, steps=[1], on_error="raise").estimate(1, model, broken, data)
 
 
 def test_schedules():
@@ -97,11 +98,13 @@ def test_schedules():
 
 
 def test_monitor_takes_the_total_steps_later_and_keeps_it_in_its_state():
-    monitor = LLCMonitor(TINY, log_spaced=3)
+    with pytest.raises(ValueError, match="log_spaced needs total_steps"):
+        LLCMonitor(TINY, log_spaced=3)  # a hand-written loop must say how long it runs
+    monitor = TrainerMonitor(TINY, log_spaced=3)  # an adapter fills it in from its trainer
     monitor.set_total_steps(100)
     monitor.set_total_steps(50)  # a resumed run must not move the schedule
     assert sorted(monitor.schedule.due_steps) == [1, 10, 100]
-    restored = LLCMonitor(TINY, log_spaced=3)
+    restored = TrainerMonitor(TINY, log_spaced=3)
     restored.load_state_dict(monitor.state_dict())
     assert restored.schedule.total_steps == 100
 
@@ -123,3 +126,93 @@ def test_monitor_takes_the_total_steps_later_and_keeps_it_in_its_state():
 def test_bad_arguments_raise_naming_them(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LLCMonitor(**kwargs)
+
+
+def non_scalar_loss(model, batch):
+    return torch.nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+MISTAKES = {
+    "non_scalar_loss": ({"loss_fn": non_scalar_loss}, "must return a scalar tensor"),
+    "empty_data": ({"data": []}, "data: data yielded no batches"),
+    "pattern": (
+        {"restrictions": Restrictions(weights={"first": "nothing.*"})},
+        "pattern 'nothing.*' matches no sampled parameter",
+    ),
+    "batches_of_one": (
+        {"data": classification_batches(batch_size=1)},
+        "nbeta='batch' needs a sampling batch size of at least 2",
+    ),
+}
+
+
+@pytest.mark.parametrize("mistake", MISTAKES)
+def test_mistakes_surface_at_the_first_call_before_any_estimate(mistake):
+    changes, message = MISTAKES[mistake]
+    model = DropoutBatchNormNet()
+    inputs = {"loss_fn": cross_entropy, "data": classification_batches(), **changes}
+    restrictions = inputs.pop("restrictions", None)
+
+    strict = LLCMonitor(TINY, steps=[5], on_error="raise", restrictions=restrictions)
+    with pytest.raises(ValueError, match=message):
+        strict.maybe_estimate(0, model, inputs["loss_fn"], inputs["data"])
+
+    lenient = LLCMonitor(TINY, every_n_steps=1, restrictions=restrictions)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(4):
+            assert lenient.maybe_estimate(step, model, inputs["loss_fn"], inputs["data"]) is None
+    (warning,) = [w for w in caught if "llc_callbacks" in str(w.message)]
+    assert "LLC estimates are off for this run" in str(warning.message)
+    assert message.split("(")[0] in str(warning.message)
+    assert not lenient.enabled and lenient.history == []
+
+
+def test_the_start_reports_how_many_weights_each_estimate_samples():
+    model = DropoutBatchNormNet()
+    restrictions = Restrictions(weights={"first": "net.0.*", "last": "net.4.weight"})
+    monitor = LLCMonitor(TINY, restrictions=restrictions)
+    metrics = monitor.start(model, cross_entropy, classification_batches())
+    assert metrics == {
+        "llc/num_sampled": sum(p.numel() for p in model.parameters()),
+        "llc/first/num_sampled": 6 * 16 + 16,
+        "llc/last/num_sampled": 16 * 3,
+    }
+
+
+class RaisesOnSecondPass:
+    """A data source whose first batch is fine and whose second pass raises."""
+
+    def __init__(self) -> None:
+        self.batches = classification_batches(samples=128)
+        self.passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        if self.passes > 1:
+            raise OSError("the source went away")
+        return iter(self.batches)
+
+
+def test_a_failing_restriction_fails_alone():
+    model, data = DropoutBatchNormNet(), classification_batches()
+    restrictions = Restrictions(
+        weights={"good": "net.0.*", "missing": "nothing.*"},
+        sources={"flaky": RaisesOnSecondPass(), "fine": classification_batches(seed=1)},
+        combinations=[("missing", "fine"), ("good", "fine")],
+    )
+    monitor = LLCMonitor(TINY, every_n_steps=1, restrictions=restrictions)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = monitor.estimate(1, model, cross_entropy, data)
+    for name in ("llc", "llc/good", "llc/fine", "llc/good/fine"):
+        assert math.isfinite(metrics[f"{name}/mean"]), name
+    for name in ("llc/missing", "llc/flaky", "llc/missing/fine"):
+        assert math.isnan(metrics[f"{name}/mean"]), name
+    failures = [str(w.message) for w in caught if "estimate failed" in str(w.message)]
+    assert len(failures) == 3
+    assert any("OSError: the source went away" in message for message in failures)
+    assert any("'nothing.*' matches no sampled parameter" in message for message in failures)
+    strict = LLCMonitor(TINY, every_n_steps=1, restrictions=restrictions, on_error="raise")
+    with pytest.raises(ValueError, match="matches no sampled parameter"):
+        strict.estimate(1, model, cross_entropy, data)

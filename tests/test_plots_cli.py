@@ -1,32 +1,22 @@
 """Plots and the `llc-callbacks plot` console script, on histories made by real short runs."""
 
 import re
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import lightning.pytorch as L
 import pytest
-import wandb
 from hf_helpers import make_trainer
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from lightning_helpers import TINY, Classifier, loader, trainer
-from models import mse_loss, rrr_problem
+from lightning_helpers import Classifier, loader, trainer
+from models import FIGURE_SIZE, TINY, mse_loss, png_size, rrr_problem
 
 from llc_callbacks import calibrate, estimate_llc
 from llc_callbacks.cli import main
 from llc_callbacks.integrations.huggingface import LLCTrainerCallback
 from llc_callbacks.integrations.lightning import LLCCallback
 from llc_callbacks.plotting import plot_calibration, plot_traces
-
-SIZE = (800, 450)  # FIGSIZE x DPI
-
-
-def png_size(path: Path) -> tuple[int, int]:
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
-    return struct.unpack(">II", data[16:24])
 
 
 def lightning_run(tmp_path, logger) -> None:
@@ -51,16 +41,19 @@ def trainer_state(tmp_path) -> Path:
     return tmp_path / "trainer_state.json"
 
 
+def wandb_runs(folder: Path, count: int) -> list[Path]:
+    """``count`` Lightning runs logged to W&B offline under ``folder``, their run folders."""
+    for _ in range(count):
+        logger = WandbLogger(project="llc-callbacks-test", offline=True, save_dir=str(folder))
+        lightning_run(folder, logger)
+        logger.experiment.finish()
+    return sorted(folder.glob("wandb/offline-run-*"))
+
+
 @pytest.fixture
-def wandb_run(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    logger = WandbLogger(project="llc-callbacks-test", offline=True, save_dir=str(tmp_path))
-    lightning_run(tmp_path, logger)
-    logger.experiment.finish()
-    yield next(tmp_path.glob("wandb/offline-run-*"))
-    wandb.teardown()
+def wandb_run(wandb_dir) -> Path:
+    (run,) = wandb_runs(wandb_dir, 1)
+    return run
 
 
 @pytest.mark.parametrize("run", ["csv_run", "trainer_state", "wandb_run"])
@@ -70,12 +63,21 @@ def test_plot_draws_each_history_format_to_png(run, request, tmp_path, capsys):
     assert main(["plot", str(path), "-o", str(output)]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == str(output)
     assert output.stat().st_size > 10_000  # a drawn figure, not an empty canvas
-    assert png_size(output) == SIZE
+    assert png_size(output) == FIGURE_SIZE
+
+
+def test_plot_draws_several_runs_in_one_figure(wandb_dir, capsys):
+    runs = wandb_runs(wandb_dir, 2)  # as `llc-callbacks plot logs/wandb/offline-run-*` finds
+    assert len(runs) == 2
+    assert main(["plot", *map(str, runs)]) == 0
+    output = wandb_dir / "wandb" / "llc_curve.png"  # in the folder the runs share
+    assert capsys.readouterr().out.splitlines()[-1] == str(output)
+    assert png_size(output) == FIGURE_SIZE
 
 
 def test_plot_writes_next_to_the_run_by_default(csv_run):
     assert main(["plot", str(csv_run.parent)]) == 0
-    assert png_size(csv_run.parent / "llc_curve.png") == SIZE
+    assert png_size(csv_run.parent / "llc_curve.png") == FIGURE_SIZE
 
 
 def test_the_console_script_is_installed(csv_run, tmp_path):
@@ -84,7 +86,7 @@ def test_the_console_script_is_installed(csv_run, tmp_path):
         [script, "plot", csv_run, "-o", tmp_path / "cli.png"], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
-    assert png_size(tmp_path / "cli.png") == SIZE
+    assert png_size(tmp_path / "cli.png") == FIGURE_SIZE
 
 
 def test_bad_input_exits_non_zero_with_a_clear_message(tmp_path, csv_run, capsys):
@@ -111,4 +113,4 @@ def test_trace_and_calibration_plots(tmp_path):
     calibration = calibrate(model, mse_loss, data, TINY, step_sizes=[1e-4, 1e-3, 1e2])
     plot_calibration(calibration, tmp_path / "calibration.png")
     for name in ("traces", "calibration"):
-        assert png_size(tmp_path / f"{name}.png") == SIZE
+        assert png_size(tmp_path / f"{name}.png") == FIGURE_SIZE

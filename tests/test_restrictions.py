@@ -6,18 +6,19 @@ import lightning.pytorch as L
 import numpy as np
 import pytest
 import torch
-import wandb
 from hf_helpers import TokenData, make_trainer, tiny_gpt2
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning_helpers import trainer
 from models import (
+    FIGURE_SIZE,
+    TINY,
     DropoutBatchNormNet,
     classification_batches,
     cross_entropy,
     linear_plus_rrr_problem,
     mse_loss,
+    png_size,
 )
-from test_plots_cli import SIZE, png_size
 from torch.utils.data import DataLoader
 
 from llc_callbacks import LLCConfig, Restrictions, estimate_llc, estimate_restricted_llcs
@@ -161,16 +162,12 @@ class TinyGPT(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
-def test_one_curve_per_attention_head_through_lightning(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
+def test_one_curve_per_attention_head_through_lightning(tmp_path, wandb_dir):
     L.seed_everything(0, verbose=False)
     module = TinyGPT()
     heads = head_masks(module)
     restrictions = Restrictions(weights=heads, partition=True)
-    tiny = LLCConfig(num_chains=2, num_burnin=5, num_draws=5, init_loss_batches=2)
-    callback = LLCCallback(tiny, every_n_steps=3, restrictions=restrictions)
+    callback = LLCCallback(TINY, every_n_steps=3, restrictions=restrictions)
     csv_logger = CSVLogger(tmp_path)
     wandb_logger = WandbLogger(project="llc-callbacks-test", offline=True, save_dir=str(tmp_path))
     run = trainer(tmp_path, callbacks=[callback], logger=[csv_logger, wandb_logger], max_steps=6)
@@ -184,15 +181,13 @@ def test_one_curve_per_attention_head_through_lightning(tmp_path, monkeypatch):
     assert any(row.get("llc/components/_type") == "images/separated" for row in wandb_rows)
     path = tmp_path / "heads.png"
     plot_components(callback.monitor.history, path=path)
-    assert png_size(path) == SIZE
-    wandb.teardown()
+    assert png_size(path) == FIGURE_SIZE
 
 
 def test_the_transformers_callback_takes_restrictions_too(tmp_path):
     hf = make_trainer(tmp_path)
-    tiny = LLCConfig(num_chains=2, num_burnin=5, num_draws=5, init_loss_batches=2)
     restrictions = Restrictions(weights={"embeddings": "transformer.w*e.*"})
-    hf.add_callback(LLCTrainerCallback(hf, tiny, steps=[4], restrictions=restrictions))
+    hf.add_callback(LLCTrainerCallback(hf, TINY, steps=[4], restrictions=restrictions))
     hf.train()
     logged = [row for row in hf.state.log_history if "llc/embeddings/mean" in row]
     assert [row["step"] for row in logged] == [4]

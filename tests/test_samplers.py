@@ -1,4 +1,5 @@
-"""The update rules against DESIGN.md section 1, written out element by element."""
+"""The update rules written out element by element: the SGLD step of Welling and Teh (2011) as
+Lau et al. (2023, arXiv:2308.12108) use it, and RMSprop-SGLD (Hitchcock and Hoogland 2025)."""
 
 import math
 
@@ -17,9 +18,11 @@ def random_inputs(seed=0):
 def test_sgld_step_is_the_welling_teh_update():
     weights, grad, noise, anchor = random_inputs()
     eps, nbeta, gamma = 1e-3, 46.0, 100.0
-    new = sgld_step(
+    state, info = sgld_step(
         SamplerState(weights), grad, noise, anchor, step_size=eps, nbeta=nbeta, localization=gamma
-    ).weights
+    )
+    new = state.weights
+    assert info.precond is None
     expected = (
         weights - eps / 2 * (nbeta * grad + gamma * (weights - anchor)) + math.sqrt(eps) * noise
     )
@@ -30,8 +33,8 @@ def test_sgld_step_does_not_scale_localization_by_nbeta():
     weights, _, _, anchor = random_inputs()
     zero = torch.zeros_like(weights)
     step = dict(step_size=1e-2, localization=1.0)
-    low = sgld_step(SamplerState(weights), zero, zero, anchor, nbeta=1.0, **step).weights
-    high = sgld_step(SamplerState(weights), zero, zero, anchor, nbeta=1000.0, **step).weights
+    low = sgld_step(SamplerState(weights), zero, zero, anchor, nbeta=1.0, **step)[0].weights
+    high = sgld_step(SamplerState(weights), zero, zero, anchor, nbeta=1000.0, **step)[0].weights
     torch.testing.assert_close(low, high)
 
 
@@ -49,7 +52,7 @@ def test_rmsprop_sgld_preconditions_drift_and_noise_with_loss_gradient_statistic
     weights, grad, noise, anchor = random_inputs()
     eps, nbeta, gamma, alpha, rms_eps = 1e-3, 46.0, 100.0, 0.9, 0.1
     square_avg = torch.rand_like(weights)
-    state = rmsprop_sgld_step(
+    state, info = rmsprop_sgld_step(
         SamplerState(weights, square_avg),
         grad,
         noise,
@@ -69,11 +72,12 @@ def test_rmsprop_sgld_preconditions_drift_and_noise_with_loss_gradient_statistic
     )
     torch.testing.assert_close(state.square_avg, v)
     torch.testing.assert_close(state.weights, expected)
+    torch.testing.assert_close(info.precond, g)  # what MALA's acceptance needs
 
 
 def test_rmsprop_sgld_starts_its_statistics_at_zero():
     weights, grad, noise, anchor = random_inputs()
-    state = rmsprop_sgld_step(
+    state, _ = rmsprop_sgld_step(
         SamplerState(weights),
         grad,
         noise,

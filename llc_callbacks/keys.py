@@ -1,0 +1,70 @@
+"""Metric keys; one function writes a key, one reads it back.
+
+A key is ``{prefix}/{field}`` for the full LLC and ``{prefix}/{name}/{field}`` for the
+restricted LLC ``name``.
+
+Fields are ``mean``, ``std``, ``chain_<i>``, ``init_loss``, ``num_sampled``, ``step_size``
+and ``diag/<diagnostic>``. Restriction names hold no ``/`` except a combination's one
+(``"<weights>/<source>"``), so the field is the last part of a key, or the last two after
+``diag``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+DIAGNOSTICS = "diag"
+
+
+class Key(NamedTuple):
+    """A metric key read back.
+
+    Attributes:
+        prefix: The metric prefix (``llc``, or ``train/llc`` as transformers logs it).
+        restriction: The restricted LLC's name, or ``None`` for the full LLC.
+        field: What the value is (``mean``, ``chain_0``, ``diag/rhat``, ...).
+    """
+
+    prefix: str
+    restriction: str | None
+    field: str
+
+
+def metric_key(prefix: str, field: str, restriction: str | None = None) -> str:
+    """The key of ``field`` of the full LLC, or of the restricted LLC ``restriction``."""
+    return f"{prefix}/{field}" if restriction is None else f"{prefix}/{restriction}/{field}"
+
+
+def parse_key(key: str, prefix: str) -> Key | None:
+    """Read a key written by ``metric_key`` with this prefix.
+
+    Args:
+        key: A logged key.
+        prefix: The prefix the metrics were written with.
+
+    Returns:
+        The key's parts, or ``None`` if it does not start with ``{prefix}/``.
+    """
+    if not key.startswith(prefix + "/"):
+        return None
+    parts = key[len(prefix) + 1 :].split("/")
+    width = 2 if len(parts) >= 2 and parts[-2] == DIAGNOSTICS else 1
+    restriction = "/".join(parts[:-width]) or None
+    return Key(prefix, restriction, "/".join(parts[-width:]))
+
+
+def find_prefix(keys: set[str], prefix: str = "llc") -> str | None:
+    """The prefix under which ``keys`` hold a full LLC mean, a trainer's own included.
+
+    Args:
+        keys: The keys a run logged.
+        prefix: The prefix the callback was given; a trainer may put its own in front
+            (transformers logs ``llc/mean`` as ``train/llc/mean``).
+
+    Returns:
+        The shortest ``P`` equal to ``prefix`` or ending with ``/{prefix}`` such that
+        ``{P}/mean`` is in ``keys``; ``None`` if there is none.
+    """
+    mean = metric_key(prefix, "mean")
+    found = [key for key in keys if key == mean or key.endswith("/" + mean)]
+    return min(found, key=len).removesuffix("/mean") if found else None
