@@ -38,3 +38,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/step_cost.py
 	$(PY) benchmarks/vs_devinterp.py
 	$(PY) benchmarks/restrictions.py
+	$(PY) benchmarks/preflight.py

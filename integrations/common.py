@@ -7,16 +7,13 @@ here; the trainer-specific parts (hooks, loss, data, logging calls) stay in its 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection, Iterable, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Collection, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
-from llc_callbacks.config import LLCConfig
-from llc_callbacks.forked import LossFn
 from llc_callbacks.monitor import LLCMonitor
 from llc_callbacks.plotting import component_names, plot_components, plot_traces, to_pixels
-from llc_callbacks.restrictions import Restrictions
 from llc_callbacks.validation import check_bool
 
 # A receiver of a figure: ``sink(name, pixels, step)`` logs it as ``{prefix}/{name}``.
@@ -29,42 +26,28 @@ class TrainerMonitor(LLCMonitor):
     total_steps_later = True
 
 
-def build_monitor(
-    config: LLCConfig | None,
-    *,
-    every_n_steps: int | None,
-    steps: Sequence[int] | None,
-    log_spaced: int | None,
-    at_start: bool,
-    at_end: bool,
-    loss_fn: LossFn | None,
-    dataloader: Iterable[Any] | None,
-    prefix: str,
-    on_error: Literal["warn", "raise"],
-    log_trace_plot: bool,
-    restrictions: Restrictions | None,
-) -> TrainerMonitor:
-    """Validate a callback's arguments and build its monitor.
+# The callbacks' own arguments, beside those they pass on to their monitor.
+ADAPTER_ARGUMENTS = ("loss_fn", "dataloader", "log_trace_plot")
+
+
+def build_monitor(arguments: Mapping[str, Any]) -> TrainerMonitor:
+    """Validate a callback's arguments and build its monitor from the rest.
+
+    Args:
+        arguments: The callback's keyword arguments by name (``config``, the schedule,
+            ``prefix``, ``on_error``, ``restrictions`` and ``ADAPTER_ARGUMENTS``).
 
     Raises:
         ValueError: For a bad argument, naming it.
     """
+    loss_fn, dataloader, log_trace_plot = (arguments[name] for name in ADAPTER_ARGUMENTS)
     if loss_fn is not None and not callable(loss_fn):
         raise ValueError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
     if dataloader is not None and not isinstance(dataloader, Iterable):
         raise ValueError(f"dataloader must be an iterable of batches, got {dataloader!r}")
     check_bool("log_trace_plot", log_trace_plot)
-    return TrainerMonitor(
-        config,
-        every_n_steps=every_n_steps,
-        steps=steps,
-        log_spaced=log_spaced,
-        at_start=at_start,
-        at_end=at_end,
-        prefix=prefix,
-        on_error=on_error,
-        restrictions=restrictions,
-    )
+    monitor_arguments = {k: v for k, v in arguments.items() if k not in ADAPTER_ARGUMENTS}
+    return TrainerMonitor(**monitor_arguments)
 
 
 def state_key(

@@ -91,20 +91,9 @@ class LLCTrainerCallback(TrainerCallback):
             raise ValueError(
                 f"trainer must be a transformers.Trainer, got {type(trainer).__name__}"
             )
-        self.monitor = build_monitor(
-            config,
-            every_n_steps=every_n_steps,
-            steps=steps,
-            log_spaced=log_spaced,
-            at_start=at_start,
-            at_end=at_end,
-            loss_fn=loss_fn,
-            dataloader=dataloader,
-            prefix=prefix,
-            on_error=on_error,
-            log_trace_plot=log_trace_plot,
-            restrictions=restrictions,
-        )
+        arguments = dict(locals())  # the signature's arguments, by name
+        del arguments["self"], arguments["trainer"]
+        self.monitor = build_monitor(arguments)
         self.trainer = trainer
         self.loss_fn = loss_fn
         self.dataloader = dataloader

@@ -95,20 +95,9 @@ class LLCCallback(Callback):
         log_trace_plot: bool = False,
         restrictions: Restrictions | None = None,
     ) -> None:
-        self.monitor = build_monitor(
-            config,
-            every_n_steps=every_n_steps,
-            steps=steps,
-            log_spaced=log_spaced,
-            at_start=at_start,
-            at_end=at_end,
-            loss_fn=loss_fn,
-            dataloader=dataloader,
-            prefix=prefix,
-            on_error=on_error,
-            log_trace_plot=log_trace_plot,
-            restrictions=restrictions,
-        )
+        arguments = dict(locals())  # the signature's arguments, by name
+        del arguments["self"]
+        self.monitor = build_monitor(arguments)
         self.loss_fn = loss_fn
         self.dataloader = dataloader
         self.restrictions = restrictions

@@ -1,6 +1,8 @@
 """Read a W&B offline run back: its history rows, for tests and ``llc-callbacks plot``.
 
 wandb 0.30 and later ship no Python reader for run files, and ``wandb.Api`` needs the server.
+Read a run once the process that wrote it has ended or called ``wandb.teardown()``:
+``run.finish()`` returns before wandb-core has written the file's last 32 KiB block.
 Format: a 7-byte header (b":W&B", uint16 magic 0xBEE1, uint8 version), then a LevelDB-style
 log in 32 KiB blocks; each record has a 7-byte header (crc32 uint32, length uint16, type
 uint8: 1 full, 2 first, 3 middle, 4 last) and a payload that is a wandb Record protobuf.
@@ -33,6 +35,8 @@ def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
             offset += BLOCK - offset % BLOCK
             continue
         _crc, length, kind = struct.unpack("<IHB", data[offset : offset + 7])
+        if offset + 7 + length > len(data):  # a record still being written: stop before it
+            break
         payload = data[offset + 7 : offset + 7 + length]
         offset += 7 + length
         if kind == 0 and length == 0:  # zero padding up to the end of the block

@@ -2,7 +2,8 @@
 
 Three formats: a Lightning ``CSVLogger`` ``metrics.csv``, a transformers
 ``trainer_state.json`` (its ``log_history``), and a W&B offline run folder (read with
-``llc_callbacks.integrations.wandb``, which needs wandb installed).
+``llc_callbacks.integrations.wandb``, which needs wandb installed) of a run whose process
+has ended.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ import pytest
 import torch
 import wandb
 
+from llc_callbacks.integrations.wandb import history_rows, offline_run_dir
+
 torch.set_num_threads(1)
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
@@ -28,6 +30,22 @@ def wandb_dir(tmp_path, monkeypatch):
     yield tmp_path
     wandb.finish()
     wandb.teardown()
+
+
+@pytest.fixture
+def wandb_rows(wandb_dir):
+    """Read back the history rows of an offline run, once they are all on disk.
+
+    ``finish()`` returns before wandb-core has written the run file's last 32 KiB block (it
+    only sends the service a notice); ``wandb.teardown()`` waits for the service to close
+    every run's file. Call ``finish()`` on the run first.
+    """
+
+    def read(run_dir=None) -> list[dict]:
+        wandb.teardown()
+        return history_rows(run_dir if run_dir is not None else offline_run_dir(wandb_dir))
+
+    return read
 
 
 @pytest.fixture

@@ -19,6 +19,8 @@ from torch import nn
 from llc_callbacks import LLCConfig, estimate_llc
 from llc_callbacks.theory import rrr_learning_coefficient
 
+pytestmark = pytest.mark.slow  # make test-fast skips it
+
 RRR_CASES = [(5, 3, 5, 0), (5, 3, 5, 2), (4, 3, 8, 1), (10, 6, 10, 3)]
 # nβ = B / log B with B = 256. A weak localization (0.3) keeps the flat directions of the
 # singular models open while 1000 burn-in steps of size 2e-3 reach a flat trace.

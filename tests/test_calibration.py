@@ -33,6 +33,7 @@ def calibration(rrr):
     return calibrate(model, mse_loss, data, SWEEP, step_sizes=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2])
 
 
+@pytest.mark.slow
 def test_calibrate_recommends_a_step_size_that_gets_the_known_llc(rrr, calibration):
     model, data = rrr
     recommended = calibration.recommended
@@ -79,6 +80,7 @@ def test_a_burn_in_of_a_few_steps_is_flagged_as_drifting(rrr, calibration):
     assert "drifting" not in healthy.problems()
 
 
+@pytest.mark.slow
 def test_mala_acceptance_is_high_for_a_good_step_size_and_low_for_a_large_one(rrr):
     model, data = rrr
     config = dataclasses.replace(SWEEP, num_draws=400, mala=True)
@@ -113,6 +115,7 @@ def test_a_monitor_warns_about_each_failed_check_once_per_run():
     assert not [w for w in caught if "chains diverged" in str(w.message)]
 
 
+@pytest.mark.slow
 def test_auto_step_size_is_calibrated_once_logged_once_and_kept_across_resume(rrr):
     model, data = rrr
     config = dataclasses.replace(SWEEP, step_size="auto")

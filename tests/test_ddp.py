@@ -16,6 +16,8 @@ from lightning_helpers import Classifier
 
 from llc_callbacks import LLCMonitor
 
+pytestmark = pytest.mark.slow  # make test-fast skips it
+
 HERE = Path(__file__).parent
 
 
@@ -64,7 +66,13 @@ def test_ddp_splits_chains_logs_once_and_matches_a_single_process(tmp_path):
 def test_a_failure_on_one_rank_is_reported_on_all_without_deadlock(tmp_path):
     done = run_script(tmp_path, "fail_on_rank_1")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "failed on rank 1: RuntimeError: chains failed on rank 1 only" in done.stderr
+    shown = [json.loads((tmp_path / f"warnings_{r}.json").read_text()) for r in (0, 1)]
+    for messages in shown:  # each rank warns about the estimates it could not make
+        failures = [m for m in messages if "estimate at step" in m]
+        assert len(failures) == len(STEPS)
+        assert all(
+            "failed on rank 1: RuntimeError: chains failed on rank 1 only" in m for m in failures
+        )
     histories = [json.loads((tmp_path / f"history_{r}.json").read_text()) for r in (0, 1)]
     for history in histories:
         assert [row["step"] for row in history] == STEPS

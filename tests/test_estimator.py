@@ -168,6 +168,7 @@ def test_diverged_chains_are_counted_and_left_out_of_the_mean():
     assert np.isfinite(result.loss_trace[~diverged]).all()
 
 
+@pytest.mark.slow
 def test_pairing_removes_the_noise_of_the_initial_loss():
     model, data = rrr_problem(5, 3, 5, 2)
     x, y = data.tensors

@@ -6,16 +6,16 @@ import pytest
 from models import FIGURE_SIZE, TINY, png_size
 
 from llc_callbacks import LLCConfig
-from llc_callbacks.integrations.wandb import history_rows
 from llc_callbacks.theory import rrr_learning_coefficient
 
 
+@pytest.mark.slow
 def test_the_demo_writes_the_png_and_a_wandb_run_with_llc_and_accuracy(
-    tmp_path, wandb_dir, example
+    tmp_path, wandb_rows, example
 ):
     result = example("grokking").run(tmp_path, p=23, steps=300, estimates=5, config=TINY)
     assert png_size(result["png"]) == (800, 700)
-    rows = history_rows(result["wandb"])
+    rows = wandb_rows(result["wandb"])
     llc_steps = [row["trainer/global_step"] for row in rows if "llc/mean" in row]
     assert llc_steps[0] == 0 and llc_steps[-1] == 300 and len(llc_steps) >= 4
     assert sum("test_acc" in row for row in rows) >= 10
@@ -32,11 +32,13 @@ def test_the_demo_finds_the_transition_in_a_run(example):
     assert (summary["llc_at_crossing"], summary["llc_final"]) == (3.0, 1.0)
 
 
+@pytest.mark.slow
 def test_lightning_mlp(tmp_path, example):
     history = example("lightning_mlp").main(steps=60, every=30, out=tmp_path)
     assert [row["step"] for row in history] == [30, 60]
 
 
+@pytest.mark.slow
 def test_transformers_gpt2(tmp_path, example):
     rows = example("transformers_gpt2").main(steps=20, every=10, out=tmp_path, llc=TINY)
     assert [row["step"] for row in rows] == [10, 20]
@@ -54,6 +56,7 @@ def test_rrr_prints_estimates_beside_the_truth(capsys, example):
     assert "9.50" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_per_layer_transformer(tmp_path, example):
     history, path = example("per_layer_transformer").main(

@@ -12,7 +12,6 @@ from hf_helpers import TokenData, make_trainer, tiny_bert, tiny_gpt2
 from models import TINY, fails_in_chains
 
 from llc_callbacks.integrations.huggingface import LLCTrainerCallback
-from llc_callbacks.integrations.wandb import history_rows, offline_run_dir
 
 
 def train(tmp_path, callback_kwargs=None, resume=None, **changes):
@@ -58,10 +57,10 @@ def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
     assert [step for step, _ in losses(plain)] == list(range(1, 13))
 
 
-def test_wandb_run_file_holds_the_llc_next_to_the_loss(tmp_path, wandb_dir):
+def test_wandb_run_file_holds_the_llc_next_to_the_loss(tmp_path, wandb_dir, wandb_rows):
     trainer, callback = train(tmp_path, {"steps": [3, 7, 12]}, report_to="wandb")
     wandb.finish()
-    rows = history_rows(offline_run_dir(wandb_dir))
+    rows = wandb_rows()
     llc = [
         (row["train/global_step"], row["train/llc/mean"]) for row in rows if "train/llc/mean" in row
     ]
@@ -121,6 +120,7 @@ def test_gradient_accumulation_neither_repeats_nor_skips(tmp_path):
     assert [row["step"] for row in callback.monitor.history] == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_and_torch_compile(tmp_path):
     _, plain = train(tmp_path / "plain", {"steps": [0, 3]}, max_steps=3)
     _, checkpointed = train(
@@ -190,10 +190,10 @@ def test_bad_arguments_raise_naming_them(tmp_path, kwargs, message):
         LLCTrainerCallback(trainer.args)
 
 
-def test_trace_plots_go_to_wandb_as_images(tmp_path, wandb_dir):
+def test_trace_plots_go_to_wandb_as_images(tmp_path, wandb_dir, wandb_rows):
     train(tmp_path, {"steps": [4, 8], "log_trace_plot": True}, report_to="wandb")
     wandb.finish()
-    rows = history_rows(offline_run_dir(wandb_dir))
+    rows = wandb_rows()
     images = [row for row in rows if "train/llc/trace/_type" in row]
     assert [row["train/global_step"] for row in images] == [4, 8]
     assert all(row["train/llc/trace/width"] == 800 for row in images)

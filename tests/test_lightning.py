@@ -17,7 +17,6 @@ from models import TINY, fails_in_chains
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from llc_callbacks.integrations.lightning import LLCCallback, training_step_loss
-from llc_callbacks.integrations.wandb import history_rows, offline_run_dir
 
 
 def fit(tmp_path, callbacks=(), make_module=Classifier, data=None, ckpt_path=None, **kwargs):
@@ -66,12 +65,12 @@ def test_csv_logger_gets_the_llc_at_exactly_the_scheduled_steps(tmp_path):
         assert all(row[f"llc/diag/{key}"] for key in ("num_diverged", "rhat", "ess"))
 
 
-def test_wandb_run_file_holds_the_llc_at_the_scheduled_steps(tmp_path, wandb_dir):
+def test_wandb_run_file_holds_the_llc_at_the_scheduled_steps(tmp_path, wandb_dir, wandb_rows):
     callback = LLCCallback(TINY, steps=[2, 5, 11], at_end=True)
     logger = WandbLogger(project="llc-callbacks-test", offline=True, save_dir=str(wandb_dir))
     fit(tmp_path, [callback], logger=logger)
-    logger.experiment.finish()  # writes the run file; the global wandb.run may be another
-    rows = history_rows(offline_run_dir(wandb_dir))
+    logger.experiment.finish()  # the global wandb.run may be another
+    rows = wandb_rows()
     llc = [row for row in rows if "llc/mean" in row]
     assert [row["trainer/global_step"] for row in llc] == [2, 5, 11, 12]
     assert [row["llc/mean"] for row in llc] == [h["llc/mean"] for h in callback.monitor.history]
@@ -334,12 +333,12 @@ def test_auto_step_size_is_calibrated_once_frozen_and_resumed(tmp_path):
     assert resumed.monitor.last_result.config.step_size == chosen
 
 
-def test_trace_plots_go_to_wandb_as_images(tmp_path, wandb_dir):
+def test_trace_plots_go_to_wandb_as_images(tmp_path, wandb_dir, wandb_rows):
     callback = LLCCallback(TINY, steps=[4, 8], log_trace_plot=True)
     logger = WandbLogger(project="llc-callbacks-test", offline=True, save_dir=str(wandb_dir))
     fit(tmp_path, [callback], logger=logger)
-    logger.experiment.finish()  # writes the run file; the global wandb.run may be another
-    rows = history_rows(offline_run_dir(wandb_dir))
+    logger.experiment.finish()  # the global wandb.run may be another
+    rows = wandb_rows()
     images = [row for row in rows if "llc/trace/_type" in row]
     assert [row["trainer/global_step"] for row in images] == [4, 8]
     assert all(row["llc/trace/_type"] == "images/separated" for row in images)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning.pytorch as L
 import pytest
+import wandb
 from hf_helpers import make_trainer
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning_helpers import Classifier, loader, trainer
@@ -47,6 +48,7 @@ def wandb_runs(folder: Path, count: int) -> list[Path]:
         logger = WandbLogger(project="llc-callbacks-test", offline=True, save_dir=str(folder))
         lightning_run(folder, logger)
         logger.experiment.finish()
+        wandb.teardown()  # finish() returns before the run file is complete; this waits
     return sorted(folder.glob("wandb/offline-run-*"))
 
 
@@ -80,6 +82,7 @@ def test_plot_writes_next_to_the_run_by_default(csv_run):
     assert png_size(csv_run.parent / "llc_curve.png") == FIGURE_SIZE
 
 
+@pytest.mark.slow
 def test_the_console_script_is_installed(csv_run, tmp_path):
     script = Path(sys.executable).parent / "llc-callbacks"
     done = subprocess.run(

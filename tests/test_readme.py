@@ -7,12 +7,15 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 import torch
 import wandb
 from hf_helpers import TokenData, tiny_gpt2
 from lightning_helpers import Classifier, loader
 from models import DropoutBatchNormNet, cross_entropy
 from torch.utils.data import DataLoader
+
+pytestmark = pytest.mark.slow  # make test-fast skips it
 
 ROOT = Path(__file__).parents[1]
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.MULTILINE | re.DOTALL)

@@ -18,7 +18,6 @@ from models import TINY, classification_batches, fails_in_chains
 from llc_callbacks import LLCConfig, Restrictions
 from llc_callbacks.integrations.huggingface import LLCTrainerCallback
 from llc_callbacks.integrations.lightning import LLCCallback, training_step_loss
-from llc_callbacks.integrations.wandb import history_rows, offline_run_dir
 
 FIRST_LAYER = Restrictions(weights={"first": "net.net.0.*"})
 
@@ -44,7 +43,7 @@ def without_matplotlib(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
 
 
-def test_lightning_reaches_its_end_when_every_estimate_fails(tmp_path, wandb_dir):
+def test_lightning_reaches_its_end_when_every_estimate_fails(tmp_path, wandb_dir, wandb_rows):
     broken = fails_in_chains(training_step_loss)
     callback = LLCCallback(TINY, every_n_steps=4, loss_fn=broken, restrictions=FIRST_LAYER)
     logger = WandbLogger(project="llc-callbacks-test", offline=True, save_dir=str(wandb_dir))
@@ -53,7 +52,7 @@ def test_lightning_reaches_its_end_when_every_estimate_fails(tmp_path, wandb_dir
     logger.experiment.finish()
     assert run.global_step == 12
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
-    rows = history_rows(offline_run_dir(wandb_dir))
+    rows = wandb_rows()
     llc = [(row["trainer/global_step"], row["llc/mean"]) for row in rows if "llc/mean" in row]
     assert [step for step, _ in llc] == [4, 8, 12]
     assert all(math.isnan(value) for _, value in llc)
@@ -75,7 +74,9 @@ def test_transformers_reaches_its_end_when_every_estimate_fails(tmp_path):
     assert len(llc) == 3 and all(math.isnan(value) for value in llc)
 
 
-def test_without_matplotlib_figures_are_one_warning_in_lightning(tmp_path, wandb_dir, monkeypatch):
+def test_without_matplotlib_figures_are_one_warning_in_lightning(
+    tmp_path, wandb_dir, monkeypatch, wandb_rows
+):
     without_matplotlib(monkeypatch)
     callback = LLCCallback(TINY, every_n_steps=4, log_trace_plot=True, restrictions=FIRST_LAYER)
     logger = WandbLogger(project="llc-callbacks-test", offline=True, save_dir=str(wandb_dir))
@@ -86,7 +87,7 @@ def test_without_matplotlib_figures_are_one_warning_in_lightning(tmp_path, wandb
     assert run.global_step == 12
     (warning,) = [m for m in llc_warnings(caught) if "matplotlib" in m]
     assert "pip install 'llc-callbacks[plot]'" in warning
-    rows = history_rows(offline_run_dir(wandb_dir))
+    rows = wandb_rows()
     assert [row["trainer/global_step"] for row in rows if "llc/mean" in row] == [4, 8, 12]
 
 

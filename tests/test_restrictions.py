@@ -24,7 +24,6 @@ from torch.utils.data import DataLoader
 from llc_callbacks import LLCConfig, Restrictions, estimate_llc, estimate_restricted_llcs
 from llc_callbacks.integrations.huggingface import LLCTrainerCallback
 from llc_callbacks.integrations.lightning import LLCCallback
-from llc_callbacks.integrations.wandb import history_rows
 from llc_callbacks.plotting import plot_components
 
 # The accuracy tests' settings. Over seeds 0-4 the restricted estimates stayed within
@@ -39,6 +38,7 @@ def problem():
     return linear_plus_rrr_problem()
 
 
+@pytest.mark.slow
 def test_restricted_llcs_of_disjoint_groups_are_their_own_and_add_up(problem):
     model, both, only_linear, only_rrr = problem
     restrictions = Restrictions(
@@ -162,7 +162,7 @@ class TinyGPT(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
-def test_one_curve_per_attention_head_through_lightning(tmp_path, wandb_dir):
+def test_one_curve_per_attention_head_through_lightning(tmp_path, wandb_rows):
     L.seed_everything(0, verbose=False)
     module = TinyGPT()
     heads = head_masks(module)
@@ -177,8 +177,8 @@ def test_one_curve_per_attention_head_through_lightning(tmp_path, wandb_dir):
         rows = list(csv.DictReader(file))
     for name in heads:
         assert [int(r["step"]) for r in rows if r.get(f"llc/{name}/mean")] == [3, 6]
-    wandb_rows = history_rows(next(tmp_path.glob("wandb/offline-run-*")))
-    assert any(row.get("llc/components/_type") == "images/separated" for row in wandb_rows)
+    rows = wandb_rows()
+    assert any(row.get("llc/components/_type") == "images/separated" for row in rows)
     path = tmp_path / "heads.png"
     plot_components(callback.monitor.history, path=path)
     assert png_size(path) == FIGURE_SIZE

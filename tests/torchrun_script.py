@@ -17,6 +17,8 @@ from llc_callbacks.integrations.huggingface import LLCTrainerCallback
 # Chains in sequence, so that counting loss calls shows how many chains each process ran.
 CONFIG = LLCConfig(num_chains=3, num_burnin=5, num_draws=5, init_loss_batches=2, vectorize=False)
 STEPS = [4, 8]
+# The check when training starts evaluates the loss once on every process.
+CHECK_LOSS_CALLS = 1
 
 
 def loss_calls_per_estimate(chains: int) -> int:
