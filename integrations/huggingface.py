@@ -14,14 +14,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.forked import LossFn
-from llc_callbacks.integrations.common import (
-    Sink,
-    build_monitor,
-    log_components_figure,
-    log_trace_figure,
-    state_key,
-    warn_if_state_is_stale,
-)
+from llc_callbacks.integrations import common
 from llc_callbacks.restrictions import Restrictions
 
 
@@ -93,13 +86,15 @@ class LLCTrainerCallback(TrainerCallback):
             )
         arguments = dict(locals())  # the signature's arguments, by name
         del arguments["self"], arguments["trainer"]
-        self.monitor = build_monitor(arguments)
+        self.monitor = common.build_monitor(arguments)
         self.trainer = trainer
         self.loss_fn = loss_fn
         self.dataloader = dataloader
         self.log_trace_plot = log_trace_plot
         # The monitor's state travels in TrainerState.stateful_callbacks under this key.
-        self.state_key = state_key("LLCTrainerCallback", self.monitor, every_n_steps, log_spaced)
+        self.state_key = common.state_key(
+            "LLCTrainerCallback", self.monitor, every_n_steps, log_spaced
+        )
         self._data: Iterable[Any] | None = None
 
     def on_train_begin(
@@ -113,19 +108,20 @@ class LLCTrainerCallback(TrainerCallback):
     ) -> None:
         """Restore a resumed run's history, check the inputs, and estimate if ``at_start``."""
         saved = state.stateful_callbacks or {}
-        warn_if_state_is_stale(self.monitor, "LLCTrainerCallback", self.state_key, saved)
+        common.warn_if_state_is_stale(self.monitor, "LLCTrainerCallback", self.state_key, saved)
         if self.state_key in saved:
             self.monitor.load_state_dict(saved[self.state_key])
         if self.monitor.schedule.log_spaced:
             self.monitor.set_total_steps(state.max_steps)
-        self._data = (
-            self.dataloader if self.dataloader is not None else _own_loader(train_dataloader, args)
-        )
-        with _chains_ready(model):
-            metrics = self.monitor.start(
-                model, self._loss_fn(), self._data, device=next(model.parameters()).device
-            )
-        self._log(control, metrics)
+        with self.monitor.reporting("choosing the LLC estimates' data", disable=True):
+            own = self.dataloader is None
+            self._data = _own_loader(train_dataloader, args) if own else self.dataloader
+        if self.monitor.enabled:
+            with _chains_ready(model):
+                metrics = self.monitor.start(
+                    model, self._loss_fn(), self._data, device=next(model.parameters()).device
+                )
+            self._log(control, metrics)
         self._maybe_estimate(args, state, control, model)
 
     def on_step_end(
@@ -149,7 +145,9 @@ class LLCTrainerCallback(TrainerCallback):
     ) -> None:
         """Estimate at the end of training if ``at_end`` and not already done."""
         self._maybe_estimate(args, state, control, model, final=True)
-        log_components_figure(self.monitor, self._image_sinks(args, state), state.global_step)
+        common.log_components_figure(
+            self.monitor, self._image_sinks(args, state), state.global_step
+        )
 
     def _maybe_estimate(
         self,
@@ -176,7 +174,7 @@ class LLCTrainerCallback(TrainerCallback):
             state.stateful_callbacks[self.state_key] = self.monitor.state_dict()
         self._log(control, metrics)
         if self.log_trace_plot:
-            log_trace_figure(self.monitor, self._image_sinks(args, state), step)
+            common.log_trace_figure(self.monitor, self._image_sinks(args, state), step)
 
     def _loss_fn(self) -> LossFn:
         return self.loss_fn or self._trainer_loss
@@ -191,7 +189,7 @@ class LLCTrainerCallback(TrainerCallback):
             self.trainer.log(dict(metrics))
         control.should_log = should_log
 
-    def _image_sinks(self, args: TrainingArguments, state: TrainerState) -> list[Sink]:
+    def _image_sinks(self, args: TrainingArguments, state: TrainerState) -> list[common.Sink]:
         """The W&B run the Trainer reports to, on the main process: the receiver of figures."""
         if "wandb" not in args.report_to or not state.is_world_process_zero:
             return []

@@ -20,14 +20,7 @@ from typing_extensions import override
 
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.forked import LossFn
-from llc_callbacks.integrations.common import (
-    Sink,
-    build_monitor,
-    log_components_figure,
-    log_trace_figure,
-    state_key,
-    warn_if_state_is_stale,
-)
+from llc_callbacks.integrations import common
 from llc_callbacks.restrictions import Restrictions
 
 
@@ -97,12 +90,12 @@ class LLCCallback(Callback):
     ) -> None:
         arguments = dict(locals())  # the signature's arguments, by name
         del arguments["self"]
-        self.monitor = build_monitor(arguments)
+        self.monitor = common.build_monitor(arguments)
         self.loss_fn = loss_fn
         self.dataloader = dataloader
         self.restrictions = restrictions
         self.log_trace_plot = log_trace_plot
-        self._state_key = state_key("LLCCallback", self.monitor, every_n_steps, log_spaced)
+        self._state_key = common.state_key("LLCCallback", self.monitor, every_n_steps, log_spaced)
         self._data: Iterable[Any] | None = None
 
     @property
@@ -135,7 +128,7 @@ class LLCCallback(Callback):
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         saved = checkpoint.get("callbacks", {})
-        warn_if_state_is_stale(self.monitor, "LLCCallback", self.state_key, saved)
+        common.warn_if_state_is_stale(self.monitor, "LLCCallback", self.state_key, saved)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -143,19 +136,21 @@ class LLCCallback(Callback):
             total = trainer.estimated_stepping_batches
             if math.isfinite(total):
                 self.monitor.set_total_steps(int(total))
-        loader = self.dataloader if self.dataloader is not None else _own_loader(trainer)
-        self._data = _ModuleBatches(loader, pl_module)
+        with self.monitor.reporting("choosing the LLC estimates' data", disable=True):
+            loader = self.dataloader if self.dataloader is not None else _own_loader(trainer)
+            self._data = _ModuleBatches(loader, pl_module)
         if self.restrictions is not None:
             sources = self.restrictions.sources
             self.monitor.restrictions = dataclasses.replace(
                 self.restrictions,
                 sources={name: _ModuleBatches(data, pl_module) for name, data in sources.items()},
             )
-        with _chain_ready(pl_module):
-            metrics = self.monitor.start(
-                pl_module, self._loss_fn(), self._data, device=pl_module.device
-            )
-        self._log(trainer, metrics)
+        if self.monitor.enabled:
+            with _chain_ready(pl_module):
+                metrics = self.monitor.start(
+                    pl_module, self._loss_fn(), self._data, device=pl_module.device
+                )
+            self._log(trainer, metrics)
         self._maybe_estimate(trainer, pl_module)
 
     @override
@@ -167,7 +162,7 @@ class LLCCallback(Callback):
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._maybe_estimate(trainer, pl_module, final=True)
-        log_components_figure(self.monitor, self._image_sinks(trainer), trainer.global_step)
+        common.log_components_figure(self.monitor, self._image_sinks(trainer), trainer.global_step)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -194,7 +189,7 @@ class LLCCallback(Callback):
             )
         self._log(trainer, metrics)
         if self.log_trace_plot:
-            log_trace_figure(self.monitor, self._image_sinks(trainer), step)
+            common.log_trace_figure(self.monitor, self._image_sinks(trainer), step)
 
     def _loss_fn(self) -> LossFn:
         return self.loss_fn or training_step_loss
@@ -206,7 +201,7 @@ class LLCCallback(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
 
-    def _image_sinks(self, trainer: Trainer) -> list[Sink]:
+    def _image_sinks(self, trainer: Trainer) -> list[common.Sink]:
         """Every ``WandbLogger``, on rank zero: the receivers of figures."""
         if not trainer.is_global_zero:
             return []

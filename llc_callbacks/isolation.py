@@ -1,4 +1,4 @@
-"""Leave the training process exactly as it was: RNG states, train/eval modes, warnings."""
+"""Leave the training process exactly as it was: RNG states, train/eval modes, hooks, warnings."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 
 @contextmanager
@@ -18,11 +19,13 @@ def isolated(model: nn.Module, seed: int) -> Iterator[None]:
 
     Inside, the global torch (CPU, and CUDA when initialized), numpy and Python RNGs are seeded
     with ``seed`` so that a shuffled DataLoader or a random loss gives the same batches for the
-    same seed. On exit every RNG state and every module's ``training`` flag is put back,
-    whatever happened inside.
+    same seed, and transformers' input-require-grads hooks are out (see
+    ``input_require_grads_suspended``). On exit every RNG state, every module's ``training``
+    flag and those hooks are put back, whatever happened inside.
 
     Args:
-        model: The live model; only its modules' ``training`` flags change, and only inside.
+        model: The live model; only its modules' ``training`` flags and forward hooks
+            change, and only inside.
         seed: Seed for the global RNGs inside the block.
     """
     modes = [(module, module.training) for module in model.modules()]
@@ -38,7 +41,8 @@ def isolated(model: nn.Module, seed: int) -> Iterator[None]:
             torch.cuda.manual_seed_all(seed)
         np.random.seed(seed)
         random.seed(seed)
-        yield
+        with input_require_grads_suspended(model):
+            yield
     finally:
         for module, training in modes:
             module.training = training
@@ -74,3 +78,36 @@ def warnings_once(shown: set[tuple[str, type[Warning]]]) -> Iterator[None]:
                 warnings.warn_explicit(
                     warning.message, warning.category, warning.filename, warning.lineno
                 )
+
+
+@contextmanager
+def input_require_grads_suspended(model: nn.Module) -> Iterator[None]:
+    """Take transformers' input-require-grads hooks out of the model inside the block.
+
+    ``enable_input_require_grads`` (called by the Trainer's gradient checkpointing, and by
+    PEFT) hooks the input embeddings to call ``output.requires_grad_(True)``, which
+    ``torch.func.vmap`` rejects, so chains would fall back to a loop. Chains need no input
+    gradients, and they run in eval mode, where no layer checkpoints. The handles are
+    found as transformers keeps them (``_require_grads_hooks``, ``_require_grads_hook``),
+    on any submodule; on exit each hooks dict is put back exactly as it was.
+
+    Args:
+        model: The live model.
+    """
+    handles: dict[int, RemovableHandle] = {}
+    for module in model.modules():
+        found = list(getattr(module, "_require_grads_hooks", None) or ())
+        found.append(getattr(module, "_require_grads_hook", None))
+        handles.update((id(h), h) for h in found if isinstance(h, RemovableHandle))
+    saved = []
+    for handle in handles.values():
+        hooks = handle.hooks_dict_ref()
+        if hooks is not None and handle.id in hooks:
+            saved.append((hooks, list(hooks.items())))
+            del hooks[handle.id]
+    try:
+        yield
+    finally:
+        for hooks, items in reversed(saved):
+            hooks.clear()
+            hooks.update(items)

@@ -44,6 +44,7 @@ def test_calibrate_recommends_a_step_size_that_gets_the_known_llc(rrr, calibrati
     assert estimate == pytest.approx(rrr_learning_coefficient(*RRR), rel=0.15)
 
 
+@pytest.mark.slow
 def test_calibration_table_follows_the_documented_rule(calibration):
     rows = {row["step_size"]: row for row in calibration.rows}
     assert list(rows) == [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
