@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections.abc import Sequence
+
 from llc_callbacks.validation import check_int
 
 
@@ -38,3 +42,57 @@ def rrr_learning_coefficient(m: int, h: int, n: int, r: int) -> float:
         return m * n / 2
     value = (2 * (h + r) * (m + n) - (m - n) ** 2 - (h + r) ** 2) / 8
     return value + (1 / 8 if (m + h + n + r) % 2 else 0)
+
+
+def dln_learning_coefficient(widths: Sequence[int], r: int) -> float:
+    """The learning coefficient of a deep linear network ``W_L ... W_1 x`` at a rank-r truth.
+
+    Aoyagi (2024), "Consideration on the learning efficiency of multiple-layered neural
+    networks with linear units", Neural Networks 172; restated as Theorem 1 of Furman and Lau
+    (2024, arXiv:2402.03698). With ``M_j = H_j - r``, ``Σ`` is the set of the ``ℓ + 1``
+    smallest ``M_j`` for the first ``ℓ`` such that ``max_Σ M < min_rest M``,
+    ``S = Σ_Σ M_j >= ℓ max_Σ M`` and ``S < ℓ min_rest M`` (conditions on an empty rest hold);
+    with ``Mbar = ceil(S / ℓ)`` and ``a = S - (Mbar - 1) ℓ``::
+
+        λ = (r (H_1 + H_{L+1}) - r²) / 2 + a (ℓ - a) / (4 ℓ) - ℓ (ℓ - 1) / 4 (S / ℓ)²
+            + ½ Σ_{j<k in Σ} M_j M_k
+
+    One layer gives ``H_1 H_2 / 2``; two layers give ``rrr_learning_coefficient``.
+
+    Args:
+        widths: ``H_1, ..., H_{L+1}``: the input width, the hidden widths, the output width.
+        r: Rank of the true product, at most the smallest width.
+
+    Returns:
+        The learning coefficient λ; for example 4.5 for widths ``[3, 6, 6, 3]`` and
+        ``[6, 5, 5, 4, 6]`` gives 10.5, both at rank 1.
+
+    Raises:
+        ValueError: If fewer than two widths are given, a width is below 1, or ``r`` is
+            outside ``[0, min(widths)]``.
+    """
+    widths = list(widths)
+    if len(widths) < 2:
+        raise ValueError(f"widths must list at least an input and an output width, got {widths}")
+    for width in widths:
+        check_int("widths", width, minimum=1)
+    check_int("r", r, minimum=0)
+    if r > min(widths):
+        raise ValueError(f"r must be at most the smallest width {min(widths)}, got {r}")
+    ordered = sorted(width - r for width in widths)
+    for ell in range(1, len(ordered)):
+        chosen, rest = ordered[: ell + 1], ordered[ell + 1 :]
+        total = sum(chosen)
+        if rest and not (chosen[-1] < rest[0] and total < ell * rest[0]):
+            continue
+        if total < ell * chosen[-1]:
+            continue
+        a = total - (math.ceil(total / ell) - 1) * ell
+        pairs = sum(m * n for m, n in itertools.combinations(chosen, 2))
+        return (
+            (r * (widths[0] + widths[-1]) - r**2) / 2
+            + a * (ell - a) / (4 * ell)
+            - ell * (ell - 1) / 4 * (total / ell) ** 2
+            + pairs / 2
+        )
+    raise AssertionError(f"no set Σ satisfies Aoyagi's conditions for {widths}, rank {r}")

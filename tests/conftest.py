@@ -59,3 +59,10 @@ def example():
         return module
 
     return load
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    """Print the shuffled order's seed even under ``-q``, so that a failing order can be rerun."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if isinstance(seed, int):
+        terminalreporter.write_line(f"test order: --randomly-seed={seed}")
