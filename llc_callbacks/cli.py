@@ -41,8 +41,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _plot(runs: list[Path], output: Path | None, loss: str | None) -> Path:
-    curves = [_curves(run, loss, label=run.name if len(runs) > 1 else None) for run in runs]
     folders = [run if run.is_dir() else run.parent for run in runs]
+    # A run is named by its folder (the W&B run, Lightning's version_N, the output_dir).
+    labels = [folder.name for folder in folders] if len(runs) > 1 else [None]
+    curves = [_curves(run, loss, label) for run, label in zip(runs, labels, strict=True)]
     output = output or Path(os.path.commonpath(folders)) / "llc_curve.png"
     plot_llc_curve(*curves, path=output)
     return output
