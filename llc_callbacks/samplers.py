@@ -110,7 +110,9 @@ def rmsprop_sgld_step(
     precond = (square_avg.sqrt() + eps).reciprocal()
     drift = (weights - anchor).mul_(localization).add_(grad, alpha=nbeta).mul_(precond)
     new = torch.add(weights, drift, alpha=-step_size / 2)
-    new.addcmul_(precond.sqrt(), noise, value=math.sqrt(step_size))
+    # The drift's buffer is free now: it holds sqrt(G), and G stays intact for StepInfo.
+    noise_scale = torch.sqrt(precond, out=drift)
+    new.addcmul_(noise_scale, noise, value=math.sqrt(step_size))
     return SamplerState(new, square_avg), StepInfo(precond)
 
 
