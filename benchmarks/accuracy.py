@@ -1,26 +1,33 @@
 """LLC estimates against the known learning coefficients of deep linear networks.
 
-Usage: ``OMP_NUM_THREADS=1 python benchmarks/accuracy.py [--sizes small|all] [--settings ...]``
+Usage: ``OMP_NUM_THREADS=1 python benchmarks/accuracy.py [--sizes small|large|all]
+[--settings default auto fast] [--step-sizes ...]``
 
 Each model is a deep linear network ``W_L ... W_1 x`` (reduced-rank regression for two
 layers) at a teacher of rank ``r``, with data ``y = teacher(x) + N(0, I)`` (unit noise,
 ``n = 20,000``) and the per-example negative log-likelihood
 ``0.5 * ((f(x) - y) ** 2).sum(-1).mean()``, for which Aoyagi's formula gives λ
 (``llc_callbacks.theory``). Every setting is printed with its estimate, the chain spread,
-the relative error and the wall time, measured in this run.
+the relative error, the MALA acceptance, the failed checks and the wall time, measured in
+this run. ``auto`` is ``LLCConfig(step_size="auto")`` as a monitor runs it: ``calibrate``, whose
+chosen row is the estimate, and the whole sweep's time.
 """
 
 import argparse
 import dataclasses
-import itertools
 import time
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
-from llc_callbacks import LLCConfig, estimate_llc
-from llc_callbacks.theory import dln_learning_coefficient
+from llc_callbacks import LLCConfig, LLCResult, calibrate, estimate_llc
+from llc_callbacks.theory import (
+    deep_linear_network,
+    dln_learning_coefficient,
+    gaussian_nll,
+    regression_data,
+)
 
 SAMPLES, BATCH_SIZE = 20_000, 500
 # (widths H_1..H_{L+1}, rank): about 10^2, 10^3, 10^4 and 10^5 parameters.
@@ -36,38 +43,28 @@ MODELS = {
         ([100, 150, 150, 100], 20),
     ],
 }
-SETTINGS = {
-    "default": LLCConfig(),
-    "weak_localization": LLCConfig(
-        localization=1.0, step_size=5e-4, num_burnin=500, num_draws=1500
-    ),
-}
+SETTINGS = {"default": LLCConfig(), "auto": LLCConfig(step_size="auto"), "fast": LLCConfig.fast()}
 
 
-def deep_linear(widths: list[int], rank: int, seed: int = 0) -> nn.Module:
-    """The network at a teacher whose product has rank ``rank``."""
-    generator = torch.Generator().manual_seed(seed)
-    layers = [nn.Linear(a, b, bias=False) for a, b in itertools.pairwise(widths)]
-    with torch.no_grad():
-        for index, layer in enumerate(layers):
-            weight = torch.randn(layer.weight.shape, generator=generator) / layer.in_features**0.5
-            if index == 0:
-                weight[rank:] = 0  # the first layer's rank bounds the product's
-            layer.weight.copy_(weight)
-    return nn.Sequential(*layers)
+def data(model: nn.Sequential, widths: list[int]) -> DataLoader:
+    dataset = regression_data(model, widths[0], widths[-1], SAMPLES)
+    return DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=True)
 
 
-def nll(model: nn.Module, batch) -> torch.Tensor:
-    inputs, targets = batch
-    return 0.5 * ((model(inputs) - targets) ** 2).sum(-1).mean()
-
-
-def data(model: nn.Module, inputs: int, seed: int = 0) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(SAMPLES, inputs, generator=generator)
-    with torch.no_grad():
-        y = model(x) + torch.randn(SAMPLES, model[-1].out_features, generator=generator)
-    return DataLoader(TensorDataset(x, y), batch_size=BATCH_SIZE, shuffle=True)
+def estimate(model: nn.Module, loader: DataLoader, config: LLCConfig) -> tuple[float, float, str]:
+    """The estimate's mean, std and what to print about its setting and health."""
+    if config.step_size == "auto":
+        calibration = calibrate(model, gaussian_nll, loader, config)
+        chosen = calibration.chosen_step_size()
+        row = next(r for r in reversed(calibration.rows) if r["step_size"] == chosen)
+        acceptance, problems = row["mala_acceptance"], row["problems"]
+        mean, std, step_size = row["llc_mean"], row["llc_std"], chosen
+    else:
+        result: LLCResult = estimate_llc(model, gaussian_nll, loader, config, warn=False)
+        acceptance = result.diagnostics.get("mala_acceptance", float("nan"))
+        problems = list(result.problems())
+        mean, std, step_size = result.llc_mean, result.llc_std, config.step_size
+    return mean, std, f"ε={step_size:.2g} acc={acceptance:.2f} {','.join(problems) or '-'}"
 
 
 def main() -> None:
@@ -75,32 +72,30 @@ def main() -> None:
     parser.add_argument("--sizes", choices=sorted(MODELS), default="small")
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
     parser.add_argument(
-        "--step-sizes", nargs="+", type=float, help="also each setting at these step sizes"
+        "--step-sizes", nargs="+", type=float, help="also the default at these step sizes"
     )
     args = parser.parse_args()
     settings = {name: SETTINGS[name] for name in args.settings}
-    for name in args.settings:
-        for step_size in args.step_sizes or ():
-            changed = dataclasses.replace(SETTINGS[name], step_size=step_size)
-            settings[f"{name} ε={step_size:g}"] = changed
+    for step_size in args.step_sizes or ():
+        settings[f"default ε={step_size:g}"] = dataclasses.replace(LLCConfig(), step_size=step_size)
     print(
-        f"{'widths':>22} {'r':>3} {'params':>7} {'λ':>8} {'setting':>26}"
-        f" {'estimate':>16} {'error':>7} {'s':>7}"
+        f"{'widths':>20} {'r':>3} {'params':>6} {'λ':>7} {'setting':>17}"
+        f" {'estimate':>17} {'error':>6} {'s':>6}  health"
     )
     for widths, rank in MODELS[args.sizes]:
         torch.manual_seed(0)
-        model = deep_linear(widths, rank)
-        loader = data(model, widths[0])
+        model = deep_linear_network(widths, rank)
+        loader = data(model, widths)
         truth = dln_learning_coefficient(widths, rank)
         params = sum(p.numel() for p in model.parameters())
         for name, config in settings.items():
             start = time.perf_counter()
-            result = estimate_llc(model, nll, loader, config, warn=False)
+            mean, std, health = estimate(model, loader, config)
             seconds = time.perf_counter() - start
-            error = result.llc_mean / truth - 1
             print(
-                f"{widths!s:>22} {rank:3d} {params:7d} {truth:8.2f} {name:>26}"
-                f" {result.llc_mean:8.2f} ± {result.llc_std:5.2f} {error:+7.0%} {seconds:7.1f}"
+                f"{widths!s:>20} {rank:3d} {params:6d} {truth:7.1f} {name:>17}"
+                f" {mean:8.1f} ± {std:6.1f} {mean / truth - 1:+6.0%} {seconds:6.0f}  {health}",
+                flush=True,
             )
 
 

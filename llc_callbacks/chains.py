@@ -30,6 +30,9 @@ from llc_callbacks.samplers import (
 
 # How often (in steps) the loop asks the device whether every chain has diverged.
 DIVERGENCE_CHECK_EVERY = 32
+# With config.mala, the MALA acceptance is measured on every this-many-th draw: one more
+# gradient each, about 5% of an estimate's cost at 1,500 draws, and 150 steps per chain.
+MALA_EVERY = 10
 
 
 class ChainGroup(NamedTuple):
@@ -54,12 +57,15 @@ class ChainTraces(NamedTuple):
     Attributes:
         trace: Minibatch loss at each draw, ``(chains, draws)``; NaN after a divergence.
         reference: ``L_m(w*)`` on each draw's batch, ``(draws,)``; NaN unless paired.
+        distance: ``||w_t - w*||^2 / 2`` at each draw, ``(chains, draws)``.
         diverged: Which chains' loss went NaN or infinite, ``(chains,)``.
-        mala: Each chain's mean MALA acceptance, or ``None`` unless ``config.mala``.
+        mala: Each chain's mean MALA acceptance over every ``MALA_EVERY``-th draw, or
+            ``None`` unless ``config.mala``.
     """
 
     trace: np.ndarray
     reference: np.ndarray
+    distance: np.ndarray
     diverged: np.ndarray
     mala: np.ndarray | None
 
@@ -110,6 +116,7 @@ def run_chains(
     device = groups[0].forked.anchor.device if groups else torch.device("cpu")
     trace = torch.full((chains, draws), float("nan"), device=device)
     reference = torch.full((draws,), float("nan"), device=device)
+    distance = torch.full((chains, draws), float("nan"), device=device)
     acceptance = torch.zeros(chains, device=device)
     healthy = torch.ones(chains, dtype=torch.bool, device=device)
     total = config.num_burnin + draws if chains else 0
@@ -128,6 +135,9 @@ def run_chains(
                 trace[rows, t - config.num_burnin] = torch.where(
                     healthy[rows], losses, float("nan")
                 )
+                distance[rows, t - config.num_burnin] = (
+                    (state.weights - forked.anchor).square().sum(dim=1).div(2)
+                )
             for row, generator in zip(group.noise, group.generators, strict=True):
                 row.normal_(generator=generator)
             new_state, info = step(state, grads, group.noise, forked.anchor)
@@ -135,7 +145,7 @@ def run_chains(
                 new_state = new_state._replace(
                     weights=torch.where(group.movable, new_state.weights, state.weights)
                 )
-            if drawing and config.mala:
+            if drawing and config.mala and (t - config.num_burnin) % MALA_EVERY == 0:
                 acceptance[rows] += _mala_acceptance(
                     forked,
                     state,
@@ -154,8 +164,9 @@ def run_chains(
     return ChainTraces(
         trace.cpu().numpy(),
         reference.cpu().numpy(),
+        distance.cpu().numpy(),
         (~healthy).cpu().numpy(),
-        (acceptance / draws).cpu().numpy() if config.mala else None,
+        (acceptance / len(range(0, draws, MALA_EVERY))).cpu().numpy() if config.mala else None,
     )
 
 

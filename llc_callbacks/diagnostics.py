@@ -11,26 +11,41 @@ import warnings
 import numpy as np
 from arviz_stats.base import array_stats
 
+from llc_callbacks.config import LLCConfig
+
 # |trend_z| above this: the draws' last half differs from their first tenth by more than
 # sampling noise explains (Geweke's test), so the chains were still drifting.
 DRIFT_Z = 4.0
 # R-hat above this: chains disagree (Vehtari et al. 2021 suggest 1.01 for final inference;
 # short LLC chains are judged more leniently).
 RHAT_MAX = 1.1
-# Mean MALA acceptance below this: the step size is too large for the local curvature
-# (around 0.9 is healthy).
-MALA_MIN = 0.5
+# climb above this, with trend_z above CLIMB_Z: the draws' last half lies that fraction above
+# their mean, so the chains were still climbing towards the posterior and the LLC is low.
+CLIMB_MAX = 0.05
+CLIMB_Z = 2.0
+# loc_sensitivity below this: the pull towards w* holds the chains and lowers the LLC by about
+# that fraction (see localization_sensitivity).
+LOC_SENSITIVITY_MIN = -0.2
+# Mean MALA acceptance below this: steps too large for the local curvature, and the LLC
+# inflated (on deep linear networks, acceptances of 0.55 to 0.8 came with +7% to +62%).
+MALA_MIN = 0.8
 
 
 def chain_diagnostics(
-    excess: np.ndarray, diverged: np.ndarray, mala_acceptance: np.ndarray | None = None
+    draws: np.ndarray,
+    diverged: np.ndarray,
+    distance: np.ndarray,
+    localization: float,
+    mala_acceptance: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Summarize chains from the per-draw loss in excess of the loss at ``w*``.
+    """Summarize chains from their draws.
 
     Args:
-        excess: ``L_m(w_t) - L(w*)`` (or the paired ``L_m(w_t) - L_m(w*)``), shape
-            ``(chains, draws)``: the values whose mean, times nbeta, is each chain's LLC.
+        draws: ``nbeta * (L_m(w_t) - L(w*))`` (or the paired ``L_m(w_t) - L_m(w*)``), shape
+            ``(chains, draws)``: each chain's LLC is the mean of its row.
         diverged: Boolean mask of chains whose loss went NaN or infinite, shape ``(chains,)``.
+        distance: ``||w_t - w*||^2 / 2`` at each draw, shape ``(chains, draws)``.
+        localization: The strength gamma of the pull towards ``w*``.
         mala_acceptance: Per-chain mean MALA acceptance, if it was measured.
 
     Returns:
@@ -39,12 +54,22 @@ def chain_diagnostics(
         chains (near 1 when they agree; NaN with fewer than two); ``ess``, their bulk
         effective sample size; ``trend_z``, Geweke's z-score of the last half of the draws
         against their first tenth (large when burn-in was too short; NaN under 40 draws);
-        and ``mala_acceptance`` when measured.
+        ``climb``, how far the mean of the draws' last half lies above the mean of all
+        draws, relative to it (NaN when that mean is not positive); ``loc_sensitivity``, the
+        estimate's elasticity to the localization, ``d log LLC / d log gamma`` (see
+        ``localization_sensitivity``); and ``mala_acceptance`` when measured.
     """
-    healthy = excess[~diverged]
+    healthy = draws[~diverged]
     diagnostics = {"num_diverged": float(diverged.sum())}
     if healthy.size == 0:
-        diagnostics.update(frac_below_init=math.nan, rhat=math.nan, ess=math.nan, trend_z=math.nan)
+        diagnostics.update(
+            frac_below_init=math.nan,
+            rhat=math.nan,
+            ess=math.nan,
+            trend_z=math.nan,
+            climb=math.nan,
+            loc_sensitivity=math.nan,
+        )
     else:
         with warnings.catch_warnings():
             # A constant trace has zero variance: arviz-stats warns and returns NaN; we keep NaN.
@@ -60,18 +85,55 @@ def chain_diagnostics(
                 ess=float(array_stats.ess(healthy, chain_axis=0, draw_axis=1)),
                 trend_z=_trend_z(healthy),
             )
+        mean = healthy.mean()
+        last_half = healthy[:, healthy.shape[1] // 2 :].mean()
+        diagnostics["climb"] = float(last_half / mean - 1) if mean > 0 else math.nan
+        diagnostics["loc_sensitivity"] = localization_sensitivity(
+            healthy, distance[~diverged], localization
+        )
     if mala_acceptance is not None:
         kept = mala_acceptance[~diverged]
         diagnostics["mala_acceptance"] = float(kept.mean()) if kept.size else math.nan
     return diagnostics
 
 
+def localization_sensitivity(draws: np.ndarray, distance: np.ndarray, localization: float) -> float:
+    """``d log LLC / d log gamma``, estimated from the draws of one posterior.
+
+    Under the localized posterior ``exp(-nbeta L(w) - gamma ||w - w*||^2 / 2)``, the
+    derivative of any mean ``E[f]`` with respect to gamma is ``-Cov(f, ||w - w*||^2 / 2)``.
+    With ``f`` the draws' ``nbeta (L - L*)``, whose mean is the LLC, the elasticity is
+    ``-gamma Cov(f, ||w - w*||^2 / 2) / LLC``. Along a quadratic direction of curvature
+    ``h`` it equals ``-gamma / (nbeta h + gamma)``: the fraction by which the pull lowers
+    that direction's contribution, so ``-0.3`` says the estimate lies about 30% below what a
+    negligible localization would give.
+
+    Args:
+        draws: ``nbeta (L_m(w_t) - L(w*))``, shape ``(chains, draws)``.
+        distance: ``||w_t - w*||^2 / 2`` at the same draws.
+        localization: gamma.
+
+    Returns:
+        The elasticity (at most 0 in expectation); NaN when the estimate is not positive or
+        there are fewer than 3 draws.
+    """
+    mean = draws.mean()
+    if not mean > 0 or draws.shape[1] < 3:
+        return math.nan
+    covariance = np.mean(_detrended(draws) * _detrended(distance))
+    return float(-localization * covariance / mean)
+
+
+def _detrended(series: np.ndarray) -> np.ndarray:
+    """Each row minus its least-squares line over the draws."""
+    time = np.arange(series.shape[1]) - (series.shape[1] - 1) / 2
+    centered = series - series.mean(axis=1, keepdims=True)
+    slope = centered @ time / (time @ time)
+    return centered - slope[:, None] * time
+
+
 def problems(
-    llc_mean: float,
-    init_loss: float,
-    diagnostics: dict[str, float],
-    num_chains: int,
-    step_size: float,
+    llc_mean: float, init_loss: float, diagnostics: dict[str, float], config: LLCConfig
 ) -> dict[str, str]:
     """The checks an estimate fails, each with what to change.
 
@@ -79,27 +141,30 @@ def problems(
         llc_mean: The estimate.
         init_loss: ``L(w*)``.
         diagnostics: As returned by ``chain_diagnostics``.
-        num_chains: Chains run.
-        step_size: The step size used.
+        config: The hyperparameters used.
 
     Returns:
         ``{check: message}`` for each failing check, among ``init_loss`` (not finite),
-        ``diverged`` (some or all chains), ``below_init`` (negative LLC), ``drifting``
-        (``|trend_z| > DRIFT_Z``), ``rhat`` (``> RHAT_MAX``) and ``mala`` (``< MALA_MIN``).
+        ``diverged`` (some or all chains), ``below_init`` (negative LLC), ``under_mixed``
+        (``climb > CLIMB_MAX`` and ``trend_z > CLIMB_Z``: biased low), ``drifting``
+        (otherwise ``|trend_z| > DRIFT_Z``), ``rhat`` (``> RHAT_MAX``), ``localization``
+        (``loc_sensitivity < LOC_SENSITIVITY_MIN``: biased low) and ``step_too_large`` (MALA
+        acceptance ``< MALA_MIN``: biased high).
     """
     if not math.isfinite(init_loss):
         return {"init_loss": f"the loss at the current weights is {init_loss}; the LLC is NaN."}
     found = {}
+    step_size, chains = config.step_size, config.num_chains
     diverged = int(diagnostics["num_diverged"])
-    if diverged == num_chains:
+    if diverged == chains:
         found["diverged"] = (
-            f"all {num_chains} chains diverged (loss became NaN or infinite); the LLC is NaN."
+            f"all {chains} chains diverged (loss became NaN or infinite); the LLC is NaN."
             f" Lower step_size (now {step_size:g}) or raise localization."
         )
         return found
     if diverged:
         found["diverged"] = (
-            f"{diverged} of {num_chains} chains diverged and are left out of the LLC; consider a"
+            f"{diverged} of {chains} chains diverged and are left out of the LLC; consider a"
             f" smaller step_size (now {step_size:g})."
         )
     if llc_mean < 0:
@@ -108,7 +173,13 @@ def problems(
             " current weights, which are not a local minimum or the step_size"
             f" ({step_size:g}) is too large."
         )
-    if abs(diagnostics["trend_z"]) > DRIFT_Z:
+    if diagnostics["climb"] > CLIMB_MAX and diagnostics["trend_z"] > CLIMB_Z:
+        found["under_mixed"] = (
+            f"chains still climbing: the draws' last half lies {diagnostics['climb']:.0%} above"
+            " their mean, so the LLC is biased low. Raise num_burnin (now"
+            f" {config.num_burnin}) or step_size (now {step_size:g})."
+        )
+    elif abs(diagnostics["trend_z"]) > DRIFT_Z:
         found["drifting"] = (
             f"chains still drifting (the draws' last half differs from their first tenth by"
             f" {diagnostics['trend_z']:.1f} standard errors): raise num_burnin or step_size."
@@ -118,10 +189,18 @@ def problems(
             f"chains disagree (R-hat {diagnostics['rhat']:.2f} > {RHAT_MAX}): raise num_draws"
             " or num_burnin."
         )
+    if diagnostics["loc_sensitivity"] < LOC_SENSITIVITY_MIN:
+        found["localization"] = (
+            f"the pull towards the current weights holds the chains: the LLC falls by"
+            f" {-diagnostics['loc_sensitivity']:.0%} per 100% more localization, so it lies"
+            f" roughly that far below the unlocalized value. Lower localization (now"
+            f" {config.localization:g})."
+        )
     if diagnostics.get("mala_acceptance", 1.0) < MALA_MIN:
-        found["mala"] = (
-            f"MALA acceptance is {diagnostics['mala_acceptance']:.2f} (healthy near 0.9): lower"
-            f" step_size (now {step_size:g})."
+        found["step_too_large"] = (
+            f"MALA acceptance is {diagnostics['mala_acceptance']:.2f} (healthy near 0.9): the"
+            f" steps are too large for the curvature and the LLC is biased high. Lower"
+            f" step_size (now {step_size:g}) or use step_size='auto'."
         )
     return found
 

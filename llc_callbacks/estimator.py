@@ -46,6 +46,7 @@ class _ChainPart(NamedTuple):
     trace: np.ndarray  # (len(chains), draws)
     diverged: np.ndarray  # (len(chains),)
     reference: np.ndarray  # (draws,): L_m(w*) at each draw, NaN when not paired
+    distance: np.ndarray  # (len(chains), draws): ||w_t - w*||^2 / 2
     mala: np.ndarray | None  # (len(chains),): mean MALA acceptance, when measured
     init_loss: float
     nbeta: float
@@ -324,6 +325,7 @@ def _sample(
         traces.trace,
         traces.diverged,
         traces.reference,
+        traces.distance,
         traces.mala,
         init_loss,
         nbeta,
@@ -378,10 +380,12 @@ def _summaries(
     first = parts[0]  # rank 0 always runs chain 0, so it sampled the shared reference
     total = len(sampling_pass.names) * config.num_chains
     trace = np.empty((total, config.num_draws))
+    distance = np.empty((total, config.num_draws))
     diverged = np.empty(total, dtype=bool)
     mala = np.empty(total) if config.mala else None
     for part in parts:
         trace[part.chains] = part.trace
+        distance[part.chains] = part.distance
         diverged[part.chains] = part.diverged
         if mala is not None:
             mala[part.chains] = part.mala
@@ -398,7 +402,11 @@ def _summaries(
             loss_trace=trace[rows],
             init_loss=first.init_loss,
             diagnostics=chain_diagnostics(
-                excess[rows], diverged[rows], None if mala is None else mala[rows]
+                first.nbeta * excess[rows],
+                diverged[rows],
+                distance[rows],
+                config.localization,
+                None if mala is None else mala[rows],
             ),
             config=config,
             nbeta=first.nbeta,

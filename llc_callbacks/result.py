@@ -82,13 +82,7 @@ class LLCResult:
         """
         if self.error is not None:
             return {"failed": f"the estimate failed and is NaN: {self.error}"}
-        found = problems(
-            self.llc_mean,
-            self.init_loss,
-            self.diagnostics,
-            self.config.num_chains,
-            self.config.step_size,
-        )
+        found = problems(self.llc_mean, self.init_loss, self.diagnostics, self.config)
         return {**found, **restricted_problems(self.restricted)}
 
     def to_metrics(self, prefix: str = "llc") -> dict[str, float]:

@@ -1,10 +1,18 @@
-"""Learning coefficients known in closed form, to check estimates against."""
+"""Learning coefficients known in closed form, and the models they belong to.
+
+``deep_linear_network``, ``regression_data`` and ``gaussian_nll`` build the problems of
+``benchmarks/accuracy.py``: estimate with them and compare to ``dln_learning_coefficient``.
+"""
 
 from __future__ import annotations
 
 import itertools
 import math
 from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
 
 from llc_callbacks.validation import check_int
 
@@ -96,3 +104,63 @@ def dln_learning_coefficient(widths: Sequence[int], r: int) -> float:
             + pairs / 2
         )
     raise AssertionError(f"no set Σ satisfies Aoyagi's conditions for {widths}, rank {r}")
+
+
+def deep_linear_network(widths: Sequence[int], r: int, seed: int = 0) -> nn.Sequential:
+    """A deep linear network ``W_L ... W_1 x`` at a truth whose product has rank ``r``.
+
+    Each ``W_j`` is drawn with entries ``N(0, 1 / H_j)``; the first layer keeps only its
+    first ``r`` rows. The local learning coefficient can differ between points of the true
+    set, so the accuracy benchmark and tests fix this one.
+
+    Args:
+        widths: ``H_1, ..., H_{L+1}``, as in ``dln_learning_coefficient``.
+        r: Rank of the product, at most the smallest width.
+        seed: Seeds the weights.
+
+    Returns:
+        ``nn.Sequential`` of bias-free ``nn.Linear`` layers.
+    """
+    dln_learning_coefficient(widths, r)  # validates
+    generator = torch.Generator().manual_seed(seed)
+    layers = [nn.Linear(a, b, bias=False) for a, b in itertools.pairwise(widths)]
+    with torch.no_grad():
+        for index, layer in enumerate(layers):
+            weight = torch.randn(layer.weight.shape, generator=generator) / layer.in_features**0.5
+            if index == 0:
+                weight[r:] = 0  # the first layer's rank bounds the product's
+            layer.weight.copy_(weight)
+    return nn.Sequential(*layers)
+
+
+def regression_data(
+    model: nn.Module, inputs: int, outputs: int, samples: int, seed: int = 0
+) -> TensorDataset:
+    """``(x, y)`` with ``x ~ N(0, I)`` and ``y = model(x) + N(0, I)``: unit noise.
+
+    Args:
+        model: The truth.
+        inputs: Input width.
+        outputs: Output width.
+        samples: Number of examples ``n``.
+        seed: Seeds inputs and noise.
+
+    Returns:
+        The data set.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, inputs, generator=generator)
+    with torch.no_grad():
+        y = model(x) + torch.randn(samples, outputs, generator=generator)
+    return TensorDataset(x, y)
+
+
+def gaussian_nll(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The mean per-example negative log-likelihood under unit Gaussian noise, less constants.
+
+    ``0.5 * ((f(x) - y) ** 2).sum(-1).mean()``: the loss the formulas above assume.
+    ``F.mse_loss`` divides it by twice the output width, which lowers the temperature
+    (see the README).
+    """
+    inputs, targets = batch
+    return 0.5 * ((model(inputs) - targets) ** 2).sum(-1).mean()

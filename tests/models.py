@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llc_callbacks import LLCConfig
+from llc_callbacks.theory import deep_linear_network, regression_data
 
 # Tiny chains for the tests that check plumbing, not accuracy.
 TINY = LLCConfig(num_chains=2, num_burnin=5, num_draws=5, init_loss_batches=2)
@@ -36,6 +37,14 @@ def fails_in_chains(loss_fn):
         return loss_fn(model, batch)
 
     return loss
+
+
+def dln_problem(widths: list[int], r: int, *, samples: int = 20_000, batch_size: int = 500):
+    """The deep linear network of ``benchmarks/accuracy.py`` at its truth, and its data (unit
+    noise; use ``llc_callbacks.theory.gaussian_nll``)."""
+    model = deep_linear_network(widths, r)
+    dataset = regression_data(model, widths[0], widths[-1], samples)
+    return model, ShuffledBatches(*dataset.tensors, batch_size=batch_size)
 
 
 class ShuffledBatches:

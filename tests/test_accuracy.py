@@ -1,23 +1,27 @@
 """Estimates against known learning coefficients (Aoyagi and Watanabe 2005 for reduced-rank
-regression; a regular model's d/2; a normal crossing's min 1/(2k)).
+regression; Aoyagi 2024 for deep linear networks; a regular model's d/2; a normal crossing's
+min 1/(2k)).
 
-Each case fixes its seed and hyperparameters. The tolerance is the issue's 15%: with these
-settings the estimates over seeds 0-3 stayed within 10% of the truth (RRR: 0.96-1.09 of λ;
-normal crossing: 0.95-0.98), so a failure means the estimator changed, not bad luck.
+Each case fixes its seed and hyperparameters. The devinterp ports use devinterp's tolerance,
+15%: with their settings the estimates over seeds 0-3 stayed within 10% of the truth (RRR:
+0.96-1.09 of λ; normal crossing: 0.95-0.98), so a failure means the estimator changed, not bad
+luck. The deep linear networks check the defaults against the 20% goal they were chosen for.
 """
 
 import pytest
 import torch
 from models import (
     NormalCrossing,
+    dln_problem,
     mse_loss,
     rrr_problem,
     teacher_data,
 )
 from torch import nn
 
-from llc_callbacks import LLCConfig, estimate_llc
-from llc_callbacks.theory import rrr_learning_coefficient
+from llc_callbacks import LLCConfig, calibrate, estimate_llc
+from llc_callbacks.calibration import MALA_TARGET
+from llc_callbacks.theory import dln_learning_coefficient, gaussian_nll, rrr_learning_coefficient
 
 pytestmark = pytest.mark.slow  # make test-fast skips it
 
@@ -80,3 +84,41 @@ def test_rmsprop_sgld_on_reduced_rank_regression():
     )
     result = estimate_llc(model, mse_loss, data, config)
     assert result.llc_mean == pytest.approx(rrr_learning_coefficient(10, 6, 10, 3), rel=0.15)
+
+
+# Deep linear networks under the defaults: the issue's goal is 20% from 10^2 to 10^4
+# parameters. benchmarks/accuracy.py measured -9% and -6% on the first and last here (seed 0);
+# 72 to 825 parameters, 6 to 8 s each on one thread.
+DLN_CASES = [([3, 6, 6, 3], 1), ([6, 5, 5, 4, 6], 1), ([20, 15, 15, 20], 5)]
+
+
+@pytest.mark.parametrize("case", DLN_CASES, ids=lambda c: "-".join(map(str, c[0])))
+def test_default_config_on_deep_linear_networks_within_20_percent(case):
+    widths, rank = case
+    model, data = dln_problem(widths, rank)
+    result = estimate_llc(model, gaussian_nll, data)
+    assert result.llc_mean == pytest.approx(dln_learning_coefficient(widths, rank), rel=0.2)
+    assert not {"localization", "under_mixed", "step_too_large"} & set(result.problems())
+
+
+def test_auto_step_size_on_a_deep_linear_network_within_20_percent():
+    # Measured: 0.87 of λ at the interpolated step size 2.4e-4 (acceptance 0.94), after 3e-4
+    # missed the target by 0.0002.
+    widths, rank = [6, 5, 5, 4, 6], 1
+    model, data = dln_problem(widths, rank)
+    calibration = calibrate(model, gaussian_nll, data, LLCConfig(step_size="auto"))
+    chosen = calibration.rows[-1]  # the sweep stops at the step size it recommends
+    assert chosen["step_size"] == calibration.recommended.step_size
+    assert chosen["mala_acceptance"] >= MALA_TARGET
+    assert chosen["llc_mean"] == pytest.approx(dln_learning_coefficient(widths, rank), rel=0.2)
+
+
+def test_fast_preset_measures_a_consistent_fraction_of_the_learning_coefficient():
+    # benchmarks/accuracy.py: 40% and 47% of λ on 30 and 825 parameters. The preset is for a
+    # curve's shape: the fraction must stay in a band, not near 1.
+    fractions = []
+    for widths, rank in [([5, 3, 5], 2), ([20, 15, 15, 20], 5)]:
+        model, data = dln_problem(widths, rank)
+        estimate = estimate_llc(model, gaussian_nll, data, LLCConfig.fast()).llc_mean
+        fractions.append(estimate / dln_learning_coefficient(widths, rank))
+    assert all(0.3 < fraction < 0.6 for fraction in fractions)
