@@ -261,6 +261,9 @@ def test_result_shapes_nbeta_and_metrics():
         "train/llc/diag/rhat",
         "train/llc/diag/ess",
         "train/llc/diag/trend_z",
+        "train/llc/diag/climb",
+        "train/llc/diag/loc_sensitivity",
+        "train/llc/diag/mala_acceptance",
     }
     assert metrics["train/llc/mean"] == result.llc_mean
     assert all(isinstance(v, float) for v in metrics.values())

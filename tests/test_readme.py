@@ -1,6 +1,7 @@
 """Every code block of the README runs: Python blocks in order, with small stand-ins for the
 user's objects the README names, then the shell lines."""
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -14,6 +15,8 @@ from hf_helpers import TokenData, tiny_gpt2
 from lightning_helpers import Classifier, loader
 from models import DropoutBatchNormNet, cross_entropy
 from torch.utils.data import DataLoader
+
+from llc_callbacks import LLCConfig, calibrate, estimate_llc
 
 pytestmark = pytest.mark.slow  # make test-fast skips it
 
@@ -52,7 +55,18 @@ def stand_ins() -> dict:
     }
 
 
+def short_defaults(monkeypatch) -> None:
+    """The README's default configs with 20 + 20 chain steps: the blocks check plumbing, and
+    4 x 2,000 steps per estimate would take minutes."""
+    short = {"num_burnin": 20, "num_draws": 20}
+    defaults = tuple(short.get(f.name, f.default) for f in dataclasses.fields(LLCConfig))
+    monkeypatch.setattr(LLCConfig.__init__, "__defaults__", defaults)
+    for function in (estimate_llc, calibrate):  # their default config was built at import
+        monkeypatch.setattr(function, "__defaults__", (LLCConfig(),))
+
+
 def test_every_readme_code_block_runs(tmp_path, monkeypatch):
+    short_defaults(monkeypatch)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
