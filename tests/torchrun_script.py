@@ -14,8 +14,11 @@ from hf_helpers import make_trainer
 from llc_callbacks import LLCConfig
 from llc_callbacks.integrations.huggingface import LLCTrainerCallback
 
-# Chains in sequence, so that counting loss calls shows how many chains each process ran.
-CONFIG = LLCConfig(num_chains=3, num_burnin=5, num_draws=5, init_loss_batches=2, vectorize=False)
+# Chains in sequence and no MALA check, so that counting loss calls shows how many chains each
+# process ran.
+CONFIG = LLCConfig(
+    num_chains=3, num_burnin=5, num_draws=5, init_loss_batches=2, vectorize=False, mala=False
+)
 STEPS = [4, 8]
 # The check when training starts evaluates the loss once on every process.
 CHECK_LOSS_CALLS = 1
