@@ -30,19 +30,15 @@ from llc_callbacks.theory import (
 )
 
 SAMPLES, BATCH_SIZE = 20_000, 500
-# (widths H_1..H_{L+1}, rank): about 10^2, 10^3, 10^4 and 10^5 parameters.
-MODELS = {
-    "small": [([5, 3, 5], 2), ([3, 6, 6, 3], 1), ([6, 5, 5, 4, 6], 1)],
-    "large": [([20, 15, 15, 20], 5), ([40, 60, 30, 40], 10), ([100, 150, 150, 100], 20)],
-    "all": [
-        ([5, 3, 5], 2),
-        ([3, 6, 6, 3], 1),
-        ([6, 5, 5, 4, 6], 1),
-        ([20, 15, 15, 20], 5),
-        ([40, 60, 30, 40], 10),
-        ([100, 150, 150, 100], 20),
-    ],
-}
+# (widths H_1..H_{L+1}, rank): from 30 to 100,000 parameters.
+SMALL = [([5, 3, 5], 2), ([3, 6, 6, 3], 1), ([6, 5, 5, 4, 6], 1)]
+LARGE = [
+    ([20, 15, 15, 20], 5),
+    ([40, 60, 30, 40], 10),
+    ([100, 150, 150, 100], 20),
+    ([150, 200, 200, 150], 30),
+]
+MODELS = {"small": SMALL, "large": LARGE, "all": SMALL + LARGE}
 SETTINGS = {"default": LLCConfig(), "auto": LLCConfig(step_size="auto"), "fast": LLCConfig.fast()}
 
 

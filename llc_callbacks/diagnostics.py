@@ -191,10 +191,9 @@ def problems(
         )
     if diagnostics["loc_sensitivity"] < LOC_SENSITIVITY_MIN:
         found["localization"] = (
-            f"the pull towards the current weights holds the chains: the LLC falls by"
-            f" {-diagnostics['loc_sensitivity']:.0%} per 100% more localization, so it lies"
-            f" roughly that far below the unlocalized value. Lower localization (now"
-            f" {config.localization:g})."
+            "the pull towards the current weights holds the chains (the LLC's elasticity to"
+            f" localization is {diagnostics['loc_sensitivity']:.2f}), so the LLC is biased low."
+            f" Lower localization (now {config.localization:g})."
         )
     if diagnostics.get("mala_acceptance", 1.0) < MALA_MIN:
         found["step_too_large"] = (
