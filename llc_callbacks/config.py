@@ -116,8 +116,8 @@ class LLCConfig:
 
         Strong localization (``100``) holds the chains near the weights, so 200 burn-in
         steps and 200 draws at ``step_size=1e-4`` suffice; the defaults of earlier versions.
-        On the deep linear networks of ``benchmarks/accuracy.py`` (30 to 52,500 parameters)
-        it gave 40 to 55% of the learning coefficient: curves keep their shape, not their
+        On the deep linear networks of ``benchmarks/accuracy.py`` (30 to 100,000 parameters)
+        it gave 40 to 57% of the learning coefficient: curves keep their shape, not their
         level.
 
         Args:
