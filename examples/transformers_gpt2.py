@@ -64,7 +64,8 @@ def main(
         seed=0,
     )
     trainer = Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=data)
-    llc = llc or LLCConfig(num_chains=4, num_burnin=50, num_draws=100)
+    # Short strongly localized chains: a curve's shape, quickly.
+    llc = llc or LLCConfig.fast(num_burnin=50, num_draws=100)
     trainer.add_callback(LLCTrainerCallback(trainer, llc, every_n_steps=every))
     trainer.train()
     rows = [row for row in trainer.state.log_history if "llc/mean" in row]

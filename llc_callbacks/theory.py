@@ -159,7 +159,7 @@ def gaussian_nll(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> 
     """The mean per-example negative log-likelihood under unit Gaussian noise, less constants.
 
     ``0.5 * ((f(x) - y) ** 2).sum(-1).mean()``: the loss the formulas above assume.
-    ``F.mse_loss`` divides it by twice the output width, which lowers the temperature
+    ``F.mse_loss`` is it times ``2 / N`` for ``N`` outputs, which raises the temperature
     (see the README).
     """
     inputs, targets = batch

@@ -50,8 +50,8 @@ def test_manual_loop(example):
 
 
 def test_rrr_prints_estimates_beside_the_truth(capsys, example):
-    short = LLCConfig(num_burnin=100, num_draws=200, step_size=2e-3, localization=0.3)
-    ((_, truth, estimate),) = example("rrr").main(cases=[(5, 3, 5, 2)], config=short)
+    short = LLCConfig(num_burnin=100, num_draws=200)
+    ((_, truth, estimate),) = example("rrr").main(cases=[(5, 3, 5, 2)], config=short, samples=2_000)
     assert truth == rrr_learning_coefficient(5, 3, 5, 2) == 9.5 and math.isfinite(estimate)
     assert "9.50" in capsys.readouterr().out
 
