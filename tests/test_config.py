@@ -68,3 +68,19 @@ def test_resolve_nbeta_follows_each_convention():
 def test_config_is_frozen():
     with pytest.raises(AttributeError):
         LLCConfig().num_chains = 8
+
+
+def test_defaults_aim_at_the_learning_coefficient_and_fast_is_the_localized_preset():
+    config = LLCConfig()
+    assert (config.localization, config.step_size) == (1.0, 2e-4)
+    assert (config.num_burnin, config.num_draws, config.mala) == (500, 1500, True)
+    fast = LLCConfig.fast(num_chains=8)
+    assert (fast.localization, fast.step_size, fast.num_burnin, fast.num_draws) == (
+        100.0,
+        1e-4,
+        200,
+        200,
+    )
+    assert fast.num_chains == 8 and fast.mala is False
+    with pytest.raises(ValueError, match="localization"):
+        LLCConfig.fast(localization=-1.0)
