@@ -31,7 +31,7 @@ from llc_callbacks.samplers import (
 # How often (in steps) the loop asks the device whether every chain has diverged.
 DIVERGENCE_CHECK_EVERY = 32
 # With config.mala, the MALA acceptance is measured on every this-many-th draw: one more
-# gradient each: 150 per chain at 1,500 draws, about 7% of an estimate's cost.
+# gradient each: 100 per chain at 1,000 draws, about 5% of an estimate's cost.
 MALA_EVERY = 10
 
 

@@ -18,7 +18,7 @@ class LLCConfig:
     """Hyperparameters of one LLC estimate; keep them fixed through a training run.
 
     The defaults aim at the learning coefficient itself: a weak localization (``1``) that
-    leaves the posterior's shape to the loss, 500 burn-in steps and 1,500 draws per chain
+    leaves the posterior's shape to the loss, 1,000 burn-in steps and 1,000 draws per chain
     (``4 x 2,000`` chain steps, plus a MALA check on every tenth draw), and ``nbeta = B /
     log B``. On deep linear networks of 30 to 5,400 parameters whose learning coefficient is
     known, they land within 20% of it (``benchmarks/README.md``); larger models need smaller
@@ -57,8 +57,8 @@ class LLCConfig:
     """
 
     num_chains: int = 4
-    num_burnin: int = 500
-    num_draws: int = 1500
+    num_burnin: int = 1000
+    num_draws: int = 1000
     step_size: float | Literal["auto"] = 2e-4
     localization: float = 1.0
     nbeta: NBeta = "batch"
