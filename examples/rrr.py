@@ -3,7 +3,7 @@
 For y = B A x + noise with input M, hidden H, output N and a true map of rank r, Aoyagi and
 Watanabe (2005) give the learning coefficient exactly. With unit Gaussian noise, 20,000
 examples and the per-example negative log-likelihood as the loss, ``LLCConfig()`` lands within
-about 20% of it (``benchmarks/accuracy.py`` measures more models).
+8% of it on these four (``benchmarks/accuracy.py`` measures more models).
 Run: ``python examples/rrr.py``.
 """
 

@@ -20,10 +20,11 @@ class LLCConfig:
     The defaults aim at the learning coefficient itself: a weak localization (``1``) that
     leaves the posterior's shape to the loss, 1,000 burn-in steps and 1,000 draws per chain
     (``4 x 2,000`` chain steps, plus a MALA check on every tenth draw), and ``nbeta = B /
-    log B``. On deep linear networks of 30 to 5,400 parameters whose learning coefficient is
-    known, they land within 20% of it (``benchmarks/README.md``); larger models need smaller
-    steps: use ``step_size="auto"``, which calibrates the step size on the model, and read
-    ``LLCResult.problems()``, which says when the steps were too large. ``LLCConfig.fast()``
+    log B``. On deep linear networks of 30 to 825 parameters whose learning coefficient is
+    known, they land within 12% of it (``benchmarks/README.md``); larger models need smaller
+    steps: use ``step_size="auto"`` (within 12% up to 100,000 parameters), which calibrates
+    the step size on the model, and read ``LLCResult.problems()``, which says when the steps
+    were too large. ``LLCConfig.fast()``
     costs a fifth and measures a strongly localized quantity, about half the learning
     coefficient: a curve's shape, not its level.
 
