@@ -107,7 +107,9 @@ def localization_sensitivity(draws: np.ndarray, distance: np.ndarray, localizati
     ``-gamma Cov(f, ||w - w*||^2 / 2) / LLC``. Along a quadratic direction of curvature
     ``h`` it equals ``-gamma / (nbeta h + gamma)``: the fraction by which the pull lowers
     that direction's contribution, so ``-0.3`` says the estimate lies about 30% below what a
-    negligible localization would give.
+    negligible localization would give. The covariance is taken within each chain after
+    removing each series' least-squares line, so that chains still drifting (both series
+    rising) do not read as a pull.
 
     Args:
         draws: ``nbeta (L_m(w_t) - L(w*))``, shape ``(chains, draws)``.
