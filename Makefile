@@ -39,3 +39,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/vs_devinterp.py
 	$(PY) benchmarks/restrictions.py
 	$(PY) benchmarks/preflight.py
+	$(PY) benchmarks/curvature.py

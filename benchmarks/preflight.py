@@ -4,7 +4,7 @@ Usage: ``OMP_NUM_THREADS=1 python benchmarks/preflight.py``
 
 ``preflight`` forks the weights and evaluates the loss once per data source, without
 gradients. Its time is printed against one training step (forward, backward, SGD step) and
-against one default estimate (``LLCConfig()``: 4 chains of 400 steps), measured in this run.
+against one default estimate (``LLCConfig()``: 4 chains of 2,000 steps), measured in this run.
 """
 
 import torch

@@ -38,7 +38,12 @@ def chain_step_s(model, batches, chains: int, paired: bool, vectorize, repeats: 
 
     def run(draws: int):
         config = LLCConfig(
-            num_chains=chains, num_burnin=0, num_draws=draws, paired=paired, vectorize=vectorize
+            num_chains=chains,
+            num_burnin=0,
+            num_draws=draws,
+            paired=paired,
+            vectorize=vectorize,
+            mala=False,  # the step itself; the MALA check adds a gradient on every tenth draw
         )
         return lambda: estimate_llc(model, loss_fn, batches, config, warn=False)
 

@@ -56,7 +56,7 @@ def settings(warmup: bool) -> dict:
 def run_ours(model, loader, seed: int, warmup: bool = False) -> dict:
     from llc_callbacks import LLCConfig, estimate_llc
 
-    config = LLCConfig(**settings(warmup), paired=False, seed=seed, init_loss_batches=8)
+    config = LLCConfig(**settings(warmup), paired=False, seed=seed, init_loss_batches=8, mala=False)
     start = time.perf_counter()
     result = estimate_llc(model, loss_fn, loader, config, warn=False)
     elapsed = time.perf_counter() - start

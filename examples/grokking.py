@@ -5,11 +5,13 @@ Training accuracy saturates within a few hundred steps; test accuracy stays low,
 to 100% thousands of steps later. The LLC rises while the network memorizes and then falls by
 orders of magnitude as weight decay compresses it into the generalizing solution.
 
-The LLC here is ``LLCConfig.fast()``'s, strongly localized: a curve's shape, at a fifth of the
-defaults' cost. The defaults' weak localization does not fit this network: with 31,675
-parameters and 1,044 training examples, chains at ``localization=1`` leave the basin and
-sample losses far past chance level, the same (about 1,300) whether the network memorizes
-or generalizes; their estimates warn ``under_mixed`` and ``localization`` (see the README).
+The LLC here is ``LLCConfig.fast()``'s, strongly localized: a curve's shape, at about a
+sixth of the defaults' time. The defaults' weak localization does not fit this network: with
+31,675 parameters and 1,044 training examples, chains at ``localization=1`` leave the basin
+and sample losses far past chance level, the same (about 1,300) whether the network
+memorizes or generalizes; their estimates warn ``under_mixed`` and ``localization`` (see the
+README). The Hessian trace, the empirical Fisher trace and the top Hessian eigenvalue are
+measured at the same steps, and the summary says how each moved.
 
 The run logs to W&B (offline unless ``WANDB_MODE`` says otherwise; sync it later with
 ``wandb sync``) and to a CSV file, and always writes a PNG of train loss, test accuracy and
@@ -21,6 +23,7 @@ Run: ``make demo`` or ``python examples/grokking.py [--steps 12000] [--out outpu
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 from pathlib import Path
@@ -34,6 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from llc_callbacks import LLCConfig
+from llc_callbacks.curvature import CURVATURES
 from llc_callbacks.history import read_rows, series
 from llc_callbacks.integrations.lightning import LLCCallback
 
@@ -114,7 +118,9 @@ def run(
     batches = RandomSampler(train, replacement=True, num_samples=steps * 512)
     train_loader = DataLoader(train, batch_size=512, sampler=batches)
     test_loader = DataLoader(test, batch_size=len(test))
-    callback = LLCCallback(config or LLCConfig.fast(), log_spaced=estimates, at_start=True)
+    callback = LLCCallback(
+        config or LLCConfig.fast(), log_spaced=estimates, at_start=True, curvature=CURVATURES
+    )
     csv = CSVLogger(out, name="csv")
     wandb_logger = WandbLogger(
         project="llc-callbacks-grokking", save_dir=str(out), mode=wandb_mode()
@@ -146,35 +152,68 @@ def run(
     }
 
 
+SIGNALS = {"LLC": "llc/mean", **{name: f"llc/curvature/{name}" for name in CURVATURES}}
+
+
 def summarize(rows: list[dict]) -> dict:
-    """When test accuracy crossed 90%, and the LLC at the memorization peak, then and at the end."""
+    """When test accuracy crossed 90%, the LLC at its peak, at the crossing and at the end, and
+    how each signal (the LLC and the curvature) moved.
+
+    ``moves`` holds, per signal, three factors: from the start to the LLC's peak
+    (memorization), from the peak to the end, and across the grokking transition (from the
+    last estimate before test accuracy reached 50% to the first after it crossed 90%).
+    """
     test = series(rows, "test_acc")
     llc = series(rows, "llc/mean")
     crossed = next((s for s, a in zip(test.steps, test.values, strict=True) if a >= 0.9), None)
+    half = next((s for s, a in zip(test.steps, test.values, strict=True) if a >= 0.5), None)
     peak = max(range(len(llc.values)), key=llc.values.__getitem__)
     before = [
         v for s, v in zip(llc.steps, llc.values, strict=True) if crossed is None or s <= crossed
     ]
+    moves = {}
+    for name, key in SIGNALS.items():
+        signal = series(rows, key)
+        values = dict(zip(signal.steps, signal.values, strict=True))
+        if llc.steps[peak] not in values or not values.get(0):
+            continue
+        top = values[llc.steps[peak]]
+        across = math.nan
+        if crossed is not None and half is not None:
+            start = max((s for s in values if s <= half), default=None)
+            end = min((s for s in values if s >= crossed), default=None)
+            if start is not None and end is not None and values[start]:
+                across = values[end] / values[start]
+        moves[name] = (top / values[0], values[max(values)] / top, across)
     return {
         "crossed_90": crossed,
         "final_test_acc": test.values[-1],
         "llc_peak": (llc.steps[peak], llc.values[peak]),
         "llc_at_crossing": before[-1],
         "llc_final": llc.values[-1],
+        "moves": moves,
     }
 
 
 def plot(rows: list[dict], summary: dict, path: Path) -> None:
-    """Train loss, test accuracy and the LLC with its chain spread, on one step axis."""
+    """The LLC with its chain spread, the LLC and the curvature scaled, accuracies and train
+    loss, on one step axis."""
     llc, spread = series(rows, "llc/mean"), series(rows, "llc/std")
-    figure = Figure(figsize=(8, 7), dpi=100, layout="constrained")
-    top, middle, bottom = figure.subplots(3, 1, sharex=True)
+    figure = Figure(figsize=(8, 9), dpi=100, layout="constrained")
+    top, shapes, middle, bottom = figure.subplots(4, 1, sharex=True)
     low = [max(m - s, 1e-3) for m, s in zip(llc.values, spread.values, strict=True)]
     high = [m + s for m, s in zip(llc.values, spread.values, strict=True)]
     top.plot(llc.steps, llc.values, marker="o", markersize=3, color="tab:blue")
     top.fill_between(llc.steps, low, high, color="tab:blue", alpha=0.25, label="± chain std")
     top.set(ylabel="LLC", yscale="log", title="Grokking (a + b) mod p")
     top.legend(loc="upper right")
+    for (name, key), color in zip(SIGNALS.items(), ("tab:blue", "C1", "C2", "C3"), strict=True):
+        values = series(rows, key)
+        largest = max((abs(v) for v in values.values), default=0.0) or 1.0
+        scaled = [v / largest for v in values.values]
+        shapes.plot(values.steps, scaled, marker=".", color=color, label=name.replace("_", " "))
+    shapes.set(ylabel="/ largest magnitude")
+    shapes.legend(loc="lower left", fontsize="small", ncol=2)
     for key, color in (("train_acc", "tab:orange"), ("test_acc", "tab:green")):
         values = series(rows, key)
         middle.plot(values.steps, values.values, color=color, label=key.replace("_", " "))
@@ -186,7 +225,7 @@ def plot(rows: list[dict], summary: dict, path: Path) -> None:
     bottom.set_xscale("symlog", linthresh=10)
     bottom.set_xlim(0, max(loss.steps[-1], llc.steps[-1]))
     if summary["crossed_90"] is not None:
-        for axes in (top, middle, bottom):
+        for axes in (top, shapes, middle, bottom):
             axes.axvline(summary["crossed_90"], color="gray", linestyle="--", linewidth=0.8)
     figure.savefig(path)
 
@@ -209,6 +248,10 @@ def main() -> None:
     print(
         f"     {result['llc_final']:.2f} at the end (test accuracy {result['final_test_acc']:.1%})."
     )
+    print("How each signal moved (factors): while memorizing, from the LLC's peak to the end,")
+    print("and across the grokking transition (test accuracy from 50% to 90%):")
+    for name, (rise, fall, across) in result["moves"].items():
+        print(f"{name.replace('_', ' '):>15}: x{rise:<8.3g} x{fall:<10.3g} x{across:.3g}")
     print(f"Figure: {result['png']}")
     print(f"Metrics: {result['csv']}")
     print(f"W&B run: {result['wandb']}  (upload it with: wandb sync {result['wandb']})")

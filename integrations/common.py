@@ -50,6 +50,15 @@ def build_monitor(arguments: Mapping[str, Any]) -> TrainerMonitor:
     return TrainerMonitor(**monitor_arguments)
 
 
+def dataset_size(dataset: object) -> int | None:
+    """The length of a training set, or ``None`` when it has none (an iterable dataset)."""
+    try:
+        size = len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    return size if size >= 2 else None
+
+
 def state_key(
     owner: str, monitor: LLCMonitor, every_n_steps: int | None, log_spaced: int | None
 ) -> str:

@@ -58,6 +58,11 @@ class LLCTrainerCallback(TrainerCallback):
         restrictions: Weight- and data-restricted LLCs to estimate too (``{prefix}/<name>/``
             metrics). At the end of training their heatmap (``plot_components``) goes to W&B
             as ``train/{prefix}/components`` when the Trainer reports to wandb.
+        curvature: Curvature to measure at every estimate's weights too
+            (``"hessian_trace"``, ``"fisher_trace"``, ``"top_eigenvalue"``), logged as
+            ``{prefix}/curvature/<name>`` (see ``LLCMonitor``).
+        dataset_size: ``n`` of the local free energy ``{prefix}/free_energy``; by default the
+            length of the Trainer's training set, when it has one.
 
     Raises:
         ValueError: For a bad argument, naming it.
@@ -79,6 +84,8 @@ class LLCTrainerCallback(TrainerCallback):
         on_error: Literal["warn", "raise"] = "warn",
         log_trace_plot: bool = False,
         restrictions: Restrictions | None = None,
+        curvature: Sequence[str] = (),
+        dataset_size: int | None = None,
     ) -> None:
         if not isinstance(trainer, Trainer):
             raise ValueError(
@@ -113,6 +120,9 @@ class LLCTrainerCallback(TrainerCallback):
             self.monitor.load_state_dict(saved[self.state_key])
         if self.monitor.schedule.log_spaced:
             self.monitor.set_total_steps(state.max_steps)
+        size = common.dataset_size(self.trainer.train_dataset)
+        if size is not None:
+            self.monitor.set_dataset_size(size)
         with self.monitor.reporting("choosing the LLC estimates' data", disable=True):
             own = self.dataloader is None
             self._data = _own_loader(train_dataloader, args) if own else self.dataloader

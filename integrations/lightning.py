@@ -65,6 +65,11 @@ class LLCCallback(Callback):
             metrics); data sources go through the module's batch-transfer hooks. At the end
             of training their heatmap (``plot_components``) goes to every ``WandbLogger`` as
             ``{prefix}/components`` (needs matplotlib).
+        curvature: Curvature to measure at every estimate's weights too
+            (``"hessian_trace"``, ``"fisher_trace"``, ``"top_eigenvalue"``), logged as
+            ``{prefix}/curvature/<name>`` (see ``LLCMonitor``).
+        dataset_size: ``n`` of the local free energy ``{prefix}/free_energy``; by default the
+            length of the trainer's training set, when it has one.
 
     Raises:
         ValueError: At construction for a bad argument, naming it; in ``setup`` for an
@@ -87,6 +92,8 @@ class LLCCallback(Callback):
         on_error: Literal["warn", "raise"] = "warn",
         log_trace_plot: bool = False,
         restrictions: Restrictions | None = None,
+        curvature: Sequence[str] = (),
+        dataset_size: int | None = None,
     ) -> None:
         arguments = dict(locals())  # the signature's arguments, by name
         del arguments["self"]
@@ -136,6 +143,9 @@ class LLCCallback(Callback):
             total = trainer.estimated_stepping_batches
             if math.isfinite(total):
                 self.monitor.set_total_steps(int(total))
+        size = common.dataset_size(getattr(trainer.train_dataloader, "dataset", None))
+        if size is not None:
+            self.monitor.set_dataset_size(size)
         with self.monitor.reporting("choosing the LLC estimates' data", disable=True):
             loader = self.dataloader if self.dataloader is not None else _own_loader(trainer)
             self._data = _ModuleBatches(loader, pl_module)

@@ -2,7 +2,8 @@
 
 ``llc-callbacks plot RUN [RUN ...] [-o OUT.png] [--loss KEY]`` draws the LLC (with its chain
 spread) and the loss of one run or several (a curve each) to a PNG, from a Lightning
-``metrics.csv``, a transformers ``trainer_state.json`` or a W&B offline run folder.
+``metrics.csv``, a transformers ``trainer_state.json`` or a W&B offline run folder; with the
+curvature a run logged, in a panel below.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from llc_callbacks.curvature import CURVATURES
 from llc_callbacks.history import llc_prefix, loss_key, read_rows, series
-from llc_callbacks.keys import metric_key
+from llc_callbacks.keys import CURVATURE, metric_key
 from llc_callbacks.plotting import Curves, plot_llc_curve
 
 
@@ -58,11 +60,17 @@ def _curves(run: Path, loss: str | None, label: str | None) -> Curves:
     loss = loss or loss_key(rows)
     if loss is not None and not any(loss in row for row in rows):
         raise ValueError(f"{run} has no '{loss}' values")
+    curvature = {
+        name: series(rows, metric_key(prefix, f"{CURVATURE}/{name}"))
+        for name in CURVATURES
+        if any(metric_key(prefix, f"{CURVATURE}/{name}") in row for row in rows)
+    }
     return Curves(
         series(rows, metric_key(prefix, "mean")),
         series(rows, metric_key(prefix, "std")),
         series(rows, loss) if loss else None,
         label,
+        curvature,
     )
 
 

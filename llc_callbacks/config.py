@@ -25,7 +25,7 @@ class LLCConfig:
     steps: use ``step_size="auto"`` (within 12% up to 100,000 parameters), which calibrates
     the step size on the model, and read ``LLCResult.problems()``, which says when the steps
     were too large. ``LLCConfig.fast()``
-    costs a fifth and measures a strongly localized quantity, about half the learning
+    costs a sixth and measures a strongly localized quantity, about half the learning
     coefficient: a curve's shape, not its level.
 
     Args:
@@ -113,7 +113,7 @@ class LLCConfig:
 
     @classmethod
     def fast(cls, **changes: object) -> LLCConfig:
-        """A fifth of the default's cost, for the shape of an LLC curve only.
+        """About a sixth of the default's time, for the shape of an LLC curve only.
 
         Strong localization (``100``) holds the chains near the weights, so 200 burn-in
         steps and 200 draws at ``step_size=1e-4`` suffice; the defaults of earlier versions.

@@ -3,10 +3,10 @@
 A key is ``{prefix}/{field}`` for the full LLC and ``{prefix}/{name}/{field}`` for the
 restricted LLC ``name``.
 
-Fields are ``mean``, ``std``, ``chain_<i>``, ``init_loss``, ``num_sampled``, ``step_size``
-and ``diag/<diagnostic>``. Restriction names hold no ``/`` except a combination's one
-(``"<weights>/<source>"``), so the field is the last part of a key, or the last two after
-``diag``.
+Fields are ``mean``, ``std``, ``chain_<i>``, ``init_loss``, ``num_sampled``, ``step_size``,
+``free_energy``, ``free_energy_std``, ``diag/<diagnostic>`` and ``curvature/<quantity>``.
+Restriction names hold no ``/`` except a combination's one (``"<weights>/<source>"``), so the
+field is the last part of a key, or the last two after ``diag`` or ``curvature``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 DIAGNOSTICS = "diag"
+CURVATURE = "curvature"
 
 
 class Key(NamedTuple):
@@ -48,7 +49,7 @@ def parse_key(key: str, prefix: str) -> Key | None:
     if not key.startswith(prefix + "/"):
         return None
     parts = key[len(prefix) + 1 :].split("/")
-    width = 2 if len(parts) >= 2 and parts[-2] == DIAGNOSTICS else 1
+    width = 2 if len(parts) >= 2 and parts[-2] in (DIAGNOSTICS, CURVATURE) else 1
     restriction = "/".join(parts[:-width]) or None
     return Key(prefix, restriction, "/".join(parts[-width:]))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import sys
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -22,16 +23,17 @@ from torch import nn
 
 from llc_callbacks.calibration import Calibration, calibrate
 from llc_callbacks.config import LLCConfig
+from llc_callbacks.curvature import CURVATURES, estimate_curvature
 from llc_callbacks.distributed import rank_and_world
 from llc_callbacks.estimator import estimate_llc
 from llc_callbacks.forked import LossFn
 from llc_callbacks.isolation import warnings_once
-from llc_callbacks.keys import metric_key
+from llc_callbacks.keys import CURVATURE, metric_key
 from llc_callbacks.preflight import preflight
 from llc_callbacks.restrictions import Restrictions
 from llc_callbacks.result import LLCResult
 from llc_callbacks.schedule import Schedule
-from llc_callbacks.validation import check_choice
+from llc_callbacks.validation import check_choice, check_int
 
 ON_ERROR = ("warn", "raise")
 # Modules whose frames a warning skips to reach the caller.
@@ -80,6 +82,15 @@ class LLCMonitor:
         restrictions: Weight- and data-restricted LLCs to estimate at every estimate too,
             logged as ``{prefix}/<name>/mean`` and so on. Under ``on_error="warn"`` one
             that fails is NaN on its own and the others are still reported.
+        curvature: Curvature to measure at every estimate's weights too, any of
+            ``"hessian_trace"``, ``"fisher_trace"`` and ``"top_eigenvalue"`` (see
+            ``llc_callbacks.curvature``), logged as ``{prefix}/curvature/<name>`` with the
+            traces' ``<name>_stderr``.
+        dataset_size: The training set's size ``n``: every estimate then also logs the local
+            free energy ``{prefix}/free_energy = n L(w*) + LLC log n`` (Watanabe's asymptotic
+            expansion, with ``L(w*)`` the mean loss of the estimate's minibatches) and its
+            spread over chains, ``{prefix}/free_energy_std = std log n``. The callbacks set it
+            from their training set when it has a length.
 
     Attributes:
         history: One row per estimate: ``step`` and the metrics.
@@ -108,7 +119,14 @@ class LLCMonitor:
         on_error: Literal["warn", "raise"] = "warn",
         distributed: bool | None = None,
         restrictions: Restrictions | None = None,
+        curvature: Sequence[str] = (),
+        dataset_size: int | None = None,
     ) -> None:
+        if isinstance(curvature, str):
+            raise ValueError(f"curvature must be a sequence of names, got {curvature!r}")
+        for name in curvature:
+            check_choice("curvature", name, CURVATURES)
+        check_int("dataset_size", dataset_size, minimum=2, optional=True)
         if config is not None and not isinstance(config, LLCConfig):
             raise ValueError(f"config must be an LLCConfig, got {type(config).__name__}")
         if not isinstance(prefix, str) or not prefix:
@@ -136,6 +154,8 @@ class LLCMonitor:
         self.on_error = on_error
         self.distributed = distributed
         self.restrictions = restrictions
+        self.curvature = tuple(curvature)
+        self.dataset_size = dataset_size
         self.history: list[dict[str, float]] = []
         self.last_result: LLCResult | None = None
         self.calibration: Calibration | None = None
@@ -149,6 +169,12 @@ class LLCMonitor:
         """Tell a ``log_spaced`` schedule how long training is, unless it was given already."""
         if self.schedule.total_steps is None:
             self.schedule = dataclasses.replace(self.schedule, total_steps=total_steps)
+
+    def set_dataset_size(self, dataset_size: int) -> None:
+        """Tell the monitor the training set's size for the free energy, unless it was given."""
+        if self.dataset_size is None:
+            check_int("dataset_size", dataset_size, minimum=2)
+            self.dataset_size = dataset_size
 
     def is_due(self, step: int, *, final: bool = False) -> bool:
         """Whether an estimate is due after ``step`` optimizer steps (never twice for a step).
@@ -288,6 +314,7 @@ class LLCMonitor:
             metrics = self.last_result.to_metrics(self.prefix)
             if calibrated:
                 metrics[metric_key(self.prefix, "step_size")] = config.step_size
+            metrics.update(self._free_energy(self.last_result))
         except Exception as error:
             if self.on_error == "raise":
                 raise
@@ -298,6 +325,14 @@ class LLCMonitor:
             )
             self.last_result = None
             metrics = LLCResult.failed(config, str(error)).to_metrics(self.prefix)
+        if self.curvature:
+            with self.reporting("measuring the curvature"), warnings_once(self._shown):
+                found = estimate_curvature(
+                    model, loss_fn, data, self.curvature, seed=config.seed, device=device
+                )
+                metrics.update(
+                    {metric_key(self.prefix, f"{CURVATURE}/{k}"): v for k, v in found.items()}
+                )
         self._last_step = step
         self.history.append({"step": step, **metrics})
         if self.last_result is not None:
@@ -391,6 +426,16 @@ class LLCMonitor:
         logger.info("llc_callbacks: step_size='auto' chose %g for this run", step_size)
         self.config = dataclasses.replace(self.config, step_size=step_size)
         return dataclasses.replace(config, step_size=step_size)
+
+    def _free_energy(self, result: LLCResult) -> dict[str, float]:
+        """``n L(w*) + LLC log n`` and its spread, when the training set's size is known."""
+        if self.dataset_size is None:
+            return {}
+        n, log_n = self.dataset_size, math.log(self.dataset_size)
+        return {
+            metric_key(self.prefix, "free_energy"): n * result.init_loss + result.llc_mean * log_n,
+            metric_key(self.prefix, "free_energy_std"): result.llc_std * log_n,
+        }
 
     def _distributed(self) -> bool:
         if self.distributed is not None:

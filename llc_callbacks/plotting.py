@@ -8,6 +8,7 @@ it as PNG when given a path.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -75,26 +76,44 @@ class Curves(NamedTuple):
         spread: Its chain spread (std), drawn as a band around it.
         loss: The training loss, drawn on a second axis.
         label: The run's name in the legend.
+        curvature: Curvature measured at the LLC's steps, by name (``hessian_trace``, ...),
+            drawn in a panel below, each scaled to its largest magnitude.
     """
 
     llc: Series
     spread: Series | None = None
     loss: Series | None = None
     label: str | None = None
+    curvature: Mapping[str, Series] | None = None
 
 
 def plot_llc_curve(*runs: Curves, path: str | Path | None = None) -> Figure:
     """The LLC over training, a curve per run, with its chain spread and the loss.
 
     Each run's spread is a band around its curve; the losses are dashed, on a second axis.
+    Where runs hold curvature, a panel below draws the LLC and each curvature quantity divided
+    by its largest magnitude, on the same step axis, so that their shapes compare.
 
     Raises:
         ValueError: If no run is given.
     """
     if not runs:
         raise ValueError("plot_llc_curve needs the curves of at least one run")
-    figure = _figure()
-    axes = figure.subplots()
+    curved = [run for run in runs if run.curvature]
+    figure = _figure(rows=2 if curved else 1)
+    if curved:
+        axes, below = figure.subplots(2, 1, sharex=True)
+        for index, run in enumerate(curved):
+            style = "-" if index == 0 else ":"
+            _scaled(below, run.llc, f"LLC{_suffix(run, len(curved))}", "black", style)
+            for number, (name, values) in enumerate(sorted(run.curvature.items())):
+                label = f"{name.replace('_', ' ')}{_suffix(run, len(curved))}"
+                _scaled(below, values, label, f"C{number + 1}", style)
+        below.set_ylabel("/ largest magnitude")
+        below.set_xlabel("step")
+        below.legend(fontsize="small", ncol=2)
+    else:
+        axes = figure.subplots()
     losses = axes.twinx() if any(run.loss is not None and run.loss.steps for run in runs) else None
     single = len(runs) == 1
     for index, run in enumerate(runs):
@@ -110,7 +129,8 @@ def plot_llc_curve(*runs: Curves, path: str | Path | None = None) -> Figure:
             losses.plot(
                 run.loss.steps, run.loss.values, color=loss_color, linewidth=1, linestyle="--"
             )
-    axes.set_xlabel("step")
+    if not curved:
+        axes.set_xlabel("step")
     axes.set_ylabel("LLC (± chain std)")
     if losses is not None:
         losses.set_ylabel("loss (dashed)")
@@ -180,12 +200,25 @@ def to_pixels(figure: Figure) -> np.ndarray:
     return np.asarray(canvas.buffer_rgba()).copy()
 
 
-def _figure() -> Figure:
+def _figure(rows: int = 1) -> Figure:
+    """A figure of ``FIGSIZE``, taller by two thirds for a second row of panels."""
     try:
         from matplotlib.figure import Figure
     except ImportError as error:
         raise ImportError("plotting needs matplotlib: pip install 'llc-callbacks[plot]'") from error
-    return Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    width, height = FIGSIZE
+    return Figure(figsize=(width, height * (1 + 2 * (rows - 1) / 3)), dpi=DPI, layout="constrained")
+
+
+def _scaled(axes, values: Series, label: str, color: str, style: str) -> None:
+    """Draw a curve divided by its largest magnitude (as it is when that is 0 or NaN)."""
+    largest = max((abs(v) for v in values.values if math.isfinite(v)), default=0.0)
+    scaled = [v / largest for v in values.values] if largest > 0 else values.values
+    axes.plot(values.steps, scaled, color=color, linestyle=style, marker=".", label=label)
+
+
+def _suffix(run: Curves, runs: int) -> str:
+    return f" ({run.label})" if runs > 1 and run.label else ""
 
 
 def _save(figure: Figure, path: str | Path | None) -> Figure:

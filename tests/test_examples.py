@@ -14,13 +14,17 @@ def test_the_demo_writes_the_png_and_a_wandb_run_with_llc_and_accuracy(
     tmp_path, wandb_rows, example
 ):
     result = example("grokking").run(tmp_path, p=23, steps=300, estimates=5, config=TINY)
-    assert png_size(result["png"]) == (800, 700)
+    assert png_size(result["png"]) == (800, 900)
     rows = wandb_rows(result["wandb"])
     llc_steps = [row["trainer/global_step"] for row in rows if "llc/mean" in row]
     assert llc_steps[0] == 0 and llc_steps[-1] == 300 and len(llc_steps) >= 4
     assert sum("test_acc" in row for row in rows) >= 10
     assert sum("train_loss" in row for row in rows) >= 10
     assert {"crossed_90", "llc_peak", "llc_final", "final_test_acc"} <= set(result)
+    assert set(result["moves"]) == {"LLC", "hessian_trace", "fisher_trace", "top_eigenvalue"}
+    curvature = [row for row in rows if "llc/curvature/hessian_trace" in row]
+    assert len(curvature) == len(llc_steps)
+    assert all("llc/free_energy" in row for row in rows if "llc/mean" in row)
 
 
 def test_the_demo_finds_the_transition_in_a_run(example):
@@ -30,6 +34,8 @@ def test_the_demo_finds_the_transition_in_a_run(example):
     assert summary["crossed_90"] == 20
     assert summary["llc_peak"] == (10, 9.0)
     assert (summary["llc_at_crossing"], summary["llc_final"]) == (3.0, 1.0)
+    # Memorizing 5 -> 9, peak to end 9 -> 1, across the transition (50% at 10, 90% at 20) 9 -> 3.
+    assert summary["moves"]["LLC"] == pytest.approx((9 / 5, 1 / 9, 3 / 9))
 
 
 @pytest.mark.slow
