@@ -2,6 +2,7 @@
 and the top eigenvalue (issue: curvature and the local free energy)."""
 
 import csv
+import dataclasses
 import math
 
 import lightning.pytorch as L
@@ -173,3 +174,18 @@ def test_monitor_refuses_unknown_curvature_and_a_bad_dataset_size():
         LLCMonitor(curvature="hessian_trace")
     with pytest.raises(ValueError, match="dataset_size must be an integer >= 2"):
         LLCMonitor(dataset_size=1)
+
+
+def test_a_failing_curvature_is_one_warning_and_the_estimates_go_on():
+    model, single = Quadratic(), [torch.zeros(1, 1)]  # the Fisher trace needs 2 examples
+    config = dataclasses.replace(TINY, nbeta=10.0)
+    monitor = LLCMonitor(config, every_n_steps=1, curvature=["fisher_trace"])
+    with pytest.warns(UserWarning, match="measuring the curvature failed; training goes on"):
+        for step in (1, 2):
+            monitor.maybe_estimate(step, model, quadratic_loss, single)
+    assert [row["step"] for row in monitor.history] == [1, 2]
+    assert all(math.isfinite(row["llc/mean"]) for row in monitor.history)
+    assert all("llc/curvature/fisher_trace" not in row for row in monitor.history)
+    monitor = LLCMonitor(config, steps=[1], curvature=["fisher_trace"], on_error="raise")
+    with pytest.raises(ValueError, match="fisher_trace needs batches of at least 2 examples"):
+        monitor.maybe_estimate(1, model, quadratic_loss, single)
