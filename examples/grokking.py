@@ -40,6 +40,7 @@ from llc_callbacks import LLCConfig
 from llc_callbacks.curvature import CURVATURES
 from llc_callbacks.history import read_rows, series
 from llc_callbacks.integrations.lightning import LLCCallback
+from llc_callbacks.stages import detect_stages
 
 
 class ModularAddition(L.LightningModule):
@@ -159,7 +160,8 @@ def summarize(rows: list[dict]) -> dict:
     """When test accuracy crossed 90%, the LLC at its peak, at the crossing and at the end, and
     how each signal (the LLC and the curvature) moved.
 
-    ``moves`` holds, per signal, three factors: from the start to the LLC's peak
+    ``stages`` are the LLC curve's stages (``llc_callbacks.stages``). ``moves`` holds, per
+    signal, three factors: from the start to the LLC's peak
     (memorization), from the peak to the end, and across the grokking transition (from the
     last estimate before test accuracy reached 50% to the first after it crossed 90%).
     """
@@ -192,6 +194,7 @@ def summarize(rows: list[dict]) -> dict:
         "llc_at_crossing": before[-1],
         "llc_final": llc.values[-1],
         "moves": moves,
+        "stages": detect_stages(rows, loss="train_loss"),
     }
 
 
@@ -252,6 +255,9 @@ def main() -> None:
     print("and across the grokking transition (test accuracy from 50% to 90%):")
     for name, (rise, fall, across) in result["moves"].items():
         print(f"{name.replace('_', ' '):>15}: x{rise:<8.3g} x{fall:<10.3g} x{across:.3g}")
+    print("Stages of the LLC curve:")
+    for stage in result["stages"]:
+        print(f"  steps {stage.start:>5} to {stage.end:>5}: {stage.kind:8} ({stage.change:+.3g})")
     print(f"Figure: {result['png']}")
     print(f"Metrics: {result['csv']}")
     print(f"W&B run: {result['wandb']}  (upload it with: wandb sync {result['wandb']})")

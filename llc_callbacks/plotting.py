@@ -18,6 +18,7 @@ from llc_callbacks.calibration import Calibration
 from llc_callbacks.history import Series
 from llc_callbacks.keys import metric_key, parse_key
 from llc_callbacks.result import LLCResult
+from llc_callbacks.stages import detect_stages
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -90,7 +91,8 @@ class Curves(NamedTuple):
 def plot_llc_curve(*runs: Curves, path: str | Path | None = None) -> Figure:
     """The LLC over training, a curve per run, with its chain spread and the loss.
 
-    Each run's spread is a band around its curve; the losses are dashed, on a second axis.
+    Each run's spread is a band around its curve; the losses are dashed, on a second axis. A
+    single run's rising and falling stages (``llc_callbacks.stages``) are shaded.
     Where runs hold curvature, a panel below draws the LLC and each curvature quantity divided
     by its largest magnitude, on the same step axis, so that their shapes compare.
 
@@ -129,6 +131,8 @@ def plot_llc_curve(*runs: Curves, path: str | Path | None = None) -> Figure:
             losses.plot(
                 run.loss.steps, run.loss.values, color=loss_color, linewidth=1, linestyle="--"
             )
+    if single:
+        _shade_stages(axes, runs[0])
     if not curved:
         axes.set_xlabel("step")
     axes.set_ylabel("LLC (± chain std)")
@@ -208,6 +212,25 @@ def _figure(rows: int = 1) -> Figure:
         raise ImportError("plotting needs matplotlib: pip install 'llc-callbacks[plot]'") from error
     width, height = FIGSIZE
     return Figure(figsize=(width, height * (1 + 2 * (rows - 1) / 3)), dpi=DPI, layout="constrained")
+
+
+def _shade_stages(axes, run: Curves) -> None:
+    """Shade the rising and falling stages of a run's LLC curve (``detect_stages``).
+
+    Without the chain count the spread stands for the standard error, which errs towards
+    fewer stages.
+    """
+    rows = [
+        {"step": step, "llc/mean": value}
+        for step, value in zip(run.llc.steps, run.llc.values, strict=True)
+    ]
+    if run.spread is not None and run.spread.steps == run.llc.steps:
+        for row, spread in zip(rows, run.spread.values, strict=True):
+            row["llc/std"] = spread
+    colors = {"rising": "tab:red", "falling": "tab:green"}
+    for stage in detect_stages(rows):
+        if stage.kind in colors:
+            axes.axvspan(stage.start, stage.end, color=colors[stage.kind], alpha=0.08, lw=0)
 
 
 def _scaled(axes, values: Series, label: str, color: str, style: str) -> None:

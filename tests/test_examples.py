@@ -36,6 +36,7 @@ def test_the_demo_finds_the_transition_in_a_run(example):
     assert (summary["llc_at_crossing"], summary["llc_final"]) == (3.0, 1.0)
     # Memorizing 5 -> 9, peak to end 9 -> 1, across the transition (50% at 10, 90% at 20) 9 -> 3.
     assert summary["moves"]["LLC"] == pytest.approx((9 / 5, 1 / 9, 3 / 9))
+    assert [stage.kind for stage in summary["stages"]] == ["flat"]  # 4 estimates: no turn
 
 
 @pytest.mark.slow

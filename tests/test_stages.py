@@ -1,0 +1,103 @@
+"""Developmental stages on LLC curves (issue: developmental stages), on synthetic curves with
+known boundaries and on pure noise."""
+
+import csv
+import itertools
+
+import numpy as np
+import pytest
+
+from llc_callbacks import cli
+from llc_callbacks.stages import detect_stages
+
+
+def rows(values, standard_error=1.0, chains=4, prefix="llc"):
+    """A history of estimates every 10 steps whose means have this standard error."""
+    spread = standard_error * np.sqrt(chains)
+    return [
+        {
+            "step": 10 * index,
+            f"{prefix}/mean": float(value),
+            f"{prefix}/std": spread,
+            **{f"{prefix}/chain_{chain}": 0.0 for chain in range(chains)},
+        }
+        for index, value in enumerate(values)
+    ]
+
+
+def rise_fall_flat(seed: int) -> np.ndarray:
+    """Rises for 15 estimates, falls for 15, then stays flat: 1.5 standard errors a step."""
+    x = np.arange(45)
+    truth = 1.5 * np.where(x <= 15, x, np.where(x <= 30, 30 - x, 0))
+    return truth + np.random.default_rng(seed).normal(0, 1, len(x))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_every_boundary_is_found_within_one_estimate(seed):
+    stages = detect_stages(rows(rise_fall_flat(seed)))
+    assert [stage.kind for stage in stages] == ["rising", "falling", "flat"]
+    # The true turns are at estimates 15 (step 150) and 30 (step 300).
+    assert abs(stages[0].end - 150) <= 10 and abs(stages[1].end - 300) <= 10
+    assert stages[0].start == 0 and stages[-1].end == 440
+    assert stages[1].start > stages[0].end and stages[2].start > stages[1].end
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pure_noise_is_one_flat_stage(seed):
+    noise = 5 + np.random.default_rng(1000 + seed).normal(0, 1, 40)
+    stages = detect_stages(rows(noise))
+    assert [(stage.kind, stage.start, stage.end) for stage in stages] == [("flat", 0, 390)]
+
+
+def test_a_stage_where_the_loss_stays_flat_is_flagged_and_restricted_curves_work_too():
+    history = rows(rise_fall_flat(0), prefix="llc/head0")
+    for row in history:
+        row["train_loss"] = 1.0 if row["step"] < 150 else 0.5  # a drop, then flat
+    stages = detect_stages(history, "llc", "head0", loss="train_loss")
+    assert [stage.flagged for stage in stages] == [False, True, False]
+    assert stages[1].loss_change == 0.0 and stages[0].loss_change == pytest.approx(-0.5)
+
+
+def test_without_a_spread_the_noise_comes_from_the_curve():
+    history = [
+        {"step": row["step"], "llc/mean": row["llc/mean"]} for row in rows(rise_fall_flat(3))
+    ]
+    assert [stage.kind for stage in detect_stages(history)] == ["rising", "falling", "flat"]
+    assert detect_stages(history[:2]) == []
+
+
+def test_the_stages_command_prints_a_table(tmp_path, capsys):
+    path = tmp_path / "metrics.csv"
+    history = rows(rise_fall_flat(0))
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    assert cli.main(["stages", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == [
+        "start",
+        "end",
+        "kind",
+        "LLC",
+        "change",
+        "loss",
+        "change",
+        "flagged",
+    ]
+    assert [line.split()[2] for line in lines[1:]] == ["rising", "falling", "flat"]
+
+
+def test_short_curves_give_contiguous_stages_of_at_least_two_estimates():
+    # Boundaries never leave a stage of one estimate, whatever the curve (a regression: a
+    # refined boundary once did, and its line fit was singular).
+    generator = np.random.default_rng(0)
+    for length in range(3, 9):
+        for _ in range(30):
+            values = generator.normal(0, 1, length) * generator.choice([0.1, 10.0])
+            history = rows(values, standard_error=0.5)
+            stages = detect_stages(history)
+            assert stages[0].start == 0 and stages[-1].end == 10 * (length - 1)
+            for before, after in itertools.pairwise(stages):
+                assert after.start == before.end + 10
+            assert all(stage.end > stage.start for stage in stages)
