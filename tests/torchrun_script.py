@@ -5,6 +5,7 @@ Writes each process's callback history and log_history to OUT_DIR/rank_<rank>.js
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -51,7 +52,10 @@ if __name__ == "__main__":
         "loss_calls": len(calls),
     }
     (out / f"rank_{rank}.json").write_text(json.dumps(record))
-    torch.distributed.barrier()  # both ranks are done before either tears the group down
-    # Without this, gloo's threads can outlive the interpreter: "terminate called without an
-    # active exception" and exit code -6, about one run in three on a loaded machine.
-    torch.distributed.destroy_process_group()
+    torch.distributed.barrier()  # both ranks have written their record
+    # Leave without the interpreter's teardown: on a loaded machine, destroying the DDP model
+    # and gloo's threads at exit (with or without destroy_process_group) sometimes aborts with
+    # "terminate called without an active exception" (exit -6) after the run has succeeded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
