@@ -52,11 +52,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _print_stages(run: Path, restriction: str | None) -> None:
+def _llc_rows(run: Path) -> tuple[list[dict[str, float]], str]:
+    """A run's logged rows and the prefix of its LLC metrics."""
     rows = read_rows(run)
     prefix = llc_prefix(rows)
     if prefix is None:
         raise ValueError(f"{run} has no LLC metrics (no key ending in 'llc/mean')")
+    return rows, prefix
+
+
+def _print_stages(run: Path, restriction: str | None) -> None:
+    rows, prefix = _llc_rows(run)
     print(f"{'start':>8} {'end':>8} {'kind':8} {'LLC change':>11} {'loss change':>12} flagged")
     for stage in detect_stages(rows, prefix, restriction, loss=loss_key(rows)):
         loss = "-" if stage.loss_change is None else f"{stage.loss_change:+.1%}"
@@ -78,10 +84,7 @@ def _plot(runs: list[Path], output: Path | None, loss: str | None) -> Path:
 
 
 def _curves(run: Path, loss: str | None, label: str | None) -> Curves:
-    rows = read_rows(run)
-    prefix = llc_prefix(rows)
-    if prefix is None:
-        raise ValueError(f"{run} has no LLC metrics (no key ending in 'llc/mean')")
+    rows, prefix = _llc_rows(run)
     loss = loss or loss_key(rows)
     if loss is not None and not any(loss in row for row in rows):
         raise ValueError(f"{run} has no '{loss}' values")

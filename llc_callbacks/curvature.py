@@ -11,14 +11,14 @@ gradient evaluation.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from llc_callbacks.config import LLCConfig
-from llc_callbacks.data import batch_size, cycle_batches
+from llc_callbacks.data import batch_size, cycle_batches, map_tensors
 from llc_callbacks.estimator import model_device, sampling
 from llc_callbacks.forked import ForkedModel, LossFn
 from llc_callbacks.validation import check_choice, check_int
@@ -138,15 +138,7 @@ def _squared_gradients(forked: ForkedModel, batch: Any, examples: int) -> Tensor
 
 def _example(batch: Any, index: int) -> Any:
     """Example ``index`` of a batch as a batch of one: every tensor sliced on its first axis."""
-    if isinstance(batch, Tensor):
-        return batch[index : index + 1] if batch.dim() > 0 else batch
-    if isinstance(batch, Mapping):
-        return {key: _example(value, index) for key, value in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_example(value, index) for value in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_example(value, index) for value in batch)
-    return batch
+    return map_tensors(batch, lambda t: t[index : index + 1] if t.dim() > 0 else t)
 
 
 def _top_eigenvalue(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -41,14 +41,30 @@ def cycle_batches(data: Iterable[Any], device: torch.device) -> Iterator[Any]:
         passes += 1
 
 
+def map_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """A copy of a batch's containers with ``fn`` applied to every tensor.
+
+    Dicts (and other mappings) become dicts, lists stay lists, tuples (named ones too) stay
+    tuples; anything else is kept as it is.
+    """
+    if isinstance(batch, Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return {key: map_tensors(value, fn) for key, value in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(map_tensors(value, fn) for value in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(map_tensors(value, fn) for value in batch)
+    return batch
+
+
 def to_device(
     batch: Any, device: torch.device | None = None, float_dtype: torch.dtype | None = None
 ) -> Any:
     """A copy of a batch's containers with every tensor moved to ``device``.
 
-    Dicts (and other mappings) become dicts, lists stay lists, tuples (named ones too) stay
-    tuples, so that a loss function that pops keys never touches the caller's batch. Tensors
-    are not copied unless they move or change type.
+    New containers (see ``map_tensors``), so that a loss function that pops keys never
+    touches the caller's batch. Tensors are not copied unless they move or change type.
 
     Args:
         batch: A tensor or nested containers of tensors.
@@ -58,16 +74,12 @@ def to_device(
     Returns:
         The batch in new containers.
     """
-    if isinstance(batch, Tensor):
-        dtype = float_dtype if float_dtype is not None and batch.is_floating_point() else None
-        return batch.to(device=device, dtype=dtype, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {key: to_device(value, device, float_dtype) for key, value in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(to_device(value, device, float_dtype) for value in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(value, device, float_dtype) for value in batch)
-    return batch
+
+    def move(tensor: Tensor) -> Tensor:
+        dtype = float_dtype if float_dtype is not None and tensor.is_floating_point() else None
+        return tensor.to(device=device, dtype=dtype, non_blocking=True)
+
+    return map_tensors(batch, move)
 
 
 def batch_size(batch: Any) -> int:

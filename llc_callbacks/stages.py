@@ -18,6 +18,7 @@ from typing import Literal
 
 import numpy as np
 
+from llc_callbacks.history import Series, series
 from llc_callbacks.keys import metric_key
 
 # Penalty per segment, in units of log(number of estimates) of the chi-square: BIC charges 3
@@ -97,11 +98,11 @@ def detect_stages(
             stages.append((start, last, kind, before + change))
         else:
             stages.append((first, last, kind, change))
-    losses = _series(rows, loss) if loss is not None else None
+    losses = series(rows, loss) if loss is not None else None
     result = []
     for first, last, kind, change in stages:
         loss_change = None
-        if losses:
+        if losses is not None and losses.steps:
             at_start, at_end = _nearest(losses, steps[first]), _nearest(losses, steps[last])
             loss_change = float((at_end - at_start) / abs(at_start)) if at_start else math.inf
         flagged = kind != "flat" and loss_change is not None and abs(loss_change) <= loss_tolerance
@@ -194,11 +195,7 @@ def _line(values: np.ndarray, errors: np.ndarray) -> tuple[np.ndarray, float]:
     return design @ coefficients, math.sqrt(slope_variance) * (len(values) - 1)
 
 
-def _series(rows: Sequence[dict[str, float]], key: str) -> list[tuple[int, float]]:
-    return sorted(
-        (int(row["step"]), row[key]) for row in rows if key in row and math.isfinite(row[key])
-    )
-
-
-def _nearest(points: list[tuple[int, float]], step: int) -> float:
-    return min(points, key=lambda point: abs(point[0] - step))[1]
+def _nearest(values: Series, step: int) -> float:
+    """The value logged nearest to ``step``."""
+    index = min(range(len(values.steps)), key=lambda i: abs(values.steps[i] - step))
+    return values.values[index]
