@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from llc_callbacks.config import LLCConfig
-from llc_callbacks.data import batch_size, cycle_batches, map_tensors
+from llc_callbacks.data import batch_size, cycle_batches, example
 from llc_callbacks.estimator import model_device, sampling
 from llc_callbacks.forked import ForkedModel, LossFn
 from llc_callbacks.validation import check_choice, check_int
@@ -131,14 +131,9 @@ def _squared_gradients(forked: ForkedModel, batch: Any, examples: int) -> Tensor
         raise ValueError(f"fisher_trace needs batches of at least 2 examples, got {count}")
     anchor = forked.anchor[None]
     norms = [
-        forked.loss_and_grad(anchor, _example(batch, i))[1].square().sum() for i in range(count)
+        forked.loss_and_grad(anchor, example(batch, i))[1].square().sum() for i in range(count)
     ]
     return torch.stack(norms)
-
-
-def _example(batch: Any, index: int) -> Any:
-    """Example ``index`` of a batch as a batch of one: every tensor sliced on its first axis."""
-    return map_tensors(batch, lambda t: t[index : index + 1] if t.dim() > 0 else t)
 
 
 def _top_eigenvalue(

@@ -1,4 +1,4 @@
-"""Batches for the chains: cycled, moved to a device, never mutated."""
+"""Batches: cycled for the chains, moved to a device, split into examples, never mutated."""
 
 from __future__ import annotations
 
@@ -80,6 +80,11 @@ def to_device(
         return tensor.to(device=device, dtype=dtype, non_blocking=True)
 
     return map_tensors(batch, move)
+
+
+def example(batch: Any, index: int) -> Any:
+    """Example ``index`` of a batch as a batch of one: every tensor sliced on its first axis."""
+    return map_tensors(batch, lambda t: t[index : index + 1] if t.dim() > 0 else t)
 
 
 def batch_size(batch: Any) -> int:

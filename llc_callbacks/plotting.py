@@ -1,4 +1,4 @@
-"""Figures: chain traces of one estimate, a calibration sweep, and the LLC over training.
+"""Figures: chain traces, a calibration sweep, the LLC over training, and essential dynamics.
 
 Needs matplotlib (``pip install llc-callbacks[plot]``). Figures are built without pyplot, so
 nothing here touches the global matplotlib state; each function returns the figure and saves
@@ -8,13 +8,14 @@ it as PNG when given a path.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from llc_callbacks.calibration import Calibration
+from llc_callbacks.dynamics import DynamicsResult
 from llc_callbacks.history import Series
 from llc_callbacks.keys import metric_key, parse_key
 from llc_callbacks.result import LLCResult
@@ -186,6 +187,67 @@ def component_names(history: list[dict[str, float]], prefix: str = "llc") -> lis
             if parsed and parsed.restriction and parsed.field == "mean" and math.isfinite(value):
                 names.add(parsed.restriction)
     return sorted(names)
+
+
+def plot_essential_dynamics(
+    result: DynamicsResult, boundaries: Sequence[int] = (), path: str | Path | None = None
+) -> Figure:
+    """The path of the outputs in PC1-PC2 and PC2-PC3 (PC1-PC2 alone with 2 components).
+
+    Records are coloured by step; the path's turning points are circled and LLC stage
+    boundaries (``llc_callbacks.stages``) are crossed at the record nearest each, where they
+    fall within the recorded steps.
+
+    Args:
+        result: From ``EssentialDynamics.result``.
+        boundaries: Steps of LLC stage boundaries, such as each stage's ``end``.
+        path: Where to save the PNG.
+
+    Raises:
+        ValueError: If the result has fewer than 2 components.
+    """
+    points, ratios = result.projections, result.explained_variance
+    if points.shape[1] < 2:
+        raise ValueError(
+            "plot_essential_dynamics needs at least 2 principal components, the result has"
+            f" {points.shape[1]}"
+        )
+    steps = np.asarray(result.steps)
+    turns = [result.steps.index(step) for step in result.turning_points]
+    crossed = sorted(
+        {int(np.argmin(np.abs(steps - b))) for b in boundaries if steps[0] <= b <= steps[-1]}
+    )
+    figure = _figure()
+    panels = figure.subplots(1, 2 if points.shape[1] >= 3 else 1, squeeze=False)[0]
+    for axes, (x, y) in zip(panels, ((0, 1), (1, 2)), strict=False):
+        axes.plot(points[:, x], points[:, y], color="0.7", linewidth=0.8, zorder=1)
+        image = axes.scatter(points[:, x], points[:, y], c=steps, s=12, zorder=2)
+        if turns:
+            axes.scatter(
+                points[turns, x],
+                points[turns, y],
+                s=80,
+                facecolors="none",
+                edgecolors="black",
+                zorder=3,
+                label="turning point",
+            )
+        if crossed:
+            axes.scatter(
+                points[crossed, x],
+                points[crossed, y],
+                s=50,
+                marker="x",
+                color="tab:red",
+                zorder=4,
+                label="LLC stage boundary",
+            )
+        axes.set_xlabel(f"PC{x + 1} ({ratios[x]:.0%})")
+        axes.set_ylabel(f"PC{y + 1} ({ratios[y]:.0%})")
+    if turns or crossed:
+        panels[0].legend(fontsize="small")
+    figure.colorbar(image, ax=panels, label="step")
+    return _save(figure, path)
 
 
 def _edges(steps: list[float]) -> np.ndarray:
