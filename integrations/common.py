@@ -7,17 +7,33 @@ here; the trainer-specific parts (hooks, loss, data, logging calls) stay in its 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Collection, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from llc_callbacks.dynamics import EssentialDynamics
 from llc_callbacks.monitor import LLCMonitor
-from llc_callbacks.plotting import component_names, plot_components, plot_traces, to_pixels
+from llc_callbacks.plotting import (
+    component_names,
+    plot_components,
+    plot_essential_dynamics,
+    plot_traces,
+    to_pixels,
+)
 from llc_callbacks.validation import check_bool
 
 # A receiver of a figure: ``sink(name, pixels, step)`` logs it as ``{prefix}/{name}``.
 Sink = Callable[[str, np.ndarray, int], None]
+# A receiver of a table: ``sink(name, columns, rows, step)`` logs it as ``{prefix}/{name}``.
+TableSink = Callable[[str, list[str], list[list[Any]], int], None]
+# The columns of the confirmed stage boundaries' table, ``{prefix}/stages``.
+STAGE_COLUMNS = ["curve", "step", "before", "after", "confirmed_at"]
+# The file, in the run's folder, that holds the essential dynamics.
+DYNAMICS_FILE = "essential_dynamics.npz"
+logger = logging.getLogger(__name__)
 
 
 class TrainerMonitor(LLCMonitor):
@@ -27,7 +43,7 @@ class TrainerMonitor(LLCMonitor):
 
 
 # The callbacks' own arguments, beside those they pass on to their monitor.
-ADAPTER_ARGUMENTS = ("loss_fn", "dataloader", "log_trace_plot")
+ADAPTER_ARGUMENTS = ("loss_fn", "dataloader", "log_trace_plot", "dynamics")
 
 
 def build_monitor(arguments: Mapping[str, Any]) -> TrainerMonitor:
@@ -40,12 +56,14 @@ def build_monitor(arguments: Mapping[str, Any]) -> TrainerMonitor:
     Raises:
         ValueError: For a bad argument, naming it.
     """
-    loss_fn, dataloader, log_trace_plot = (arguments[name] for name in ADAPTER_ARGUMENTS)
+    loss_fn, dataloader, log_trace_plot, dynamics = (arguments[n] for n in ADAPTER_ARGUMENTS)
     if loss_fn is not None and not callable(loss_fn):
         raise ValueError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
     if dataloader is not None and not isinstance(dataloader, Iterable):
         raise ValueError(f"dataloader must be an iterable of batches, got {dataloader!r}")
     check_bool("log_trace_plot", log_trace_plot)
+    if dynamics is not None and not isinstance(dynamics, EssentialDynamics):
+        raise ValueError(f"dynamics must be EssentialDynamics, got {type(dynamics).__name__}")
     monitor_arguments = {k: v for k, v in arguments.items() if k not in ADAPTER_ARGUMENTS}
     return TrainerMonitor(**monitor_arguments)
 
@@ -92,6 +110,70 @@ def warn_if_state_is_stale(
             f" config ({others[0][len(owner) :]}), not of this one ({key[len(owner) :]}): this"
             " run starts a new LLC history. Pass the same arguments to continue the saved one.",
         )
+
+
+def callback_state(monitor: LLCMonitor, dynamics: EssentialDynamics | None) -> dict[str, Any]:
+    """What a callback checkpoints: its monitor's state, and its essential dynamics' if any."""
+    state = monitor.state_dict()
+    if dynamics is not None:
+        state["dynamics"] = dynamics.state_dict()
+    return state
+
+
+def load_callback_state(
+    monitor: LLCMonitor, dynamics: EssentialDynamics | None, state: dict[str, Any]
+) -> None:
+    """Continue from ``callback_state``."""
+    monitor.load_state_dict(state)
+    if dynamics is not None and "dynamics" in state:
+        dynamics.load_state_dict(state["dynamics"])
+
+
+def log_stage_table(monitor: LLCMonitor, sinks: list[TableSink], step: int) -> None:
+    """Send every confirmed stage boundary as a table, when the estimate at ``step`` added one."""
+    boundaries = monitor.boundaries
+    if not sinks or not boundaries or boundaries[-1].confirmed_at != step:
+        return
+    rows = [[b.curve or "full", b.step, b.before, b.after, b.confirmed_at] for b in boundaries]
+    with monitor.reporting("logging the stage table"):
+        for sink in sinks:
+            sink("stages", STAGE_COLUMNS, rows, step)
+
+
+def finish_dynamics(
+    monitor: LLCMonitor,
+    dynamics: EssentialDynamics,
+    sinks: list[Sink],
+    folder: Path | None,
+    step: int,
+) -> None:
+    """At the end of training: save the essential dynamics and send their figure.
+
+    The figure marks the full LLC's confirmed stage boundaries. Nothing happens with fewer
+    than 3 records.
+
+    Args:
+        monitor: The callback's monitor, for its error policy and boundaries.
+        dynamics: The records.
+        sinks: Receivers of the figure, logged as ``{prefix}/essential_dynamics``.
+        folder: Where ``DYNAMICS_FILE`` goes (the run's folder), or ``None`` not to save.
+        step: The step to log the figure at.
+    """
+    if len(dynamics.steps) < 3:
+        return
+    if folder is not None:
+        with monitor.reporting("saving the essential dynamics"):
+            folder.mkdir(parents=True, exist_ok=True)
+            dynamics.save(folder / DYNAMICS_FILE)
+            logger.info("llc_callbacks: essential dynamics saved to %s", folder / DYNAMICS_FILE)
+    boundaries = [b.step for b in monitor.boundaries if b.curve is None]
+    _log_figure(
+        monitor,
+        "essential_dynamics",
+        lambda: plot_essential_dynamics(dynamics.result(), boundaries),
+        sinks,
+        step,
+    )
 
 
 def log_trace_figure(monitor: LLCMonitor, sinks: list[Sink], step: int) -> None:

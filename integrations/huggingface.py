@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from llc_callbacks.config import LLCConfig
+from llc_callbacks.dynamics import EssentialDynamics
 from llc_callbacks.forked import LossFn
 from llc_callbacks.integrations import common
 from llc_callbacks.restrictions import Restrictions
@@ -63,6 +65,16 @@ class LLCTrainerCallback(TrainerCallback):
             ``{prefix}/curvature/<name>`` (see ``LLCMonitor``).
         dataset_size: ``n`` of the local free energy ``{prefix}/free_energy``; by default the
             length of the Trainer's training set, when it has one.
+        max_overhead: Keep the estimates' time within this share of the training time,
+            spacing them by how fast the LLC moves (see ``LLCMonitor``).
+        dynamics: Record the essential dynamics on its own schedule (its default loss is
+            ``loss_fn``'s); at the end of training their PCA figure, with the LLC's stage
+            boundaries, goes to W&B as ``train/{prefix}/essential_dynamics`` when the Trainer
+            reports to wandb, and the records are saved as ``essential_dynamics.npz`` in
+            ``args.output_dir``.
+
+    Stage boundaries that the monitor confirms (``{prefix}/stage``) also go to W&B as the
+    table ``train/{prefix}/stages``.
 
     Raises:
         ValueError: For a bad argument, naming it.
@@ -86,6 +98,8 @@ class LLCTrainerCallback(TrainerCallback):
         restrictions: Restrictions | None = None,
         curvature: Sequence[str] = (),
         dataset_size: int | None = None,
+        max_overhead: float | None = None,
+        dynamics: EssentialDynamics | None = None,
     ) -> None:
         if not isinstance(trainer, Trainer):
             raise ValueError(
@@ -94,6 +108,7 @@ class LLCTrainerCallback(TrainerCallback):
         arguments = dict(locals())  # the signature's arguments, by name
         del arguments["self"], arguments["trainer"]
         self.monitor = common.build_monitor(arguments)
+        self.dynamics = dynamics
         self.trainer = trainer
         self.loss_fn = loss_fn
         self.dataloader = dataloader
@@ -117,9 +132,11 @@ class LLCTrainerCallback(TrainerCallback):
         saved = state.stateful_callbacks or {}
         common.warn_if_state_is_stale(self.monitor, "LLCTrainerCallback", self.state_key, saved)
         if self.state_key in saved:
-            self.monitor.load_state_dict(saved[self.state_key])
+            common.load_callback_state(self.monitor, self.dynamics, saved[self.state_key])
         if self.monitor.schedule.log_spaced:
             self.monitor.set_total_steps(state.max_steps)
+        if self.dynamics is not None:
+            self.dynamics.set_total_steps(state.max_steps)
         size = common.dataset_size(self.trainer.train_dataset)
         if size is not None:
             self.monitor.set_dataset_size(size)
@@ -133,6 +150,7 @@ class LLCTrainerCallback(TrainerCallback):
                 )
             self._log(control, metrics)
         self._maybe_estimate(args, state, control, model)
+        self._maybe_record(state, model)
 
     def on_step_end(
         self,
@@ -142,8 +160,9 @@ class LLCTrainerCallback(TrainerCallback):
         model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
-        """Estimate after an optimizer step if one is due."""
+        """Estimate and record the essential dynamics after an optimizer step, where due."""
         self._maybe_estimate(args, state, control, model)
+        self._maybe_record(state, model)
 
     def on_train_end(
         self,
@@ -153,11 +172,14 @@ class LLCTrainerCallback(TrainerCallback):
         model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
-        """Estimate at the end of training if ``at_end`` and not already done."""
+        """Estimate at the end of training if ``at_end``; the end-of-run figures and files."""
         self._maybe_estimate(args, state, control, model, final=True)
-        common.log_components_figure(
-            self.monitor, self._image_sinks(args, state), state.global_step
-        )
+        self._maybe_record(state, model, final=True)
+        sinks = self._image_sinks(args, state)
+        common.log_components_figure(self.monitor, sinks, state.global_step)
+        if self.dynamics is not None:
+            folder = Path(args.output_dir) if state.is_world_process_zero else None
+            common.finish_dynamics(self.monitor, self.dynamics, sinks, folder, state.global_step)
 
     def _maybe_estimate(
         self,
@@ -179,12 +201,27 @@ class LLCTrainerCallback(TrainerCallback):
                 device=next(model.parameters()).device,
                 progress=state.is_world_process_zero and not args.disable_tqdm,
             )
-        with self.monitor.reporting("saving the LLC state"):
-            # Saved with every checkpoint, so that a resumed run continues from it.
-            state.stateful_callbacks[self.state_key] = self.monitor.state_dict()
+        self._save_state(state)
         self._log(control, metrics)
+        common.log_stage_table(self.monitor, self._table_sinks(args, state), step)
         if self.log_trace_plot:
             common.log_trace_figure(self.monitor, self._image_sinks(args, state), step)
+
+    def _maybe_record(self, state: TrainerState, model: nn.Module, final: bool = False) -> None:
+        """Record the essential dynamics if they are due."""
+        dynamics = self.dynamics
+        if dynamics is None or not dynamics.is_due(state.global_step, final=final):
+            return
+        with self.monitor.reporting("recording the essential dynamics"), _chains_ready(model):
+            dynamics.record(state.global_step, model, self._loss_fn())
+        self._save_state(state)
+
+    def _save_state(self, state: TrainerState) -> None:
+        """Put the callback's state where the Trainer saves it with every checkpoint."""
+        with self.monitor.reporting("saving the LLC state"):
+            state.stateful_callbacks[self.state_key] = common.callback_state(
+                self.monitor, self.dynamics
+            )
 
     def _loss_fn(self) -> LossFn:
         return self.loss_fn or self._trainer_loss
@@ -201,20 +238,36 @@ class LLCTrainerCallback(TrainerCallback):
 
     def _image_sinks(self, args: TrainingArguments, state: TrainerState) -> list[common.Sink]:
         """The W&B run the Trainer reports to, on the main process: the receiver of figures."""
-        if "wandb" not in args.report_to or not state.is_world_process_zero:
-            return []
-        import wandb  # only when the Trainer reports to wandb
+        return [partial(_log_image, self.monitor.prefix)] if _reports_to_wandb(args, state) else []
 
-        return [partial(_log_image, self.monitor.prefix)] if wandb.run is not None else []
+    def _table_sinks(self, args: TrainingArguments, state: TrainerState) -> list[common.TableSink]:
+        """The W&B run the Trainer reports to, on the main process: the receiver of tables."""
+        return [partial(_log_table, self.monitor.prefix)] if _reports_to_wandb(args, state) else []
 
     def _trainer_loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
         return self.trainer.compute_loss(model, batch)
+
+
+def _reports_to_wandb(args: TrainingArguments, state: TrainerState) -> bool:
+    """Whether this is the main process of a Trainer reporting to a live W&B run."""
+    if "wandb" not in args.report_to or not state.is_world_process_zero:
+        return False
+    import wandb  # only when the Trainer reports to wandb
+
+    return wandb.run is not None
 
 
 def _log_image(prefix: str, name: str, pixels: np.ndarray, step: int) -> None:
     import wandb
 
     wandb.log({f"train/{prefix}/{name}": wandb.Image(pixels), "train/global_step": step})
+
+
+def _log_table(prefix: str, name: str, columns: list[str], rows: list[list], step: int) -> None:
+    import wandb
+
+    table = wandb.Table(columns=columns, data=rows)
+    wandb.log({f"train/{prefix}/{name}": table, "train/global_step": step})
 
 
 @contextmanager

@@ -8,6 +8,7 @@ import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Ra
 from typing_extensions import override
 
 from llc_callbacks.config import LLCConfig
+from llc_callbacks.dynamics import EssentialDynamics
 from llc_callbacks.forked import LossFn
 from llc_callbacks.integrations import common
 from llc_callbacks.restrictions import Restrictions
@@ -70,6 +72,16 @@ class LLCCallback(Callback):
             ``{prefix}/curvature/<name>`` (see ``LLCMonitor``).
         dataset_size: ``n`` of the local free energy ``{prefix}/free_energy``; by default the
             length of the trainer's training set, when it has one.
+        max_overhead: Keep the estimates' time within this share of the training time,
+            spacing them by how fast the LLC moves (see ``LLCMonitor``).
+        dynamics: Record the essential dynamics on its own schedule (its probe batches go
+            through the module's batch-transfer hooks, its default loss is ``loss_fn``'s); at
+            the end of training their PCA figure, with the LLC's stage boundaries, goes to
+            every ``WandbLogger`` as ``{prefix}/essential_dynamics`` and the records are saved
+            as ``essential_dynamics.npz`` in ``trainer.log_dir``.
+
+    Stage boundaries that the monitor confirms (``{prefix}/stage``) also go to every
+    ``WandbLogger`` as the table ``{prefix}/stages``.
 
     Raises:
         ValueError: At construction for a bad argument, naming it; in ``setup`` for an
@@ -94,10 +106,14 @@ class LLCCallback(Callback):
         restrictions: Restrictions | None = None,
         curvature: Sequence[str] = (),
         dataset_size: int | None = None,
+        max_overhead: float | None = None,
+        dynamics: EssentialDynamics | None = None,
     ) -> None:
         arguments = dict(locals())  # the signature's arguments, by name
         del arguments["self"]
         self.monitor = common.build_monitor(arguments)
+        self.dynamics = dynamics
+        self._probe = dynamics.probe if dynamics is not None else None
         self.loss_fn = loss_fn
         self.dataloader = dataloader
         self.restrictions = restrictions
@@ -139,10 +155,14 @@ class LLCCallback(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.monitor.schedule.log_spaced:
-            total = trainer.estimated_stepping_batches
-            if math.isfinite(total):
+        total = trainer.estimated_stepping_batches
+        if math.isfinite(total):
+            if self.monitor.schedule.log_spaced:
                 self.monitor.set_total_steps(int(total))
+            if self.dynamics is not None:
+                self.dynamics.set_total_steps(int(total))
+        if self.dynamics is not None:
+            self.dynamics.probe = _ModuleBatches(self._probe, pl_module)
         size = common.dataset_size(getattr(trainer.train_dataloader, "dataset", None))
         if size is not None:
             self.monitor.set_dataset_size(size)
@@ -162,25 +182,34 @@ class LLCCallback(Callback):
                 )
             self._log(trainer, metrics)
         self._maybe_estimate(trainer, pl_module)
+        self._maybe_record(trainer, pl_module)
 
     @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._maybe_estimate(trainer, pl_module)
+        self._maybe_record(trainer, pl_module)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._maybe_estimate(trainer, pl_module, final=True)
-        common.log_components_figure(self.monitor, self._image_sinks(trainer), trainer.global_step)
+        self._maybe_record(trainer, pl_module, final=True)
+        step, sinks = trainer.global_step, self._image_sinks(trainer)
+        common.log_components_figure(self.monitor, sinks, step)
+        if self.dynamics is not None:
+            folder = Path(trainer.log_dir or trainer.default_root_dir)
+            common.finish_dynamics(
+                self.monitor, self.dynamics, sinks, folder if trainer.is_global_zero else None, step
+            )
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return self.monitor.state_dict()
+        return common.callback_state(self.monitor, self.dynamics)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.monitor.load_state_dict(state_dict)
+        common.load_callback_state(self.monitor, self.dynamics, state_dict)
 
     def _maybe_estimate(
         self, trainer: Trainer, pl_module: LightningModule, *, final: bool = False
@@ -198,8 +227,24 @@ class LLCCallback(Callback):
                 progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
             )
         self._log(trainer, metrics)
+        common.log_stage_table(self.monitor, self._table_sinks(trainer), step)
         if self.log_trace_plot:
             common.log_trace_figure(self.monitor, self._image_sinks(trainer), step)
+
+    def _maybe_record(
+        self, trainer: Trainer, pl_module: LightningModule, *, final: bool = False
+    ) -> None:
+        """Record the essential dynamics if they are due."""
+        dynamics = self.dynamics
+        if dynamics is None or not dynamics.is_due(trainer.global_step, final=final):
+            return
+        with (
+            self.monitor.reporting("recording the essential dynamics"),
+            _chain_ready(pl_module),
+        ):
+            dynamics.record(
+                trainer.global_step, pl_module, self._loss_fn(), device=pl_module.device
+            )
 
     def _loss_fn(self) -> LossFn:
         return self.loss_fn or training_step_loss
@@ -213,14 +258,27 @@ class LLCCallback(Callback):
 
     def _image_sinks(self, trainer: Trainer) -> list[common.Sink]:
         """Every ``WandbLogger``, on rank zero: the receivers of figures."""
-        if not trainer.is_global_zero:
-            return []
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
-        return [partial(_log_image, logger, self.monitor.prefix) for logger in loggers]
+        return [partial(_log_image, lg, self.monitor.prefix) for lg in _wandb_loggers(trainer)]
+
+    def _table_sinks(self, trainer: Trainer) -> list[common.TableSink]:
+        """Every ``WandbLogger``, on rank zero: the receivers of tables."""
+        return [partial(_log_table, lg, self.monitor.prefix) for lg in _wandb_loggers(trainer)]
+
+
+def _wandb_loggers(trainer: Trainer) -> list[WandbLogger]:
+    if not trainer.is_global_zero:
+        return []
+    return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
 
 
 def _log_image(logger: WandbLogger, prefix: str, name: str, pixels: np.ndarray, step: int) -> None:
     logger.log_image(f"{prefix}/{name}", [pixels], step=step)
+
+
+def _log_table(
+    logger: WandbLogger, prefix: str, name: str, columns: list[str], rows: list[list], step: int
+) -> None:
+    logger.log_table(f"{prefix}/{name}", columns=columns, data=rows, step=step)
 
 
 def training_step_loss(module: LightningModule, batch: Any) -> Tensor:

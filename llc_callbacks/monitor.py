@@ -15,12 +15,14 @@ import sys
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+from llc_callbacks.budget import Budget, pace
 from llc_callbacks.calibration import Calibration, calibrate
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.curvature import CURVATURES, estimate_curvature
@@ -28,11 +30,12 @@ from llc_callbacks.distributed import rank_and_world
 from llc_callbacks.estimator import estimate_llc
 from llc_callbacks.forked import LossFn
 from llc_callbacks.isolation import warnings_once
-from llc_callbacks.keys import CURVATURE, metric_key
+from llc_callbacks.keys import CURVATURE, metric_key, parse_key
 from llc_callbacks.preflight import preflight
 from llc_callbacks.restrictions import Restrictions
 from llc_callbacks.result import LLCResult
 from llc_callbacks.schedule import Schedule
+from llc_callbacks.stages import Boundary, StageTracker
 from llc_callbacks.validation import check_choice, check_int
 
 ON_ERROR = ("warn", "raise")
@@ -91,9 +94,16 @@ class LLCMonitor:
             expansion, with ``L(w*)`` the mean loss of the estimate's minibatches) and its
             spread over chains, ``{prefix}/free_energy_std = std log n``. The callbacks set it
             from their training set when it has a length.
+        max_overhead: Keep the estimates' time within this share of the training time
+            (0.1: training takes at most 10% longer), measured as training runs; estimates
+            come sooner where the LLC moves and later where it is flat (``Budget``). Alone it
+            spaces the estimates; with a schedule it is a ceiling on it (``at_start`` and
+            ``at_end`` included). The first estimate runs when due, before its cost is known.
 
     Attributes:
         history: One row per estimate: ``step`` and the metrics.
+        stages: The online stage detection; ``boundaries`` lists what it confirmed.
+        budget: The ``max_overhead`` accounts (``Budget``), or ``None``.
         enabled: Whether estimates run (``False`` after a failed check under ``"warn"``).
 
     Raises:
@@ -121,6 +131,7 @@ class LLCMonitor:
         restrictions: Restrictions | None = None,
         curvature: Sequence[str] = (),
         dataset_size: int | None = None,
+        max_overhead: float | None = None,
     ) -> None:
         if isinstance(curvature, str):
             raise ValueError(f"curvature must be a sequence of names, got {curvature!r}")
@@ -138,6 +149,9 @@ class LLCMonitor:
                 f"restrictions must be Restrictions, got {type(restrictions).__name__}"
             )
         self.config = config or LLCConfig()
+        self.budget = Budget(max_overhead) if max_overhead is not None else None
+        if self.budget is not None and all(k is None for k in (every_n_steps, steps, log_spaced)):
+            every_n_steps = 1  # the budget alone spaces the estimates
         self.schedule = Schedule(
             every_n_steps=every_n_steps,
             steps=steps,
@@ -159,6 +173,7 @@ class LLCMonitor:
         self.history: list[dict[str, float]] = []
         self.last_result: LLCResult | None = None
         self.calibration: Calibration | None = None
+        self.stages = StageTracker()
         self.enabled = True
         self._started = False
         self._last_step = -1
@@ -183,7 +198,17 @@ class LLCMonitor:
             step: Optimizer steps completed.
             final: Whether training has just ended (for ``at_end``).
         """
-        return self.enabled and step > self._last_step and self.schedule.is_due(step, final=final)
+        return (
+            self.enabled
+            and step > self._last_step
+            and self.schedule.is_due(step, final=final)
+            and (self.budget is None or self.budget.allows(step, distributed=self._distributed()))
+        )
+
+    @property
+    def boundaries(self) -> list[Boundary]:
+        """The stage boundaries confirmed so far (see ``llc_callbacks.stages.StageTracker``)."""
+        return self.stages.confirmed
 
     def start(
         self,
@@ -290,9 +315,31 @@ class LLCMonitor:
         as they were either way. Each failed health check (``LLCResult.problems``) is warned
         about once per run, on rank zero, and so is each distinct warning raised inside.
 
+        After the estimate, the stages of the full and of every restricted LLC are detected
+        anew; a boundary that this confirms (``StageTracker``) is logged as
+        ``{prefix}/stage`` (``{prefix}/<name>/stage``) with the boundary's step as its value,
+        and told in a log line.
+
         Raises:
             Exception: Whatever the estimate raised, with ``on_error="raise"``.
         """
+        if self.budget is None:
+            return self._estimate(step, model, loss_fn, data, device, progress)
+        self.budget.begin(step)
+        try:
+            return self._estimate(step, model, loss_fn, data, device, progress)
+        finally:
+            self.budget.end(step, pace(self.history, self.prefix), distributed=self._distributed())
+
+    def _estimate(
+        self,
+        step: int,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Iterable[Any],
+        device: torch.device | str | None,
+        progress: bool,
+    ) -> dict[str, float]:
         config = dataclasses.replace(self.config, seed=step_seed(self.config.seed, step))
         calibrated = config.step_size == "auto"
         try:
@@ -335,6 +382,8 @@ class LLCMonitor:
                 )
         self._last_step = step
         self.history.append({"step": step, **metrics})
+        metrics.update(self._confirm_boundaries())
+        self.history[-1].update(metrics)
         if self.last_result is not None:
             for check, message in self.last_result.problems().items():
                 self.warn_once(check, f"at step {step}, {message}")
@@ -383,13 +432,15 @@ class LLCMonitor:
             )
 
     def state_dict(self) -> dict[str, Any]:
-        """The history, schedule position, warnings given and step size, for a checkpoint."""
+        """History, schedule position, warnings, step size, stages and budget, for a checkpoint."""
         return {
             "history": [dict(row) for row in self.history],
             "last_step": self._last_step,
             "total_steps": self.schedule.total_steps,
             "warned": sorted(self._warned),
             "step_size": self.config.step_size,
+            "stages": self.stages.state_dict(),
+            **({"budget": self.budget.state_dict()} if self.budget is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -402,6 +453,10 @@ class LLCMonitor:
             self.config = dataclasses.replace(self.config, step_size=saved_step_size)
         if state.get("total_steps") is not None:
             self.schedule = dataclasses.replace(self.schedule, total_steps=state["total_steps"])
+        if "stages" in state:
+            self.stages.load_state_dict(state["stages"])
+        if self.budget is not None and "budget" in state:
+            self.budget.load_state_dict(state["budget"])
 
     def _calibrate(
         self,
@@ -436,6 +491,31 @@ class LLCMonitor:
             metric_key(self.prefix, "free_energy"): n * result.init_loss + result.llc_mean * log_n,
             metric_key(self.prefix, "free_energy_std"): result.llc_std * log_n,
         }
+
+    def _confirm_boundaries(self) -> dict[str, float]:
+        """Detect the stages after the newest estimate; the metrics of confirmed boundaries."""
+        curves = sorted(
+            {
+                key.restriction
+                for key in map(partial(parse_key, prefix=self.prefix), self.history[-1])
+                if key is not None and key.field == "mean"
+            },
+            key=lambda curve: (curve is not None, curve or ""),
+        )
+        found = {}
+        for boundary in self.stages.update(self.history, self.prefix, curves):
+            if rank_and_world()[0] == 0:
+                logger.info(
+                    "llc_callbacks: %s stage boundary at step %d (%s, then %s), confirmed at"
+                    " step %d",
+                    "LLC" if boundary.curve is None else f"{boundary.curve!r} LLC",
+                    boundary.step,
+                    boundary.before,
+                    boundary.after,
+                    boundary.confirmed_at,
+                )
+            found[metric_key(self.prefix, "stage", boundary.curve)] = float(boundary.step)
+        return found
 
     def _distributed(self) -> bool:
         if self.distributed is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+from models import Bowl, bowl_sharpness
+from torch import nn
 from torch.utils.data import Dataset
 from transformers import (
     BertConfig,
@@ -10,6 +12,7 @@ from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
 )
 
@@ -91,3 +94,32 @@ def make_trainer(tmp_path, model=None, data=None, compute_loss_func=None, **chan
         train_dataset=data if data is not None else TokenData(),
         compute_loss_func=compute_loss_func,
     )
+
+
+class BowlForTrainer(nn.Module):
+    """A ``Bowl`` as a Trainer's model: ``forward(x)`` returns ``{"loss": ...}``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bowl = Bowl()
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": self.bowl(x)}
+
+
+class ZerosData(Dataset):
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"x": torch.zeros(1)}
+
+
+class FollowSharpness(TrainerCallback):
+    """Sets a BowlForTrainer's sharpness from the step; add it before the LLC callback."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        model.bowl.sharpness = bowl_sharpness(state.global_step)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        model.bowl.sharpness = bowl_sharpness(state.global_step)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
-from models import DropoutBatchNormNet
+from models import Bowl, DropoutBatchNormNet, bowl_sharpness
 from torch.utils.data import DataLoader, TensorDataset
 
 
@@ -24,6 +24,21 @@ class Classifier(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+class BowlModule(L.LightningModule):
+    """A ``Bowl`` whose sharpness follows ``bowl_sharpness`` of the global step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bowl = Bowl()
+
+    def training_step(self, batch, batch_idx):
+        self.bowl.sharpness = bowl_sharpness(self.global_step)
+        return self.bowl(batch[0])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 def dataset(samples: int = 256) -> TensorDataset:

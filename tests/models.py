@@ -182,3 +182,47 @@ def linear_plus_rrr_problem(samples: int = 8192, batch_size: int = 256):
             for i, inputs in enumerate((x, only_linear, only_rrr))
         ]
     return model, *sets
+
+
+# Chains that sample a Bowl closely (its relaxation time is under 40 of the 100 burn-in steps
+# at the smallest sharpness, 0.1).
+BOWL_CONFIG = LLCConfig(
+    num_chains=8,
+    num_burnin=100,
+    num_draws=200,
+    step_size=0.005,
+    localization=10.0,
+    nbeta=10.0,
+    mala=False,
+    init_loss_batches=1,
+)
+# Where the Bowl's LLC turns: it rises until step 12, falls until step 24, then stays flat.
+BOWL_TURNS = (12, 24)
+
+
+def bowl_sharpness(step: int) -> float:
+    """The Bowl's sharpness after ``step`` steps: 0.1 up to 10 (log-linearly), back, flat."""
+    rise, fall = BOWL_TURNS
+    if step <= rise:
+        exponent = -1 + 2 * step / rise
+    else:
+        exponent = max(-1.0, 1 - 2 * (step - rise) / (fall - rise))
+    return 10.0**exponent
+
+
+class Bowl(nn.Module):
+    """``sharpness / 2 * ||w - w*||^2`` in ``weights`` weights, at its minimum ``w* = 0``.
+
+    Gradients vanish at ``w*``, so training leaves the weights there, and the LLC follows the
+    sharpness ``a``, which a test sets from the step (``bowl_sharpness``): chains with inverse
+    temperature nβ and localization γ sample a Gaussian of precision nβa + γ per weight, so
+    the estimate is about ``weights / 2 * nβa / (nβa + γ)``, from 0.9 to 9.1 under BOWL_CONFIG.
+    """
+
+    def __init__(self, weights: int = 20) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(weights))
+        self.sharpness = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sharpness * self.w.square().sum() / 2 + 0 * x.sum()

@@ -8,8 +8,16 @@ import torch
 import torch.nn.functional as F
 import wandb
 from compare import assert_same_history
-from hf_helpers import TokenData, make_trainer, tiny_bert, tiny_gpt2
-from models import TINY, fails_in_chains
+from hf_helpers import (
+    BowlForTrainer,
+    FollowSharpness,
+    TokenData,
+    ZerosData,
+    make_trainer,
+    tiny_bert,
+    tiny_gpt2,
+)
+from models import BOWL_CONFIG, BOWL_TURNS, TINY, fails_in_chains
 
 from llc_callbacks.integrations.huggingface import LLCTrainerCallback
 
@@ -214,3 +222,29 @@ def test_trace_plots_go_to_wandb_as_images(tmp_path, wandb_dir, wandb_rows):
     images = [row for row in rows if "train/llc/trace/_type" in row]
     assert [row["train/global_step"] for row in images] == [4, 8]
     assert all(row["train/llc/trace/width"] == 800 for row in images)
+
+
+@pytest.mark.slow
+def test_stage_boundaries_reach_log_history_once_each_across_a_resume(tmp_path):
+    def bowl_run(folder, max_steps, resume=None):
+        trainer = make_trainer(
+            folder,
+            model=BowlForTrainer(),
+            data=ZerosData(),
+            per_device_train_batch_size=4,
+            max_steps=max_steps,
+            save_strategy="steps",
+            save_steps=20,
+        )
+        trainer.add_callback(FollowSharpness())
+        callback = LLCTrainerCallback(trainer, BOWL_CONFIG, every_n_steps=1)
+        trainer.add_callback(callback)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, callback
+
+    bowl_run(tmp_path / "first", 20)
+    resumed, callback = bowl_run(tmp_path / "resumed", 36, str(tmp_path / "first/checkpoint-20"))
+    assert [b.step for b in callback.monitor.boundaries] == list(BOWL_TURNS)
+    assert llc_rows(resumed, "llc/stage") == [
+        (b.confirmed_at, b.step) for b in callback.monitor.boundaries
+    ]

@@ -2,6 +2,7 @@
 
 import csv
 import dataclasses
+import json
 import math
 import sys
 import warnings
@@ -12,11 +13,13 @@ import torch
 from compare import assert_same_history
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-from lightning_helpers import Classifier, loader, trainer
-from models import TINY, fails_in_chains
+from lightning_helpers import BowlModule, Classifier, loader, trainer
+from models import BOWL_CONFIG, BOWL_TURNS, TINY, fails_in_chains
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import DataLoader, TensorDataset
 
 from llc_callbacks.integrations.lightning import LLCCallback, training_step_loss
+from llc_callbacks.integrations.wandb import offline_run_dir
 
 
 def fit(tmp_path, callbacks=(), make_module=Classifier, data=None, ckpt_path=None, **kwargs):
@@ -343,3 +346,47 @@ def test_trace_plots_go_to_wandb_as_images(tmp_path, wandb_dir, wandb_rows):
     assert [row["trainer/global_step"] for row in images] == [4, 8]
     assert all(row["llc/trace/_type"] == "images/separated" for row in images)
     assert all((row["llc/trace/width"], row["llc/trace/height"]) == (800, 450) for row in images)
+
+
+@pytest.mark.slow
+def test_stage_boundaries_reach_csv_and_wandb_once_each_across_a_resume(
+    tmp_path, wandb_dir, wandb_rows
+):
+    data = DataLoader(TensorDataset(torch.zeros(16, 1)), batch_size=4)
+    first = LLCCallback(BOWL_CONFIG, every_n_steps=1)
+    first_csv = CSVLogger(tmp_path / "first")
+    _, run = fit(tmp_path, [first], BowlModule, data, max_steps=20, logger=first_csv)
+    checkpoint = tmp_path / "twenty.ckpt"
+    run.save_checkpoint(checkpoint)
+    resumed = LLCCallback(BOWL_CONFIG, every_n_steps=1)
+    resumed_csv = CSVLogger(tmp_path / "resumed")
+    wandb_logger = WandbLogger(project="llc-callbacks-test", offline=True, save_dir=str(wandb_dir))
+    fit(
+        tmp_path,
+        [resumed],
+        BowlModule,
+        data,
+        checkpoint,
+        max_steps=36,
+        logger=[resumed_csv, wandb_logger],
+    )
+    wandb_logger.experiment.finish()
+
+    assert [b.step for b in resumed.monitor.boundaries] == list(BOWL_TURNS)
+    first_rule, second_rule = resumed.monitor.boundaries
+    logged = [
+        (int(row["step"]), float(row["llc/stage"]))
+        for rows in (csv_rows(first_csv), csv_rows(resumed_csv))
+        for row in rows
+        if row.get("llc/stage")
+    ]
+    assert logged == [(b.confirmed_at, b.step) for b in resumed.monitor.boundaries]
+    tables = [row for row in wandb_rows() if "llc/stages/_type" in row]
+    assert [row["trainer/global_step"] for row in tables] == [second_rule.confirmed_at]
+    table = json.loads(
+        (offline_run_dir(wandb_dir) / "files" / tables[0]["llc/stages/path"]).read_text()
+    )
+    assert table["columns"] == ["curve", "step", "before", "after", "confirmed_at"]
+    assert table["data"] == [
+        ["full", b.step, b.before, b.after, b.confirmed_at] for b in (first_rule, second_rule)
+    ]

@@ -1,0 +1,166 @@
+"""``Budget``: estimates spaced so that their time stays within a share of the training time.
+
+The monitor times training (the wall time between its estimates) and every estimate. After
+each estimate it plans the next one: not before the estimates' total time, the next included,
+fits within ``max_overhead`` of the training time, and, beyond that ceiling, sooner where the
+LLC moves fast and later where it is flat (see ``pace``), so that time saved on flat stretches
+is spent near stage boundaries.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from llc_callbacks.distributed import rank_and_world
+from llc_callbacks.keys import metric_key
+from llc_callbacks.validation import check_float
+
+# A change of the LLC between the last two estimates beyond this many of its standard errors
+# means the curve moves: the next estimate comes PACE_MOVING times sooner than an even spacing
+# of the budget would place it. Below CALM standard errors it is flat: PACE_FLAT times later.
+MOVING, CALM = 2.0, 1.0
+PACE_MOVING, PACE_FLAT = 0.5, 2.0
+# Estimates planned from the dearest of the last few, so one fast estimate does not let the
+# next one break the ceiling.
+RECENT = 3
+
+
+class Budget:
+    """Plans estimates so that their total time stays within ``max_overhead`` of training's.
+
+    The ceiling holds from the second estimate on: the first runs when due, before any
+    estimate's cost is known, so a run shorter than that cost over ``max_overhead`` exceeds it.
+
+    Args:
+        max_overhead: The largest ratio of the estimates' time to the training time (0.1:
+            training with estimates takes at most 10% longer than without).
+
+    Attributes:
+        spent: Seconds spent in estimates.
+        trained: Seconds of training between estimates (everything else the process did).
+        next_step: The first step at which the next estimate may run (``None``: not planned).
+
+    Raises:
+        ValueError: If ``max_overhead`` is not a number above 0.
+    """
+
+    def __init__(self, max_overhead: float) -> None:
+        check_float("max_overhead", max_overhead, positive=True)
+        self.max_overhead = float(max_overhead)
+        self.spent = 0.0
+        self.trained = 0.0
+        self.trained_steps = 0
+        self.next_step: int | None = None
+        self._costs: list[float] = []
+        self._clock: tuple[float, int] | None = None  # when and at which step training resumed
+
+    def allows(self, step: int, *, distributed: bool = False) -> bool:
+        """Whether the budget lets an estimate run after ``step`` optimizer steps.
+
+        Args:
+            step: Optimizer steps completed. The first call starts the training clock
+                (again after a resume).
+            distributed: Agree with the other ranks on the plan (a collective, run at most
+                once per estimate: every rank must then ask at the same steps).
+        """
+        if self._clock is None:
+            self._clock = (time.perf_counter(), step)
+        if not self._costs:
+            return True
+        if self.next_step is None:
+            trained, steps = self._training_so_far(step)
+            if steps == 0:
+                return False
+            self._plan(step, trained, steps, pace=1.0, distributed=distributed)
+        return step >= self.next_step  # type: ignore[operator]
+
+    def begin(self, step: int) -> None:
+        """An estimate starts after ``step`` optimizer steps: close the training account."""
+        self.trained, self.trained_steps = self._training_so_far(step)
+        self._clock = (time.perf_counter(), step)
+
+    def end(self, step: int, pace: float, *, distributed: bool = False) -> None:
+        """The estimate begun at ``step`` has ended: count its time and plan the next one.
+
+        Args:
+            step: Optimizer steps completed.
+            pace: How much sooner (below 1) or later (above 1) than an even spacing of the
+                budget the next estimate should come (see ``pace``).
+            distributed: Agree with the other ranks on the plan (a collective).
+        """
+        began, _ = self._clock  # type: ignore[misc]
+        ended = time.perf_counter()
+        self._costs = [*self._costs, ended - began][-RECENT:]
+        self.spent += ended - began
+        self._clock = (ended, step)
+        self.next_step = None
+        if self.trained_steps:
+            self._plan(step, self.trained, self.trained_steps, pace, distributed)
+
+    def overhead(self) -> float:
+        """The estimates' time over the training time so far (NaN before any training)."""
+        return self.spent / self.trained if self.trained > 0 else math.nan
+
+    def state_dict(self) -> dict[str, Any]:
+        """Time spent and trained, recent costs and the planned step, for a checkpoint."""
+        return {
+            "spent": self.spent,
+            "trained": self.trained,
+            "trained_steps": self.trained_steps,
+            "next_step": self.next_step,
+            "costs": list(self._costs),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the accounts of a checkpointed run."""
+        self.spent = float(state["spent"])
+        self.trained = float(state["trained"])
+        self.trained_steps = int(state["trained_steps"])
+        self.next_step = state["next_step"]
+        self._costs = [float(cost) for cost in state["costs"]]
+
+    def _training_so_far(self, step: int) -> tuple[float, int]:
+        """Training seconds and steps, the stretch since the clock last started included."""
+        if self._clock is None:
+            return self.trained, self.trained_steps
+        started, at = self._clock
+        return self.trained + time.perf_counter() - started, self.trained_steps + step - at
+
+    def _plan(self, step: int, trained: float, steps: int, pace: float, distributed: bool) -> None:
+        """The next estimate's step: within the ceiling, and ``pace`` times an even spacing."""
+        cost = max(self._costs)
+        per_step = trained / steps
+        ceiling = (self.spent + cost) / self.max_overhead - trained
+        spacing = pace * cost / self.max_overhead
+        next_step = step + max(1, math.ceil(max(ceiling, spacing) / max(per_step, 1e-12)))
+        if distributed and rank_and_world()[1] > 1:
+            import torch.distributed as dist
+
+            plans: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(plans, next_step)
+            next_step = max(plans)
+        self.next_step = next_step
+
+
+def pace(rows: Sequence[dict[str, float]], prefix: str) -> float:
+    """How soon the next estimate should come, from the last two estimates of the LLC.
+
+    Returns:
+        ``PACE_MOVING`` if the LLC changed by more than ``MOVING`` standard errors,
+        ``PACE_FLAT`` if by less than ``CALM``, else 1 (and 1 when it cannot tell).
+    """
+    if len(rows) < 2:
+        return 1.0
+    chains = sum(key.startswith(metric_key(prefix, "chain_")) for key in rows[-1])
+    (mean_a, std_a), (mean_b, std_b) = (
+        (row.get(metric_key(prefix, field), math.nan) for field in ("mean", "std"))
+        for row in rows[-2:]
+    )
+    error = math.hypot(std_a, std_b) / math.sqrt(max(chains, 1))
+    if not (chains and math.isfinite(mean_a - mean_b) and math.isfinite(error) and error > 0):
+        return 1.0
+    z = abs(mean_b - mean_a) / error
+    return PACE_MOVING if z > MOVING else PACE_FLAT if z < CALM else 1.0
