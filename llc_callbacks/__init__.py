@@ -1,8 +1,8 @@
 """Local Learning Coefficient estimation inside the trainers people already use."""
 
 from llc_callbacks.calibration import Calibration, calibrate
-from llc_callbacks.dynamics import EssentialDynamics
 from llc_callbacks.config import LLCConfig
+from llc_callbacks.dynamics import EssentialDynamics
 from llc_callbacks.estimator import estimate_llc, estimate_restricted_llcs
 from llc_callbacks.monitor import LLCMonitor
 from llc_callbacks.restrictions import Restrictions

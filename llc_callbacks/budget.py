@@ -155,12 +155,13 @@ def pace(rows: Sequence[dict[str, float]], prefix: str) -> float:
     if len(rows) < 2:
         return 1.0
     chains = sum(key.startswith(metric_key(prefix, "chain_")) for key in rows[-1])
-    (mean_a, std_a), (mean_b, std_b) = (
-        (row.get(metric_key(prefix, field), math.nan) for field in ("mean", "std"))
-        for row in rows[-2:]
+    mean, std = metric_key(prefix, "mean"), metric_key(prefix, "std")
+    before, after = rows[-2], rows[-1]
+    mean_a, mean_b = before.get(mean, math.nan), after.get(mean, math.nan)
+    error = math.hypot(before.get(std, math.nan), after.get(std, math.nan)) / math.sqrt(
+        max(chains, 1)
     )
-    error = math.hypot(std_a, std_b) / math.sqrt(max(chains, 1))
-    if not (chains and math.isfinite(mean_a - mean_b) and math.isfinite(error) and error > 0):
+    if not (chains and math.isfinite(mean_b - mean_a) and math.isfinite(error) and error > 0):
         return 1.0
     z = abs(mean_b - mean_a) / error
     return PACE_MOVING if z > MOVING else PACE_FLAT if z < CALM else 1.0

@@ -1,0 +1,148 @@
+"""The ``max_overhead`` budget: a ceiling on the estimates' share of the time, paced by the LLC
+(issue: developmental stages)."""
+
+import itertools
+import time
+
+import pytest
+import torch
+from models import TINY, ShuffledBatches
+
+from llc_callbacks import LLCConfig, LLCMonitor
+from llc_callbacks import budget as budget_module
+from llc_callbacks.budget import PACE_FLAT, PACE_MOVING, Budget, pace
+
+
+class Clock:
+    """A stand-in for ``time.perf_counter`` that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(budget_module.time, "perf_counter", clock)
+    return clock
+
+
+def train(budget, clock, steps, step_seconds, estimate_seconds, paces):
+    """Steps of ``step_seconds`` each; an estimate of ``estimate_seconds`` where allowed.
+
+    Returns:
+        The steps estimated after, and the overhead after each estimate.
+    """
+    estimated, overheads = [], []
+    for step in range(1, steps + 1):
+        clock.now += step_seconds
+        if budget.allows(step):
+            budget.begin(step)
+            clock.now += estimate_seconds
+            budget.end(step, paces(step))
+            estimated.append(step)
+            overheads.append(budget.overhead())
+    return estimated, overheads
+
+
+def test_the_ceiling_holds_after_every_estimate_and_the_budget_is_used(clock):
+    budget = Budget(0.1)
+    estimated, overheads = train(budget, clock, 2000, 1.0, 5.0, lambda step: 1.0)
+    assert estimated[0] == 1  # the first runs when due, before its cost is known
+    # From the second estimate on, the total stays within the budget...
+    assert all(overhead <= 0.1 + 1e-9 for overhead in overheads[1:])
+    # ...and uses it: one estimate (5 s) per 50 s of training.
+    assert budget.overhead() == pytest.approx(0.1, rel=0.05)
+    assert all(b - a == 50 for a, b in itertools.pairwise(estimated[1:]))
+
+
+def test_estimates_come_sooner_where_the_llc_moves_within_the_same_ceiling(clock):
+    budget = Budget(0.1)
+
+    def paces(step):  # flat for the first 1000 steps, then moving
+        return PACE_FLAT if step <= 1000 else PACE_MOVING
+
+    estimated, overheads = train(budget, clock, 2000, 1.0, 5.0, paces)
+    flat = [b - a for a, b in itertools.pairwise(estimated) if b <= 1000]
+    moving = [b - a for a, b in itertools.pairwise(estimated) if a > 1000]
+    assert set(flat[1:]) == {100}  # twice the even spacing: credit builds up
+    assert min(moving) == 25  # half of it, while the credit lasts
+    assert all(overhead <= 0.1 + 1e-9 for overhead in overheads[1:])
+
+
+def test_with_a_schedule_the_budget_is_a_ceiling(clock):
+    def loss_fn(module, batch):  # each call costs 0.1 s of the stand-in clock
+        clock.now += 0.1
+        return torch.nn.functional.mse_loss(module(batch[0]), batch[1])
+
+    x = torch.randn(64, 4)
+    data = ShuffledBatches(x, x[:, :1], batch_size=16)
+    model = torch.nn.Linear(4, 1)
+    monitor = LLCMonitor(TINY, every_n_steps=10, at_end=True, max_overhead=0.05)
+    for step in range(1, 1001):
+        clock.now += 1.0
+        monitor.maybe_estimate(step, model, loss_fn, data, final=step == 1000)
+    steps = [row["step"] for row in monitor.history]
+    assert all(step % 10 == 0 for step in steps)  # only where the schedule has one
+    assert 3 < len(steps) < 50, steps  # fewer than the 100 it has
+    assert monitor.budget.overhead() <= 0.05
+
+
+def rows(means, std=0.4, chains=4):
+    return [
+        {"step": i, "llc/mean": m, "llc/std": std, **{f"llc/chain_{c}": m for c in range(chains)}}
+        for i, m in enumerate(means)
+    ]
+
+
+def test_pace_reads_how_far_the_llc_moved_in_standard_errors():
+    # Standard error of the change: hypot(0.4, 0.4) / sqrt(4) = 0.28.
+    assert pace(rows([1.0, 2.0]), "llc") == PACE_MOVING  # 3.5 standard errors
+    assert pace(rows([1.0, 1.1]), "llc") == PACE_FLAT  # 0.35
+    assert pace(rows([1.0, 1.4]), "llc") == 1.0  # 1.4
+    assert pace(rows([1.0]), "llc") == 1.0
+    assert pace(rows([1.0, float("nan")]), "llc") == 1.0
+
+
+def test_a_budgeted_monitor_keeps_its_overhead_in_a_real_loop():
+    # Real clock: each training step sleeps 5 ms, so training dominates its own jitter. The
+    # ceiling is exact when no estimate costs more than the dearest of the three before it;
+    # on a loaded 2-core machine one may cost up to a quarter more, hence 1.25 x the budget.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    x = torch.randn(256, 4)
+    data = ShuffledBatches(x, x.sum(1, keepdim=True), batch_size=32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def loss_fn(module, batch):
+        return torch.nn.functional.mse_loss(module(batch[0]), batch[1])
+
+    monitor = LLCMonitor(LLCConfig.fast(num_burnin=20, num_draws=20), max_overhead=0.2)
+    inside = outside = 0.0
+    mark = time.perf_counter()
+    for step, batch in zip(range(1, 601), iter_forever(data), strict=False):
+        optimizer.zero_grad()
+        loss_fn(model, batch).backward()
+        optimizer.step()
+        time.sleep(0.005)
+        now = time.perf_counter()
+        outside, mark = outside + now - mark, now
+        monitor.maybe_estimate(step, model, loss_fn, data)
+        now = time.perf_counter()
+        inside, mark = inside + now - mark, now
+    assert len(monitor.history) >= 4
+    assert inside / outside <= 0.2 * 1.25
+
+
+def iter_forever(data):
+    while True:
+        yield from data
+
+
+def test_bad_budgets_are_refused_naming_the_argument():
+    for bad in (0, -0.1, float("inf"), "0.1", True):
+        with pytest.raises(ValueError, match="max_overhead must be a finite number > 0"):
+            LLCMonitor(TINY, max_overhead=bad)
