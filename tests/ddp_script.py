@@ -1,6 +1,7 @@
 """Train with LLCCallback under strategy="ddp" on 2 CPU processes (run by test_ddp.py).
 
-Usage: python ddp_script.py OUT_DIR MODE, MODE "ok" or "fail_on_rank_1".
+Usage: python ddp_script.py OUT_DIR MODE, MODE "ok", "fail_on_rank_1" or "budget" (estimates
+spaced by max_overhead over 40 steps, the ranks' clocks made to differ).
 Writes each rank's history and the warnings it showed to OUT_DIR/history_<rank>.json and
 OUT_DIR/warnings_<rank>.json, rank 0's weights at the scheduled
 steps to OUT_DIR/weights_<step>.pt, and a CSVLogger run under OUT_DIR.
@@ -8,6 +9,7 @@ steps to OUT_DIR/weights_<step>.pt, and a CSVLogger run under OUT_DIR.
 
 import json
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -43,18 +45,28 @@ class SaveWeights(L.Callback):
             torch.save(pl_module.state_dict(), OUT / f"weights_{trainer.global_step}.pt")
 
 
+class SlowRankOne(L.Callback):
+    """Rank 1 spends 20 ms more per step outside training: the ranks' clocks differ."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == 1:
+            time.sleep(0.02)
+
+
 if __name__ == "__main__":
     OUT, MODE = Path(sys.argv[1]), sys.argv[2]
     L.seed_everything(0, verbose=False)
-    callback = LLCCallback(CONFIG, steps=STEPS, loss_fn=loss_fn, dataloader=estimate_loader())
+    budget = MODE == "budget"
+    schedule = {"max_overhead": 0.3} if budget else {"steps": STEPS}
+    callback = LLCCallback(CONFIG, **schedule, loss_fn=loss_fn, dataloader=estimate_loader())
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
         strategy="ddp",
-        max_steps=8,
+        max_steps=40 if budget else 8,
         log_every_n_steps=1,
         logger=CSVLogger(OUT),
-        callbacks=[callback, SaveWeights()],
+        callbacks=[callback, SlowRankOne() if budget else SaveWeights()],
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=False,

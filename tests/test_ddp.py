@@ -80,6 +80,17 @@ def test_a_failure_on_one_rank_is_reported_on_all_without_deadlock(tmp_path):
     assert logged_llc_steps(tmp_path) == STEPS
 
 
+def test_a_budget_plans_the_same_steps_on_every_rank(tmp_path):
+    # Each rank times its own training; their plans differ unless they agree on one.
+    done = run_script(tmp_path, "budget")
+    assert done.returncode == 0, done.stderr[-3000:]
+    histories = [json.loads((tmp_path / f"history_{r}.json").read_text()) for r in (0, 1)]
+    steps = [row["step"] for row in histories[0]]
+    assert steps == [row["step"] for row in histories[1]]
+    assert len(steps) >= 2 and steps[0] == 1
+    assert logged_llc_steps(tmp_path) == steps
+
+
 @pytest.fixture(autouse=True)
 def _no_leftover_process_group():
     yield
