@@ -2,7 +2,9 @@
 
 import math
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,7 @@ from hf_helpers import (
 )
 from models import BOWL_CONFIG, BOWL_TURNS, TINY, fails_in_chains
 
+from llc_callbacks import EssentialDynamics
 from llc_callbacks.integrations.huggingface import LLCTrainerCallback
 
 
@@ -248,3 +251,33 @@ def test_stage_boundaries_reach_log_history_once_each_across_a_resume(tmp_path):
     assert llc_rows(resumed, "llc/stage") == [
         (b.confirmed_at, b.step) for b in callback.monitor.boundaries
     ]
+
+
+def probe_batch():
+    """Four examples of TokenData as one batch."""
+    data = TokenData()
+    return [{key: torch.stack([data[i][key] for i in range(4)]) for key in data[0]}]
+
+
+def test_essential_dynamics_are_recorded_saved_and_resumed_and_training_is_untouched(tmp_path):
+    plain, _ = train(tmp_path / "plain")
+
+    def callback_kwargs():
+        return {"steps": [12], "dynamics": EssentialDynamics(probe_batch(), every_n_steps=3)}
+
+    full, full_callback = train(
+        tmp_path / "full", callback_kwargs(), save_strategy="steps", save_steps=6
+    )
+    for (name, a), (_, b) in zip(
+        plain.model.state_dict().items(), full.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    dynamics = full_callback.dynamics
+    assert dynamics.steps == [3, 6, 9, 12]
+    assert len(dynamics.vectors[0]) == 4  # each probe sequence's loss
+    saved = np.load(Path(full.args.output_dir) / "essential_dynamics.npz")
+    assert saved["steps"].tolist() == dynamics.steps
+    checkpoint = tmp_path / "full" / "checkpoint-6"
+    _, resumed = train(tmp_path / "resumed", callback_kwargs(), resume=str(checkpoint))
+    assert resumed.dynamics.steps == dynamics.steps
+    np.testing.assert_allclose(resumed.dynamics.vectors, dynamics.vectors, rtol=1e-5)

@@ -6,18 +6,21 @@ import json
 import math
 import sys
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as L
+import numpy as np
 import pytest
 import torch
 from compare import assert_same_history
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-from lightning_helpers import BowlModule, Classifier, loader, trainer
+from lightning_helpers import BowlModule, Classifier, dataset, loader, trainer
 from models import BOWL_CONFIG, BOWL_TURNS, TINY, fails_in_chains
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, TensorDataset
 
+from llc_callbacks import EssentialDynamics
 from llc_callbacks.integrations.lightning import LLCCallback, training_step_loss
 from llc_callbacks.integrations.wandb import offline_run_dir
 
@@ -390,3 +393,52 @@ def test_stage_boundaries_reach_csv_and_wandb_once_each_across_a_resume(
     assert table["data"] == [
         ["full", b.step, b.before, b.after, b.confirmed_at] for b in (first_rule, second_rule)
     ]
+
+
+def test_essential_dynamics_are_recorded_saved_and_drawn_and_training_is_untouched(
+    tmp_path, wandb_dir, wandb_rows
+):
+    plain, _ = fit(tmp_path / "plain")
+    probe = DataLoader(dataset(64), batch_size=32)
+    dynamics = EssentialDynamics(probe, every_n_steps=2, at_start=True)
+    callback = LLCCallback(TINY, steps=[6, 12], dynamics=dynamics)
+    logger = WandbLogger(project="llc-callbacks-test", offline=True, save_dir=str(wandb_dir))
+    watched, run = fit(tmp_path / "watched", [callback], logger=logger)
+    logger.experiment.finish()
+    for (name, a), (_, b) in zip(
+        plain.state_dict().items(), watched.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name  # dropout's RNG too: recording draws none of it
+    assert dynamics.steps == [0, 2, 4, 6, 8, 10, 12]
+    # The default outputs: each probe example's loss, through training_step.
+    module = Classifier(dropout=0.0)
+    module.load_state_dict(watched.state_dict())
+    x, y = dataset(64).tensors
+    losses = torch.nn.functional.cross_entropy(module.eval().net(x), y, reduction="none")
+    np.testing.assert_allclose(dynamics.vectors[-1], losses.detach().numpy(), rtol=1e-5)
+    saved = np.load(Path(run.log_dir) / "essential_dynamics.npz")
+    assert saved["steps"].tolist() == dynamics.steps
+    figures = [row for row in wandb_rows() if "llc/essential_dynamics/_type" in row]
+    assert [row["trainer/global_step"] for row in figures] == [12]
+
+
+def test_essential_dynamics_resume_from_a_checkpoint(tmp_path):
+    data = loader(shuffle=False, batch_size=256)
+    probe = DataLoader(dataset(64), batch_size=32)
+
+    def make_module():
+        return Classifier(dropout=0.0)
+
+    def callback():
+        return LLCCallback(TINY, steps=[12], dynamics=EssentialDynamics(probe, every_n_steps=3))
+
+    full = callback()
+    fit(tmp_path / "full", [full], make_module, data, max_steps=12)
+    first = callback()
+    _, run = fit(tmp_path / "first", [first], make_module, data, max_steps=6)
+    checkpoint = tmp_path / "six.ckpt"
+    run.save_checkpoint(checkpoint)
+    resumed = callback()
+    fit(tmp_path / "resumed", [resumed], make_module, data, checkpoint, max_steps=12)
+    assert resumed.dynamics.steps == full.dynamics.steps == [3, 6, 9, 12]
+    np.testing.assert_allclose(resumed.dynamics.vectors, full.dynamics.vectors, rtol=1e-5)
