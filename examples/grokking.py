@@ -13,9 +13,15 @@ memorizes or generalizes; their estimates warn ``under_mixed`` and ``localizatio
 README). The Hessian trace, the empirical Fisher trace and the top Hessian eigenvalue are
 measured at the same steps, and the summary says how each moved.
 
+The LLC curve's stages are found twice: online, by the callback, which logs each boundary
+once enough later estimates confirm it (``llc/stage``), and at the end over the whole curve
+(``detect_stages``). Essential dynamics record each of 256 fixed pairs' loss at log-spaced
+steps; the path of that vector in its leading principal components turns where the network
+changes what it computes, which the figure and the summary set beside the LLC's stages.
+
 The run logs to W&B (offline unless ``WANDB_MODE`` says otherwise; sync it later with
 ``wandb sync``) and to a CSV file, and always writes a PNG of train loss, test accuracy and
-the LLC with its chain spread on one step axis.
+the LLC with its chains and stages on one step axis, and the essential-dynamics path.
 
 Run: ``make demo`` or ``python examples/grokking.py [--steps 12000] [--out outputs/grokking]``.
 """
@@ -36,11 +42,14 @@ from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
-from llc_callbacks import LLCConfig
+from llc_callbacks import EssentialDynamics, LLCConfig
 from llc_callbacks.curvature import CURVATURES
 from llc_callbacks.history import read_rows, series
 from llc_callbacks.integrations.lightning import LLCCallback
+from llc_callbacks.plotting import draw_dynamics_path
 from llc_callbacks.stages import detect_stages
+
+PROBE = 256  # pairs whose losses trace the essential dynamics
 
 
 class ModularAddition(L.LightningModule):
@@ -88,6 +97,22 @@ def datasets(p: int, train_fraction: float, seed: int = 0) -> tuple[TensorDatase
     return TensorDataset(pairs[train], sums[train]), TensorDataset(pairs[test], sums[test])
 
 
+def probe(p: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``PROBE`` pairs drawn from all p^2, seen in training or not, as one batch."""
+    train, test = datasets(p, train_fraction=0.3, seed=seed)
+    pairs = torch.cat([train.tensors[0], test.tensors[0]])
+    sums = torch.cat([train.tensors[1], test.tensors[1]])
+    chosen = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed + 1))
+    chosen = chosen[: min(PROBE, len(pairs))]
+    return [(pairs[chosen], sums[chosen])]
+
+
+def pair_losses(module: ModularAddition, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Each pair's cross-entropy: the outputs that essential dynamics follow."""
+    pairs, sums = batch
+    return F.cross_entropy(module(pairs), sums, reduction="none")
+
+
 def wandb_mode() -> str:
     """Online when W&B is set up (WANDB_MODE or an API key), offline otherwise."""
     return os.environ.get("WANDB_MODE") or (
@@ -119,8 +144,15 @@ def run(
     batches = RandomSampler(train, replacement=True, num_samples=steps * 512)
     train_loader = DataLoader(train, batch_size=512, sampler=batches)
     test_loader = DataLoader(test, batch_size=len(test))
+    dynamics = EssentialDynamics(
+        probe(p, seed), outputs_fn=pair_losses, log_spaced=2 * estimates, at_start=True
+    )
     callback = LLCCallback(
-        config or LLCConfig.fast(), log_spaced=estimates, at_start=True, curvature=CURVATURES
+        config or LLCConfig.fast(),
+        log_spaced=estimates,
+        at_start=True,
+        curvature=CURVATURES,
+        dynamics=dynamics,
     )
     csv = CSVLogger(out, name="csv")
     wandb_logger = WandbLogger(
@@ -142,9 +174,13 @@ def run(
     run_dir = Path(wandb_logger.experiment.dir).parent
     wandb_logger.experiment.finish()
     rows = read_rows(Path(csv.log_dir) / "metrics.csv")
-    summary = summarize(rows)
+    summary = {
+        **summarize(rows),
+        "confirmed": callback.monitor.boundaries,
+        "dynamics": dynamics.result(),
+    }
     figure_path = out / "grokking.png"
-    plot(rows, summary, figure_path)
+    plot(rows, summary, figure_path, p)
     return {
         **summary,
         "png": figure_path,
@@ -198,18 +234,19 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def plot(rows: list[dict], summary: dict, path: Path) -> None:
-    """The LLC with its chain spread, the LLC and the curvature scaled, accuracies and train
-    loss, on one step axis."""
-    llc, spread = series(rows, "llc/mean"), series(rows, "llc/std")
-    figure = Figure(figsize=(8, 9), dpi=100, layout="constrained")
-    top, shapes, middle, bottom = figure.subplots(4, 1, sharex=True)
-    low = [max(m - s, 1e-3) for m, s in zip(llc.values, spread.values, strict=True)]
-    high = [m + s for m, s in zip(llc.values, spread.values, strict=True)]
-    top.plot(llc.steps, llc.values, marker="o", markersize=3, color="tab:blue")
-    top.fill_between(llc.steps, low, high, color="tab:blue", alpha=0.25, label="± chain std")
-    top.set(ylabel="LLC", yscale="log", title="Grokking (a + b) mod p")
-    top.legend(loc="upper right")
+def plot(rows: list[dict], summary: dict, path: Path, p: int) -> None:
+    """The LLC with its chains and stages, the LLC and the curvature scaled, accuracies and
+    train loss on one step axis; below, the essential-dynamics path."""
+    figure = Figure(figsize=(8, 12), dpi=100, layout="constrained")
+    top, shapes, middle, bottom, path_axes = figure.subplots(
+        5, 1, gridspec_kw={"height_ratios": [1.2, 1, 1, 1, 1.6]}
+    )
+    steps_axes = (top, shapes, middle, bottom)
+    for axes in steps_axes[1:]:
+        axes.sharex(top)
+    for axes in steps_axes[:-1]:
+        axes.tick_params(labelbottom=False)
+    _llc_panel(top, rows, summary, p)
     for (name, key), color in zip(SIGNALS.items(), ("tab:blue", "C1", "C2", "C3"), strict=True):
         values = series(rows, key)
         largest = max((abs(v) for v in values.values), default=0.0) or 1.0
@@ -224,13 +261,53 @@ def plot(rows: list[dict], summary: dict, path: Path) -> None:
     middle.legend(loc="center right")
     loss = series(rows, "train_loss")
     bottom.plot(loss.steps, loss.values, color="tab:red", linewidth=0.8)
-    bottom.set(ylabel="train loss", yscale="log", xlabel="step (log scale after 10)")
+    bottom.set(ylabel="train loss", yscale="log")
+    bottom.set_xlabel("step: linear from 0 to 10, logarithmic beyond (dotted line)")
     bottom.set_xscale("symlog", linthresh=10)
-    bottom.set_xlim(0, max(loss.steps[-1], llc.steps[-1]))
-    if summary["crossed_90"] is not None:
-        for axes in (top, shapes, middle, bottom):
+    bottom.set_xlim(0, max(loss.steps[-1], series(rows, "llc/mean").steps[-1]))
+    for axes in steps_axes:
+        axes.axvline(10, color="0.6", linestyle=":", linewidth=0.8)
+        if summary["crossed_90"] is not None:
             axes.axvline(summary["crossed_90"], color="gray", linestyle="--", linewidth=0.8)
+    boundaries = [stage.end for stage in summary["stages"][:-1]]
+    image = draw_dynamics_path(path_axes, summary["dynamics"], boundaries)
+    path_axes.set_title(f"Essential dynamics: the losses of {PROBE} fixed pairs", fontsize="medium")
+    path_axes.legend(loc="best", fontsize="small")
+    figure.colorbar(image, ax=path_axes, label="step")
     figure.savefig(path)
+
+
+def _llc_panel(axes, rows: list[dict], summary: dict, p: int) -> None:
+    """The LLC, each chain's estimate, the chains' spread, the stages and the boundaries."""
+    llc, spread = series(rows, "llc/mean"), series(rows, "llc/std")
+    chains = sorted({key for row in rows for key in row if key.startswith("llc/chain_")})
+    for index, key in enumerate(chains):
+        values = series(rows, key)
+        label = "each chain" if index == 0 else None
+        axes.scatter(values.steps, values.values, s=6, color="0.55", zorder=2, label=label)
+    low = [max(m - s, 1e-3) for m, s in zip(llc.values, spread.values, strict=True)]
+    high = [m + s for m, s in zip(llc.values, spread.values, strict=True)]
+    axes.fill_between(llc.steps, low, high, color="tab:blue", alpha=0.3, label="± chain std")
+    axes.plot(llc.steps, llc.values, marker="o", markersize=3, color="tab:blue", label="LLC")
+    colors = {"rising": "tab:green", "falling": "tab:red"}
+    for stage in summary["stages"]:
+        if stage.kind in colors:
+            axes.axvspan(
+                stage.start,
+                stage.end,
+                color=colors[stage.kind],
+                alpha=0.1,
+                lw=0,
+                hatch="//" if stage.flagged else None,
+                label=f"{stage.kind} stage" + (", loss flat" if stage.flagged else ""),
+            )
+    for index, boundary in enumerate(b for b in summary["confirmed"] if b.curve is None):
+        label = "boundary confirmed online" if index == 0 else None
+        axes.axvline(boundary.step, color="black", linewidth=1.0, label=label)
+    if summary["crossed_90"] is not None:
+        axes.plot([], [], color="gray", linestyle="--", label="test accuracy reaches 90%")
+    axes.set(ylabel="LLC", yscale="log", title=f"Grokking (a + b) mod p, p = {p}")
+    axes.legend(loc="lower left", fontsize="x-small", ncol=2)
 
 
 def main() -> None:
@@ -258,6 +335,15 @@ def main() -> None:
     print("Stages of the LLC curve:")
     for stage in result["stages"]:
         print(f"  steps {stage.start:>5} to {stage.end:>5}: {stage.kind:8} ({stage.change:+.3g})")
+    for boundary in result["confirmed"]:
+        print(
+            f"  boundary at step {boundary.step} ({boundary.before}, then {boundary.after})"
+            f" confirmed during training, at step {boundary.confirmed_at}"
+        )
+    dynamics = result["dynamics"]
+    shares = ", ".join(f"{share:.0%}" for share in dynamics.explained_variance)
+    turns = ", ".join(map(str, dynamics.turning_points)) or "none"
+    print(f"Essential dynamics (components explain {shares}): the path turns at steps {turns}.")
     print(f"Figure: {result['png']}")
     print(f"Metrics: {result['csv']}")
     print(f"W&B run: {result['wandb']}  (upload it with: wandb sync {result['wandb']})")

@@ -22,9 +22,14 @@ from llc_callbacks.result import LLCResult
 from llc_callbacks.stages import detect_stages
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.collections import PathCollection
     from matplotlib.figure import Figure
 
 FIGSIZE, DPI = (8.0, 4.5), 100  # 800 x 450 pixels
+# Shades of rising and falling stages; flagged ones (the LLC moves, the loss stays flat) hatched.
+STAGE_COLORS = {"rising": "tab:red", "falling": "tab:green"}
+FLAGGED_HATCH = "//"
 
 
 def plot_traces(result: LLCResult, path: str | Path | None = None) -> Figure:
@@ -93,7 +98,8 @@ def plot_llc_curve(*runs: Curves, path: str | Path | None = None) -> Figure:
     """The LLC over training, a curve per run, with its chain spread and the loss.
 
     Each run's spread is a band around its curve; the losses are dashed, on a second axis. A
-    single run's rising and falling stages (``llc_callbacks.stages``) are shaded.
+    single run's rising and falling stages (``llc_callbacks.stages``) are shaded, and hatched
+    where the loss stays flat over them (flagged).
     Where runs hold curvature, a panel below draws the LLC and each curvature quantity divided
     by its largest magnitude, on the same step axis, so that their shapes compare.
 
@@ -149,6 +155,10 @@ def plot_components(
 ) -> Figure:
     """Restricted LLCs over training: a heatmap (component x step) above their curves.
 
+    Each component's stage boundaries (``llc_callbacks.stages``) are white ticks across its
+    row of the heatmap, and its flagged stages (the LLC moves while the loss, the logged
+    ``init_loss``, stays flat) are hatched.
+
     Args:
         history: A monitor's or callback's history (rows with ``step`` and the metrics).
         prefix: The metric prefix.
@@ -170,6 +180,16 @@ def plot_components(
     image = heat.pcolormesh(edges, np.arange(len(names) + 1), values, shading="flat")
     heat.set_yticks(np.arange(len(names)) + 0.5, names, fontsize="small")
     figure.colorbar(image, ax=heat, label="LLC")
+    loss = metric_key(prefix, "init_loss")
+    for row, name in enumerate(names):
+        stages = detect_stages(history, prefix, name, loss=loss)
+        for stage in stages[:-1]:
+            heat.plot([stage.end, stage.end], [row, row + 1], color="white", linewidth=1.5)
+        for stage in stages:
+            if stage.flagged:
+                heat.fill_between(
+                    [stage.start, stage.end], row, row + 1, hatch=FLAGGED_HATCH, fc="none", lw=0
+                )
     for name, row in zip(names, values, strict=True):
         lines.plot(steps, row, marker="o", markersize=2, label=name)
     lines.set_xlabel("step")
@@ -194,9 +214,8 @@ def plot_essential_dynamics(
 ) -> Figure:
     """The path of the outputs in PC1-PC2 and PC2-PC3 (PC1-PC2 alone with 2 components).
 
-    Records are coloured by step; the path's turning points are circled and LLC stage
-    boundaries (``llc_callbacks.stages``) are crossed at the record nearest each, where they
-    fall within the recorded steps.
+    Each panel is drawn by ``draw_dynamics_path``: records coloured by step, turning points
+    circled, LLC stage boundaries (``llc_callbacks.stages``) crossed.
 
     Args:
         result: From ``EssentialDynamics.result``.
@@ -206,48 +225,78 @@ def plot_essential_dynamics(
     Raises:
         ValueError: If the result has fewer than 2 components.
     """
-    points, ratios = result.projections, result.explained_variance
+    points = result.projections
     if points.shape[1] < 2:
         raise ValueError(
             "plot_essential_dynamics needs at least 2 principal components, the result has"
             f" {points.shape[1]}"
         )
+    figure = _figure()
+    panels = figure.subplots(1, 2 if points.shape[1] >= 3 else 1, squeeze=False)[0]
+    for axes, components in zip(panels, ((0, 1), (1, 2)), strict=False):
+        image = draw_dynamics_path(axes, result, boundaries, components)
+    if panels[0].get_legend_handles_labels()[0]:
+        panels[0].legend(fontsize="small")
+    figure.colorbar(image, ax=panels, label="step")
+    return _save(figure, path)
+
+
+def draw_dynamics_path(
+    axes: Axes,
+    result: DynamicsResult,
+    boundaries: Sequence[int] = (),
+    components: tuple[int, int] = (0, 1),
+) -> PathCollection:
+    """Draw the path of the outputs in two principal components on ``axes``.
+
+    Records are coloured by step on a log scale beyond step 10; turning points are circled and
+    LLC stage boundaries crossed at the record nearest each, where they fall within the
+    recorded steps.
+
+    Args:
+        axes: Where to draw.
+        result: From ``EssentialDynamics.result``.
+        boundaries: Steps of LLC stage boundaries.
+        components: The two components' indices (0 for PC1).
+
+    Returns:
+        The coloured points, for a colorbar.
+    """
+    from matplotlib.colors import SymLogNorm
+
+    points, ratios = result.projections, result.explained_variance
+    x, y = components
     steps = np.asarray(result.steps)
     turns = [result.steps.index(step) for step in result.turning_points]
     crossed = sorted(
         {int(np.argmin(np.abs(steps - b))) for b in boundaries if steps[0] <= b <= steps[-1]}
     )
-    figure = _figure()
-    panels = figure.subplots(1, 2 if points.shape[1] >= 3 else 1, squeeze=False)[0]
-    for axes, (x, y) in zip(panels, ((0, 1), (1, 2)), strict=False):
-        axes.plot(points[:, x], points[:, y], color="0.7", linewidth=0.8, zorder=1)
-        image = axes.scatter(points[:, x], points[:, y], c=steps, s=12, zorder=2)
-        if turns:
-            axes.scatter(
-                points[turns, x],
-                points[turns, y],
-                s=80,
-                facecolors="none",
-                edgecolors="black",
-                zorder=3,
-                label="turning point",
-            )
-        if crossed:
-            axes.scatter(
-                points[crossed, x],
-                points[crossed, y],
-                s=50,
-                marker="x",
-                color="tab:red",
-                zorder=4,
-                label="LLC stage boundary",
-            )
-        axes.set_xlabel(f"PC{x + 1} ({ratios[x]:.0%})")
-        axes.set_ylabel(f"PC{y + 1} ({ratios[y]:.0%})")
-    if turns or crossed:
-        panels[0].legend(fontsize="small")
-    figure.colorbar(image, ax=panels, label="step")
-    return _save(figure, path)
+    norm = SymLogNorm(linthresh=10, vmin=steps.min(), vmax=max(steps.max(), steps.min() + 1))
+    axes.plot(points[:, x], points[:, y], color="0.7", linewidth=0.8, zorder=1)
+    image = axes.scatter(points[:, x], points[:, y], c=steps, norm=norm, s=12, zorder=2)
+    if turns:
+        axes.scatter(
+            points[turns, x],
+            points[turns, y],
+            s=80,
+            facecolors="none",
+            edgecolors="black",
+            zorder=3,
+            label="turning point",
+        )
+    if crossed:
+        axes.scatter(
+            points[crossed, x],
+            points[crossed, y],
+            s=50,
+            marker="x",
+            color="tab:red",
+            zorder=4,
+            label="LLC stage boundary",
+        )
+    axes.set_xlabel(f"PC{x + 1} ({ratios[x]:.0%})")
+    axes.set_ylabel(f"PC{y + 1} ({ratios[y]:.0%})")
+    return image
 
 
 def _edges(steps: list[float]) -> np.ndarray:
@@ -289,10 +338,19 @@ def _shade_stages(axes, run: Curves) -> None:
     if run.spread is not None and run.spread.steps == run.llc.steps:
         for row, spread in zip(rows, run.spread.values, strict=True):
             row["llc/std"] = spread
-    colors = {"rising": "tab:red", "falling": "tab:green"}
-    for stage in detect_stages(rows):
-        if stage.kind in colors:
-            axes.axvspan(stage.start, stage.end, color=colors[stage.kind], alpha=0.08, lw=0)
+    if run.loss is not None:
+        losses = zip(run.loss.steps, run.loss.values, strict=True)
+        rows += [{"step": step, "loss": value} for step, value in losses]
+    for stage in detect_stages(rows, loss="loss" if run.loss is not None else None):
+        if stage.kind in STAGE_COLORS:
+            axes.axvspan(
+                stage.start,
+                stage.end,
+                color=STAGE_COLORS[stage.kind],
+                alpha=0.08,
+                lw=0,
+                hatch=FLAGGED_HATCH if stage.flagged else None,
+            )
 
 
 def _scaled(axes, values: Series, label: str, color: str, style: str) -> None:

@@ -12,6 +12,8 @@ import torch
 from models import BOWL_CONFIG, BOWL_TURNS, Bowl, bowl_sharpness
 
 from llc_callbacks import LLCMonitor, cli
+from llc_callbacks.history import Series
+from llc_callbacks.plotting import Curves, plot_components, plot_llc_curve
 from llc_callbacks.stages import CONFIRM_RUNS, StageTracker, detect_stages
 
 
@@ -157,3 +159,24 @@ def test_the_monitor_logs_each_boundary_once_and_a_resume_neither_repeats_nor_lo
     estimate_bowl(resumed, range(21, 37))
     assert resumed.boundaries == full.boundaries
     assert [(r["step"], r["llc/stage"]) for r in resumed.history if "llc/stage" in r] == stage_rows
+
+
+def test_the_components_heatmap_marks_each_components_boundaries():
+    turning = rows(rise_fall_flat(1), prefix="llc/head0")
+    flat = rows(5 + np.random.default_rng(7).normal(0, 1, 45), prefix="llc/head1")
+    history = [{**a, **b} for a, b in zip(turning, flat, strict=True)]
+    heat = plot_components(history).axes[0]
+    ticks = [(line.get_xdata()[0], tuple(line.get_ydata())) for line in heat.lines]
+    # head0 (row 0 to 1) turns at steps 150 and 300; head1 (row 1 to 2) never.
+    assert [y for _, y in ticks] == [(0, 1), (0, 1)]
+    assert ticks[0][0] == pytest.approx(150, abs=10) and ticks[1][0] == pytest.approx(300, abs=10)
+
+
+def test_the_llc_curve_hatches_the_stages_where_the_loss_stays_flat():
+    history = rows(rise_fall_flat(0))
+    llc = Series([r["step"] for r in history], [r["llc/mean"] for r in history])
+    spread = Series(llc.steps, [r["llc/std"] / 2 for r in history])  # standard error 1
+    loss = Series(llc.steps, [1.0 if step < 150 else 0.5 for step in llc.steps])
+    axes = plot_llc_curve(Curves(llc, spread, loss)).axes[0]
+    hatches = [patch.get_hatch() for patch in axes.patches]
+    assert hatches == [None, "//"]  # rising with the loss falling; falling with it flat
