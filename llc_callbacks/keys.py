@@ -4,7 +4,8 @@ A key is ``{prefix}/{field}`` for the full LLC and ``{prefix}/{name}/{field}`` f
 restricted LLC ``name``.
 
 Fields are ``mean``, ``std``, ``chain_<i>``, ``init_loss``, ``num_sampled``, ``step_size``,
-``free_energy``, ``free_energy_std``, ``diag/<diagnostic>`` and ``curvature/<quantity>``.
+``free_energy``, ``free_energy_std``, ``stage`` (a confirmed stage boundary's step),
+``diag/<diagnostic>`` and ``curvature/<quantity>``.
 Restriction names hold no ``/`` except a combination's one (``"<weights>/<source>"``), so the
 field is the last part of a key, or the last two after ``diag`` or ``curvature``.
 """

@@ -14,7 +14,7 @@ def test_the_demo_writes_the_png_and_a_wandb_run_with_llc_and_accuracy(
     tmp_path, wandb_rows, example
 ):
     result = example("grokking").run(tmp_path, p=23, steps=300, estimates=5, config=TINY)
-    assert png_size(result["png"]) == (800, 900)
+    assert png_size(result["png"]) == (800, 1200)
     rows = wandb_rows(result["wandb"])
     llc_steps = [row["trainer/global_step"] for row in rows if "llc/mean" in row]
     assert llc_steps[0] == 0 and llc_steps[-1] == 300 and len(llc_steps) >= 4
@@ -25,6 +25,12 @@ def test_the_demo_writes_the_png_and_a_wandb_run_with_llc_and_accuracy(
     curvature = [row for row in rows if "llc/curvature/hessian_trace" in row]
     assert len(curvature) == len(llc_steps)
     assert all("llc/free_energy" in row for row in rows if "llc/mean" in row)
+    # The LLC peaks while the network memorizes, then falls.
+    assert [stage.kind for stage in result["stages"]] == ["rising", "falling"]
+    assert result["stages"][0].end <= result["llc_peak"][0] <= result["stages"][1].start
+    dynamics = result["dynamics"]
+    assert len(dynamics.steps) >= 8 and dynamics.projections.shape[1] == 3
+    assert (tmp_path / "csv" / "version_0" / "essential_dynamics.npz").is_file()
 
 
 def test_the_demo_finds_the_transition_in_a_run(example):
