@@ -246,23 +246,33 @@ def _curve(
 
 
 def _segments(values: np.ndarray, errors: np.ndarray) -> list[tuple[int, int]]:
-    """Optimal partition into segments of at least 2 estimates (first and last index)."""
+    """Optimal partition into segments of at least 2 estimates (first and last index).
+
+    Each segment's cost, the weighted squared residual of its least-squares line, comes from
+    prefix sums, for every start at once: the partition takes O(n^2) arithmetic.
+    """
     n = len(values)
     penalty = PENALTY_PER_LOG_POINT * math.log(n)
-    best = [0.0] + [math.inf] * n  # best[j]: cost of the first j estimates
-    cut = [0] * (n + 1)
+    x, y, w = np.arange(n, dtype=float), values - values.mean(), 1 / errors**2
+    sums = [
+        np.concatenate([[0.0], np.cumsum(t)])
+        for t in (w, w * x, w * x * x, w * y, w * x * y, w * y * y)
+    ]
+    best = np.full(n + 1, np.inf)  # best[j]: cost of the first j estimates
+    best[0] = 0.0
+    cut = np.zeros(n + 1, dtype=int)
     for j in range(2, n + 1):
-        for i in range(0, j - 1):
-            if not math.isfinite(best[i]):
-                continue  # best[1] stays infinite: no segment of one estimate
-            fit, _ = _line(values[i:j], errors[i:j])
-            cost = best[i] + float(np.sum(((values[i:j] - fit) / errors[i:j]) ** 2)) + penalty
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
+        starts = np.arange(j - 1)  # best[1] stays infinite: no segment of one estimate
+        weight, wx, wxx, wy, wxy, wyy = (total[j] - total[starts] for total in sums)
+        spread_x = wxx - wx * wx / weight
+        residual = wyy - wy * wy / weight - (wxy - wx * wy / weight) ** 2 / spread_x
+        costs = best[starts] + np.maximum(residual, 0.0) + penalty
+        first = int(np.argmin(costs))
+        best[j], cut[j] = costs[first], starts[first]
     segments, j = [], n
     while j > 0:
-        segments.append((cut[j], j - 1))
-        j = cut[j]
+        segments.append((int(cut[j]), j - 1))
+        j = int(cut[j])
     return segments[::-1]
 
 
