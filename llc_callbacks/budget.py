@@ -31,6 +31,13 @@ RECENT = 3
 class Budget:
     """Plans estimates so that their total time stays within ``max_overhead`` of training's.
 
+    After each estimate the budget sets a target, in seconds of training: the next estimate
+    may run once the estimates' total time, the next one's included (priced as the dearest of
+    the last ``RECENT``), is at most ``max_overhead`` of the training time, and once training
+    has run ``pace * cost / max_overhead`` seconds since the last one. It turns the target
+    into a step from the mean time of a training step so far, and at that step checks the
+    clock again, planning a later step if training was slower than the mean.
+
     The ceiling holds from the second estimate on: the first runs when due, before any
     estimate's cost is known, so a run shorter than that cost over ``max_overhead`` exceeds it.
 
@@ -40,8 +47,12 @@ class Budget:
 
     Attributes:
         spent: Seconds spent in estimates.
-        trained: Seconds of training between estimates (everything else the process did).
-        next_step: The first step at which the next estimate may run (``None``: not planned).
+        trained: Seconds of training between estimates (everything else the process did),
+            up to the last estimate.
+        trained_steps: Optimizer steps over those seconds.
+        target: Seconds of training after which the next estimate may run.
+        next_step: The step at which the clock is checked against ``target`` next
+            (``None``: at the next step asked about).
 
     Raises:
         ValueError: If ``max_overhead`` is not a number above 0.
@@ -53,6 +64,7 @@ class Budget:
         self.spent = 0.0
         self.trained = 0.0
         self.trained_steps = 0
+        self.target = 0.0
         self.next_step: int | None = None
         self._costs: list[float] = []
         self._clock: tuple[float, int] | None = None  # when and at which step training resumed
@@ -63,54 +75,63 @@ class Budget:
         Args:
             step: Optimizer steps completed. The first call starts the training clock
                 (again after a resume).
-            distributed: Agree with the other ranks on the plan (a collective, run at most
-                once per estimate: every rank must then ask at the same steps).
+            distributed: Agree with the other ranks on each plan (a collective: every rank
+                must then ask at the same steps).
         """
         if self._clock is None:
             self._clock = (time.perf_counter(), step)
         if not self._costs:
             return True
-        if self.next_step is None:
-            trained, steps = self._training_so_far(step)
-            if steps == 0:
-                return False
-            self._plan(step, trained, steps, pace=1.0, distributed=distributed)
-        return step >= self.next_step  # type: ignore[operator]
+        if self.next_step is not None and step < self.next_step:
+            return False
+        trained, steps = self._training_so_far(step)
+        if steps == 0:
+            return False
+        remaining = self.target - trained
+        next_step = step if remaining <= 0 else step + math.ceil(remaining * steps / trained)
+        if distributed and rank_and_world()[1] > 1:
+            import torch.distributed as dist
+
+            plans: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(plans, next_step)
+            next_step = max(plans)
+        self.next_step = next_step
+        return step >= next_step
 
     def begin(self, step: int) -> None:
         """An estimate starts after ``step`` optimizer steps: close the training account."""
         self.trained, self.trained_steps = self._training_so_far(step)
         self._clock = (time.perf_counter(), step)
 
-    def end(self, step: int, pace: float, *, distributed: bool = False) -> None:
-        """The estimate begun at ``step`` has ended: count its time and plan the next one.
+    def end(self, step: int, pace: float) -> None:
+        """The estimate begun at ``step`` has ended: count its time and set the next target.
 
         Args:
             step: Optimizer steps completed.
             pace: How much sooner (below 1) or later (above 1) than an even spacing of the
                 budget the next estimate should come (see ``pace``).
-            distributed: Agree with the other ranks on the plan (a collective).
         """
         began, _ = self._clock  # type: ignore[misc]
         ended = time.perf_counter()
         self._costs = [*self._costs, ended - began][-RECENT:]
         self.spent += ended - began
         self._clock = (ended, step)
+        cost = max(self._costs)
+        ceiling = (self.spent + cost) / self.max_overhead
+        self.target = max(ceiling, self.trained + pace * cost / self.max_overhead)
         self.next_step = None
-        if self.trained_steps:
-            self._plan(step, self.trained, self.trained_steps, pace, distributed)
 
     def overhead(self) -> float:
-        """The estimates' time over the training time so far (NaN before any training)."""
+        """The estimates' time over the training time up to the last estimate (NaN before)."""
         return self.spent / self.trained if self.trained > 0 else math.nan
 
     def state_dict(self) -> dict[str, Any]:
-        """Time spent and trained, recent costs and the planned step, for a checkpoint."""
+        """Time spent and trained, recent costs and the target, for a checkpoint."""
         return {
             "spent": self.spent,
             "trained": self.trained,
             "trained_steps": self.trained_steps,
-            "next_step": self.next_step,
+            "target": self.target,
             "costs": list(self._costs),
         }
 
@@ -119,8 +140,9 @@ class Budget:
         self.spent = float(state["spent"])
         self.trained = float(state["trained"])
         self.trained_steps = int(state["trained_steps"])
-        self.next_step = state["next_step"]
+        self.target = float(state["target"])
         self._costs = [float(cost) for cost in state["costs"]]
+        self.next_step = None
 
     def _training_so_far(self, step: int) -> tuple[float, int]:
         """Training seconds and steps, the stretch since the clock last started included."""
@@ -128,21 +150,6 @@ class Budget:
             return self.trained, self.trained_steps
         started, at = self._clock
         return self.trained + time.perf_counter() - started, self.trained_steps + step - at
-
-    def _plan(self, step: int, trained: float, steps: int, pace: float, distributed: bool) -> None:
-        """The next estimate's step: within the ceiling, and ``pace`` times an even spacing."""
-        cost = max(self._costs)
-        per_step = trained / steps
-        ceiling = (self.spent + cost) / self.max_overhead - trained
-        spacing = pace * cost / self.max_overhead
-        next_step = step + max(1, math.ceil(max(ceiling, spacing) / max(per_step, 1e-12)))
-        if distributed and rank_and_world()[1] > 1:
-            import torch.distributed as dist
-
-            plans: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(plans, next_step)
-            next_step = max(plans)
-        self.next_step = next_step
 
 
 def pace(rows: Sequence[dict[str, float]], prefix: str) -> float:

@@ -329,7 +329,7 @@ class LLCMonitor:
         try:
             return self._estimate(step, model, loss_fn, data, device, progress)
         finally:
-            self.budget.end(step, pace(self.history, self.prefix), distributed=self._distributed())
+            self.budget.end(step, pace(self.history, self.prefix))
 
     def _estimate(
         self,
@@ -382,8 +382,11 @@ class LLCMonitor:
                 )
         self._last_step = step
         self.history.append({"step": step, **metrics})
-        metrics.update(self._confirm_boundaries())
-        self.history[-1].update(metrics)
+        boundaries: dict[str, float] = {}
+        with self.reporting("detecting the LLC's stages"):
+            boundaries = self._confirm_boundaries()
+        self.history[-1].update(boundaries)
+        metrics.update(boundaries)
         if self.last_result is not None:
             for check, message in self.last_result.problems().items():
                 self.warn_once(check, f"at step {step}, {message}")

@@ -73,6 +73,23 @@ def test_estimates_come_sooner_where_the_llc_moves_within_the_same_ceiling(clock
     assert all(overhead <= 0.1 + 1e-9 for overhead in overheads[1:])
 
 
+def test_the_clock_is_read_again_at_the_planned_step(clock):
+    # Steps take 1 s, then 0.25 s: a step planned from the mean step time comes too early,
+    # and the budget plans a later one instead of going over.
+    budget = Budget(0.1)
+    estimated, overheads = [], []
+    for step in range(1, 3001):
+        clock.now += 1.0 if step <= 200 else 0.25
+        if budget.allows(step):
+            budget.begin(step)
+            clock.now += 5.0
+            budget.end(step, 1.0)
+            estimated.append(step)
+            overheads.append(budget.overhead())
+    assert len(estimated) > 5
+    assert all(overhead <= 0.1 + 1e-9 for overhead in overheads[1:])
+
+
 def test_with_a_schedule_the_budget_is_a_ceiling(clock):
     def loss_fn(module, batch):  # each call costs 0.1 s of the stand-in clock
         clock.now += 0.1

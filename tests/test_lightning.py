@@ -384,7 +384,10 @@ def test_stage_boundaries_reach_csv_and_wandb_once_each_across_a_resume(
         if row.get("llc/stage")
     ]
     assert logged == [(b.confirmed_at, b.step) for b in resumed.monitor.boundaries]
-    tables = [row for row in wandb_rows() if "llc/stages/_type" in row]
+    rows = wandb_rows()
+    stages = [(row["trainer/global_step"], row["llc/stage"]) for row in rows if "llc/stage" in row]
+    assert stages == [(second_rule.confirmed_at, second_rule.step)]  # this run's only
+    tables = [row for row in rows if "llc/stages/_type" in row]
     assert [row["trainer/global_step"] for row in tables] == [second_rule.confirmed_at]
     table = json.loads(
         (offline_run_dir(wandb_dir) / "files" / tables[0]["llc/stages/path"]).read_text()
