@@ -46,7 +46,7 @@ from llc_callbacks import EssentialDynamics, LLCConfig
 from llc_callbacks.curvature import CURVATURES
 from llc_callbacks.history import read_rows, series
 from llc_callbacks.integrations.lightning import LLCCallback
-from llc_callbacks.plotting import FLAGGED_HATCH, STAGE_COLORS, draw_dynamics_path
+from llc_callbacks.plotting import draw_dynamics_path, shade_stages
 from llc_callbacks.stages import detect_stages
 
 PROBE = 256  # pairs whose losses trace the essential dynamics
@@ -289,17 +289,7 @@ def _llc_panel(axes, rows: list[dict], summary: dict, p: int) -> None:
     high = [m + s for m, s in zip(llc.values, spread.values, strict=True)]
     axes.fill_between(llc.steps, low, high, color="tab:blue", alpha=0.3, label="± chain std")
     axes.plot(llc.steps, llc.values, marker="o", markersize=3, color="tab:blue", label="LLC")
-    for stage in summary["stages"]:
-        if stage.kind in STAGE_COLORS:
-            axes.axvspan(
-                stage.start,
-                stage.end,
-                color=STAGE_COLORS[stage.kind],
-                alpha=0.1,
-                lw=0,
-                hatch=FLAGGED_HATCH if stage.flagged else None,
-                label=f"{stage.kind} stage" + (", loss flat" if stage.flagged else ""),
-            )
+    shade_stages(axes, summary["stages"], labels=True)
     for index, boundary in enumerate(b for b in summary["confirmed"] if b.curve is None):
         label = "boundary confirmed online" if index == 0 else None
         axes.axvline(boundary.step, color="black", linewidth=1.0, label=label)

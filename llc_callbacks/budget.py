@@ -122,8 +122,11 @@ class Budget:
         self.next_step = None
 
     def overhead(self) -> float:
-        """The estimates' time over the training time up to the last estimate (NaN before)."""
-        return self.spent / self.trained if self.trained > 0 else math.nan
+        """The estimates' time over the training time so far (NaN before any training)."""
+        trained = self.trained
+        if self._clock is not None:
+            trained += time.perf_counter() - self._clock[0]
+        return self.spent / trained if trained > 0 else math.nan
 
     def state_dict(self) -> dict[str, Any]:
         """Time spent and trained, recent costs and the target, for a checkpoint."""

@@ -19,7 +19,7 @@ from llc_callbacks.dynamics import DynamicsResult
 from llc_callbacks.history import Series
 from llc_callbacks.keys import metric_key, parse_key
 from llc_callbacks.result import LLCResult
-from llc_callbacks.stages import detect_stages
+from llc_callbacks.stages import Stage, detect_stages
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -274,26 +274,13 @@ def draw_dynamics_path(
     norm = SymLogNorm(linthresh=10, vmin=steps.min(), vmax=max(steps.max(), steps.min() + 1))
     axes.plot(points[:, x], points[:, y], color="0.7", linewidth=0.8, zorder=1)
     image = axes.scatter(points[:, x], points[:, y], c=steps, norm=norm, s=12, zorder=2)
-    if turns:
-        axes.scatter(
-            points[turns, x],
-            points[turns, y],
-            s=80,
-            facecolors="none",
-            edgecolors="black",
-            zorder=3,
-            label="turning point",
-        )
-    if crossed:
-        axes.scatter(
-            points[crossed, x],
-            points[crossed, y],
-            s=50,
-            marker="x",
-            color="tab:red",
-            zorder=4,
-            label="LLC stage boundary",
-        )
+    marks = (
+        (turns, {"s": 80, "facecolors": "none", "edgecolors": "black", "label": "turning point"}),
+        (crossed, {"s": 50, "marker": "x", "color": "tab:red", "label": "LLC stage boundary"}),
+    )
+    for zorder, (indices, style) in enumerate(marks, start=3):
+        if indices:
+            axes.scatter(points[indices, x], points[indices, y], zorder=zorder, **style)
     axes.set_xlabel(f"PC{x + 1} ({ratios[x]:.0%})")
     axes.set_ylabel(f"PC{y + 1} ({ratios[y]:.0%})")
     return image
@@ -341,15 +328,28 @@ def _shade_stages(axes, run: Curves) -> None:
     if run.loss is not None:
         losses = zip(run.loss.steps, run.loss.values, strict=True)
         rows += [{"step": step, "loss": value} for step, value in losses]
-    for stage in detect_stages(rows, loss="loss" if run.loss is not None else None):
+    shade_stages(axes, detect_stages(rows, loss="loss" if run.loss is not None else None))
+
+
+def shade_stages(axes: Axes, stages: Sequence[Stage], *, labels: bool = False) -> None:
+    """Shade rising and falling stages over their steps, hatching the flagged ones.
+
+    Args:
+        axes: Where to draw, with steps on the x axis.
+        stages: From ``detect_stages``.
+        labels: Give each shade a legend label (its kind, and whether the loss stayed flat).
+    """
+    for stage in stages:
         if stage.kind in STAGE_COLORS:
+            label = f"{stage.kind} stage" + (", loss flat" if stage.flagged else "")
             axes.axvspan(
                 stage.start,
                 stage.end,
                 color=STAGE_COLORS[stage.kind],
-                alpha=0.08,
+                alpha=0.1,
                 lw=0,
                 hatch=FLAGGED_HATCH if stage.flagged else None,
+                label=label if labels else None,
             )
 
 
