@@ -3,7 +3,8 @@
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/restrictions.py``
 
 A small GPT-2 (4 layers of 3 heads, built from a config) on token sequences; K = 4 is one
-restriction per layer, K = 12 one per attention head (its columns of the fused QKV weight).
+restriction per layer, K = 12 one per attention head (``llc_callbacks.components``: its
+columns of the fused QKV weight and its rows of the output projection).
 Both sides use ``estimate_restricted_llcs`` with the same chains, batches and seed, and give
 the same numbers; the separate side calls it once per restriction. One pass shares the
 batches, the initial loss and the paired forward pass at ``w*`` among all restrictions, and
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from llc_callbacks import LLCConfig, Restrictions, estimate_restricted_llcs
+from llc_callbacks.components import attention_heads, blocks
 
 LAYERS, HEADS, EMBED, VOCAB, LENGTH = 4, 3, 48, 64, 16
 
@@ -39,26 +41,6 @@ def model_and_data():
     return model, data
 
 
-def per_layer(model) -> dict:
-    return {f"layer{i}": block for i, block in enumerate(model.transformer.h)}
-
-
-def per_head(model) -> dict:
-    size = EMBED // HEADS
-    selections = {}
-    for layer in range(LAYERS):
-        for head in range(HEADS):
-            columns = torch.zeros(3 * EMBED, dtype=torch.bool)
-            for part in range(3):
-                columns[part * EMBED + head * size : part * EMBED + (head + 1) * size] = True
-            name = f"transformer.h.{layer}.attn.c_attn"
-            selections[f"layer{layer}.head{head}"] = {
-                f"{name}.weight": columns.expand(EMBED, -1).clone(),
-                f"{name}.bias": columns,
-            }
-    return selections
-
-
 def loss_fn(model, batch):
     return model(**batch).loss
 
@@ -72,7 +54,7 @@ def main() -> None:
     config = LLCConfig(num_chains=4, num_burnin=20, num_draws=40, init_loss_batches=2, mala=False)
     params = sum(p.numel() for p in model.parameters())
     print(f"GPT-2 with {params} parameters, {config.num_chains} chains x 60 steps, batch 16")
-    for label, selections in (("per layer", per_layer(model)), ("per head", per_head(model))):
+    for label, selections in (("per layer", blocks(model)), ("per head", attention_heads(model))):
 
         def together(selections=selections):
             estimate_restricted_llcs(

@@ -1,7 +1,9 @@
-"""Per-layer LLC curves of a small transformer, from one Lightning callback.
+"""Per-head and per-MLP LLC curves of a small transformer, from one Lightning callback.
 
-Weight-restricted LLCs (Wang et al. 2024) sample one layer's weights at a time; all layers run
-in one pass over the data next to the full LLC. The curves are drawn as a heatmap and as lines.
+Weight-restricted LLCs (Wang et al. 2024) sample one component's weights at a time: every
+attention head and every MLP, named by ``llc_callbacks.components`` in one line, run in one
+pass over the data next to the full LLC. The curves are drawn as a heatmap, ordered by layer
+and clustered into three types by their shape, and as lines.
 Run: ``python examples/per_layer_transformer.py`` (writes to ``outputs/per_layer``).
 """
 
@@ -13,10 +15,12 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from llc_callbacks import LLCConfig, Restrictions
+from llc_callbacks.components import attention_heads, mlps, preview
 from llc_callbacks.integrations.lightning import LLCCallback
 from llc_callbacks.plotting import plot_components
 
 LAYERS, VOCAB, LENGTH = 3, 32, 16
+CLUSTERS = 3  # head and MLP types in the heatmap
 
 
 class Counting(Dataset):
@@ -60,8 +64,9 @@ def main(steps: int = 300, every: int = 100, out: Path = Path("outputs/per_layer
     L.seed_everything(0)
     out.mkdir(parents=True, exist_ok=True)
     module = TinyGPT()
-    layers = {f"layer{i}": block for i, block in enumerate(module.gpt.transformer.h)}
-    restrictions = Restrictions(weights=layers, partition=True)
+    parts = {**attention_heads(module), **mlps(module)}
+    print(preview(parts))
+    restrictions = Restrictions(weights=parts, partition=True)
     # Short strongly localized chains: per-layer curves to compare in shape, quickly.
     config = config or LLCConfig.fast(num_burnin=100, num_draws=100)
     callback = LLCCallback(config, every_n_steps=every, at_start=True, restrictions=restrictions)
@@ -70,10 +75,11 @@ def main(steps: int = 300, every: int = 100, out: Path = Path("outputs/per_layer
     )
     trainer.fit(module, DataLoader(Counting(), batch_size=32, shuffle=True))
     path = out / "per_layer.png"
-    plot_components(callback.monitor.history, path=path)
+    plot_components(callback.monitor.history, path=path, clusters=CLUSTERS)
+    print(f"{'step':>4} {'LLC':>6} " + " ".join(f"{name:>12}" for name in parts))
     for row in callback.monitor.history:
-        layers_llc = "  ".join(f"{name} {row[f'llc/{name}/mean']:6.2f}" for name in layers)
-        print(f"step {row['step']:4d}  LLC {row['llc/mean']:6.2f}   {layers_llc}")
+        restricted = " ".join(f"{row[f'llc/{name}/mean']:12.2f}" for name in parts)
+        print(f"{row['step']:4d} {row['llc/mean']:6.2f} {restricted}")
     print(f"Figure: {path}")
     return callback.monitor.history, path
 

@@ -8,6 +8,8 @@ it as PNG when given a path.
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -30,6 +32,8 @@ FIGSIZE, DPI = (8.0, 4.5), 100  # 800 x 450 pixels
 # Shades of rising and falling stages; flagged ones (the LLC moves, the loss stays flat) hatched.
 STAGE_COLORS = {"rising": "tab:red", "falling": "tab:green"}
 FLAGGED_HATCH = "//"
+# k-means of component curves (cluster_curves): seeded restarts, each at most so many steps.
+KMEANS_RESTARTS, KMEANS_ITERATIONS, KMEANS_SEED = 10, 100, 0
 
 
 def plot_traces(result: LLCResult, path: str | Path | None = None) -> Figure:
@@ -151,35 +155,58 @@ def plot_llc_curve(*runs: Curves, path: str | Path | None = None) -> Figure:
 
 
 def plot_components(
-    history: list[dict[str, float]], prefix: str = "llc", path: str | Path | None = None
+    history: list[dict[str, float]],
+    prefix: str = "llc",
+    path: str | Path | None = None,
+    *,
+    clusters: int | None = None,
 ) -> Figure:
     """Restricted LLCs over training: a heatmap (component x step) above their curves.
 
-    Each component's stage boundaries (``llc_callbacks.stages``) are white ticks across its
-    row of the heatmap, and its flagged stages (the LLC moves while the loss, the logged
-    ``init_loss``, stays flat) are hatched.
+    Components are in natural order (``component_names``). Each component's stage boundaries
+    (``llc_callbacks.stages``) are white ticks across its row of the heatmap, and its flagged
+    stages (the LLC moves while the loss, the logged ``init_loss``, stays flat) are hatched.
+    With ``clusters``, the components are grouped by the shape of their curves
+    (``cluster_curves``): the heatmap rows go by cluster, a strip beside them colours and
+    numbers each cluster, and the curves take their cluster's colour, a legend entry per cluster.
 
     Args:
         history: A monitor's or callback's history (rows with ``step`` and the metrics).
         prefix: The metric prefix.
         path: Where to save the PNG.
+        clusters: How many clusters to group the components into; ``None`` for none.
+
+    Returns:
+        The figure; its first axes is the heatmap.
 
     Raises:
-        ValueError: If the history holds no finite restricted LLC.
+        ValueError: If the history holds no finite restricted LLC, or ``clusters`` is given
+            and ``cluster_curves`` rejects it.
     """
     names = component_names(history, prefix)
     if not names:
         raise ValueError(f"the history holds no finite restricted LLC ({prefix}/<name>/mean)")
+    grouped = None if clusters is None else cluster_curves(history, prefix, clusters)
+    if grouped is not None:
+        names = list(grouped)
     steps = [row["step"] for row in history]
-    values = np.array(
-        [[row.get(metric_key(prefix, "mean", name), math.nan) for row in history] for name in names]
-    )
+    values = _component_values(history, prefix, names)
     figure = _figure()
-    heat, lines = figure.subplots(2, 1, sharex=True)
+    if grouped is None:
+        heat, lines = figure.subplots(2, 1, sharex=True)
+        beside = [heat]
+    else:
+        grid = figure.add_gridspec(2, 2, width_ratios=(40, 1))
+        heat = figure.add_subplot(grid[0, 0])
+        lines = figure.add_subplot(grid[1, 0], sharex=heat)
+        strip = figure.add_subplot(grid[0, 1], sharey=heat)
+        heat.tick_params(labelbottom=False)
+        _draw_clusters(strip, grouped)
+        beside = [heat, strip]
     edges = np.array([*steps, steps[-1] + 1]) if len(steps) == 1 else _edges(steps)
     image = heat.pcolormesh(edges, np.arange(len(names) + 1), values, shading="flat")
     heat.set_yticks(np.arange(len(names)) + 0.5, names, fontsize="small")
-    figure.colorbar(image, ax=heat, label="LLC")
+    figure.colorbar(image, ax=beside, label="LLC")
     loss = metric_key(prefix, "init_loss")
     for row, name in enumerate(names):
         stages = detect_stages(history, prefix, name, loss=loss)
@@ -190,23 +217,93 @@ def plot_components(
                 heat.fill_between(
                     [stage.start, stage.end], row, row + 1, hatch=FLAGGED_HATCH, fc="none", lw=0
                 )
-    for name, row in zip(names, values, strict=True):
-        lines.plot(steps, row, marker="o", markersize=2, label=name)
+    if grouped is None:
+        for name, row in zip(names, values, strict=True):
+            lines.plot(steps, row, marker="o", markersize=2, label=name)
+        columns = len(names) // 8
+    else:
+        sizes = Counter(grouped.values())
+        columns = len(sizes) // 8
+        for name, row in zip(names, values, strict=True):
+            number = grouped[name]
+            size = sizes.pop(number, None)  # a legend entry for each cluster's first curve
+            label = None if size is None else f"cluster {number} ({size})"
+            color = _cluster_color(number)
+            lines.plot(steps, row, marker="o", markersize=2, color=color, label=label)
     lines.set_xlabel("step")
     lines.set_ylabel("LLC")
-    lines.legend(fontsize="x-small", ncol=max(1, len(names) // 8))
+    lines.legend(fontsize="x-small", ncol=max(1, columns))
     return _save(figure, path)
 
 
 def component_names(history: list[dict[str, float]], prefix: str = "llc") -> list[str]:
-    """The restricted LLCs with at least one finite mean in a history, sorted by name."""
+    """The restricted LLCs with at least one finite mean in a history, in natural order.
+
+    Natural order compares runs of digits as numbers: ``layer2.head2`` comes before
+    ``layer2.head10``, which comes before ``layer10.head0``.
+    """
     names = set()
     for row in history:
         for key, value in row.items():
             parsed = parse_key(key, prefix)
             if parsed and parsed.restriction and parsed.field == "mean" and math.isfinite(value):
                 names.add(parsed.restriction)
-    return sorted(names)
+    return sorted(names, key=_natural_key)
+
+
+def cluster_curves(
+    history: list[dict[str, float]], prefix: str = "llc", clusters: int = 2
+) -> dict[str, int]:
+    """Group the restricted LLCs by the shape of their curves over training, with k-means.
+
+    Wang et al. 2024 (arXiv:2410.02984) find the types of attention heads this way. Each
+    component's curve, over the steps where every component has a finite LLC, is z-scored;
+    k-means (k-means++ seeding, the best of ``KMEANS_RESTARTS`` runs from a fixed seed, so the
+    result is the same every time) groups the z-scored curves.
+
+    Args:
+        history: A monitor's or callback's history (rows with ``step`` and the metrics).
+        prefix: The metric prefix.
+        clusters: How many clusters, from 1 to the number of components.
+
+    Returns:
+        Each component's cluster, numbered from 1 in the order in which the clusters' first
+        members come in natural order (``component_names``). The entries go by cluster, then
+        in natural order, as the heatmap rows of ``plot_components``. Fewer clusters than
+        asked for come out only where curves coincide.
+
+    Raises:
+        ValueError: If ``clusters`` is not an int from 1 to the number of components, the
+            history holds no finite restricted LLC, or no step holds one for every component.
+    """
+    if isinstance(clusters, bool) or not isinstance(clusters, int) or clusters < 1:
+        raise ValueError(f"clusters must be an int >= 1, got {clusters!r}")
+    names = component_names(history, prefix)
+    if not names:
+        raise ValueError(f"the history holds no finite restricted LLC ({prefix}/<name>/mean)")
+    if clusters > len(names):
+        raise ValueError(
+            f"clusters must be at most the number of components ({len(names)}), got {clusters}"
+        )
+    values = _component_values(history, prefix, names)
+    shared = values[:, np.isfinite(values).all(axis=0)]
+    if not shared.size:
+        raise ValueError(
+            "cannot cluster the curves: no step holds a finite restricted LLC for every component"
+        )
+    # z-scores, as the shape of a curve tells a component's role, not its level or scale: heads
+    # that rise then fall group together however large their LLC. Flat curves (no spread
+    # beyond rounding) become zeros rather than magnified rounding errors.
+    centered = shared - shared.mean(axis=1, keepdims=True)
+    spread = centered.std(axis=1, keepdims=True)
+    flat = spread <= 1e-12 * np.abs(shared).max(axis=1, keepdims=True)
+    shapes = np.divide(centered, spread, out=np.zeros_like(centered), where=~flat)
+    labels = _kmeans(shapes, clusters)
+    numbers: dict[int, int] = {}
+    for label in labels:
+        numbers.setdefault(int(label), len(numbers) + 1)
+    found = {name: numbers[int(label)] for name, label in zip(names, labels, strict=True)}
+    return dict(sorted(found.items(), key=lambda item: item[1]))  # stable: natural order within
 
 
 def plot_essential_dynamics(
@@ -284,6 +381,78 @@ def draw_dynamics_path(
     axes.set_xlabel(f"PC{x + 1} ({ratios[x]:.0%})")
     axes.set_ylabel(f"PC{y + 1} ({ratios[y]:.0%})")
     return image
+
+
+def _natural_key(name: str) -> tuple[tuple[str | int, ...], str]:
+    """``name`` cut into runs of digits, as numbers, and of other characters, then ``name``."""
+    parts = re.split(r"([0-9]+)", name)  # runs of digits at the odd positions
+    return tuple(int(part) if index % 2 else part for index, part in enumerate(parts)), name
+
+
+def _component_values(
+    history: list[dict[str, float]], prefix: str, names: Sequence[str]
+) -> np.ndarray:
+    """Each component's LLC means at every row of a history (a row per name), NaN if missing."""
+    return np.array(
+        [[row.get(metric_key(prefix, "mean", name), math.nan) for row in history] for name in names]
+    )
+
+
+def _kmeans(points: np.ndarray, k: int) -> np.ndarray:
+    """Each point's cluster (0 to ``k - 1``) by k-means: the least inertia of seeded restarts."""
+    rng = np.random.default_rng(KMEANS_SEED)
+    best, least = np.zeros(len(points), dtype=int), math.inf
+    for _ in range(KMEANS_RESTARTS):
+        centers = _kmeans_plus_plus(points, k, rng)
+        labels = np.full(len(points), -1)
+        for _ in range(KMEANS_ITERATIONS):
+            distances = ((points[:, None, :] - centers[None, :, :]) ** 2).sum(axis=2)
+            assigned = distances.argmin(axis=1)
+            if (assigned == labels).all():
+                break
+            labels = assigned
+            # A cluster left empty keeps its center.
+            centers = np.array(
+                [
+                    points[labels == j].mean(axis=0) if (labels == j).any() else centers[j]
+                    for j in range(k)
+                ]
+            )
+        inertia = distances[np.arange(len(points)), labels].sum()
+        if inertia < least:
+            best, least = labels, inertia
+    return best
+
+
+def _kmeans_plus_plus(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """``k`` starting points (k-means++), each drawn by its squared distance to the nearest."""
+    centers = [points[rng.integers(len(points))]]
+    for _ in range(k - 1):
+        nearest = np.min([((points - center) ** 2).sum(axis=1) for center in centers], axis=0)
+        total = nearest.sum()
+        index = (
+            rng.choice(len(points), p=nearest / total) if total > 0 else rng.integers(len(points))
+        )
+        centers.append(points[index])
+    return np.array(centers)
+
+
+def _draw_clusters(strip: Axes, grouped: dict[str, int]) -> None:
+    """Colour each cluster's heatmap rows on a strip beside them, the cluster's number on it."""
+    numbers = list(grouped.values())
+    for number in dict.fromkeys(numbers):
+        first, size = numbers.index(number), numbers.count(number)
+        strip.barh(
+            first + size / 2, 1, height=size, color=_cluster_color(number), edgecolor="white"
+        )
+        strip.text(0.5, first + size / 2, str(number), ha="center", va="center", color="white")
+    strip.set_xlim(0, 1)
+    strip.set_xticks([])
+    strip.tick_params(left=False, labelleft=False)
+
+
+def _cluster_color(number: int) -> str:
+    return f"C{(number - 1) % 10}"
 
 
 def _edges(steps: list[float]) -> np.ndarray:

@@ -76,5 +76,6 @@ def test_per_layer_transformer(tmp_path, example):
         steps=20, every=10, out=tmp_path, config=TINY
     )
     assert [row["step"] for row in history] == [0, 10, 20]
-    assert all(f"llc/layer{i}/mean" in history[-1] for i in range(3))
+    names = [f"layer{i}.{part}" for i in range(3) for part in ("head0", "head1", "mlp")]
+    assert all(f"llc/{name}/mean" in history[-1] for name in names)
     assert png_size(path) == FIGURE_SIZE

@@ -35,21 +35,15 @@ def stand_ins() -> dict:
     torch.manual_seed(0)
     model = DropoutBatchNormNet()
     dataset = torch.utils.data.TensorDataset(torch.randn(512, 6), torch.randint(0, 3, (512,)))
-    gpt2 = tiny_gpt2()
-    embed = gpt2.config.n_embd
-    head0_columns = torch.zeros(embed, 3 * embed, dtype=torch.bool)
-    for part in range(3):  # query, key and value columns of head 0 (of 2)
-        head0_columns[:, part * embed : part * embed + embed // 2] = True
     return {
         "module": Classifier(),
         "train_loader": loader(),
-        "gpt2": gpt2,
+        "gpt2": tiny_gpt2(),
         "train_dataset": TokenData(),
         "model": model,
         "loss_fn": cross_entropy,
         "optimizer": torch.optim.SGD(model.parameters(), lr=0.1),
         "loader": DataLoader(dataset, batch_size=64, shuffle=True),
-        "head0_columns": head0_columns,
         "code_loader": DataLoader(TokenData(samples=128), batch_size=16),
         "prose_loader": DataLoader(TokenData(samples=96), batch_size=16),
     }

@@ -22,6 +22,7 @@ from models import (
 from torch.utils.data import DataLoader
 
 from llc_callbacks import LLCConfig, Restrictions, estimate_llc, estimate_restricted_llcs
+from llc_callbacks.components import attention_heads
 from llc_callbacks.integrations.huggingface import LLCTrainerCallback
 from llc_callbacks.integrations.lightning import LLCCallback
 from llc_callbacks.plotting import plot_components
@@ -130,26 +131,6 @@ def test_bad_restrictions_are_refused_at_construction(kwargs, message):
         Restrictions(**kwargs)
 
 
-def head_masks(model, layers: int = 2, heads: int = 2) -> dict[str, dict[str, torch.Tensor]]:
-    """One selection per attention head: its query, key and value columns of GPT-2's fused
-    c_attn (a Conv1D, weight of shape (embed, 3 * embed)), weight and bias."""
-    embed = model.model.config.n_embd
-    size = embed // heads
-    selections = {}
-    for layer in range(layers):
-        for head in range(heads):
-            columns = torch.zeros(3 * embed, dtype=torch.bool)
-            for part in range(3):
-                start = part * embed + head * size
-                columns[start : start + size] = True
-            prefix = f"model.transformer.h.{layer}.attn.c_attn"
-            selections[f"layer{layer}.head{head}"] = {
-                f"{prefix}.weight": columns.expand(embed, -1).clone(),
-                f"{prefix}.bias": columns,
-            }
-    return selections
-
-
 class TinyGPT(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
@@ -165,7 +146,8 @@ class TinyGPT(L.LightningModule):
 def test_one_curve_per_attention_head_through_lightning(tmp_path, wandb_rows):
     L.seed_everything(0, verbose=False)
     module = TinyGPT()
-    heads = head_masks(module)
+    heads = attention_heads(module)  # one line: every head of the LightningModule's GPT-2
+    assert list(heads) == ["layer0.head0", "layer0.head1", "layer1.head0", "layer1.head1"]
     restrictions = Restrictions(weights=heads, partition=True)
     callback = LLCCallback(TINY, every_n_steps=3, restrictions=restrictions)
     csv_logger = CSVLogger(tmp_path)
