@@ -2,8 +2,8 @@
 
 The update rules live in ``samplers``; this module draws the noise, applies restriction
 masks, records the draws, and measures MALA acceptance when asked. Chains are grouped: each
-group is one vectorized batch over the parameters its chains may move, and all groups step
-in lockstep on the same minibatches.
+group is one vectorized batch over the parameters its chains may move, and the groups of a
+wave (at most ``config.chains_in_flight`` chains) step in lockstep on the same minibatches.
 """
 
 from __future__ import annotations
@@ -93,7 +93,12 @@ def run_chains(
     nbeta: float,
     progress: bool,
 ) -> ChainTraces:
-    """Run groups of chains from ``w*`` in lockstep, all on the same minibatches.
+    """Run groups of chains from ``w*``, all on the same minibatches.
+
+    At most ``in_flight(config, groups)`` chains are held in memory and step together (a
+    wave); later waves replay the first one's minibatches, kept for them. Chain ``i``
+    depends only on the seed, ``i``, ``w*`` and the minibatches, so the numbers do not depend
+    on how the chains are split into waves, but for float rounding.
 
     Args:
         groups: The chains, each group one vectorized batch.
@@ -105,37 +110,140 @@ def run_chains(
     Returns:
         The traces, one row per chain, group after group.
     """
-    step = _sampler_step(config, nbeta)
-    sizes = [len(group.noise_ids) for group in groups]
-    ends = list(itertools.accumulate(sizes))
-    running = [
-        _Running(group, config, slice(end - size, end))
-        for group, size, end in zip(groups, sizes, ends, strict=True)
-    ]
-    chains, draws = sum(sizes), config.num_draws
+    chains, draws = sum(len(group.noise_ids) for group in groups), config.num_draws
     device = groups[0].forked.anchor.device if groups else torch.device("cpu")
-    trace = torch.full((chains, draws), float("nan"), device=device)
-    reference = torch.full((draws,), float("nan"), device=device)
-    distance = torch.full((chains, draws), float("nan"), device=device)
-    acceptance = torch.zeros(chains, device=device)
-    healthy = torch.ones(chains, dtype=torch.bool, device=device)
-    total = config.num_burnin + draws if chains else 0
+    traces = _Traces(
+        trace=torch.full((chains, draws), float("nan"), device=device),
+        reference=torch.full((draws,), float("nan"), device=device),
+        distance=torch.full((chains, draws), float("nan"), device=device),
+        acceptance=torch.zeros(chains, device=device),
+        healthy=torch.ones(chains, dtype=torch.bool, device=device),
+    )
+    waves = _waves(groups, in_flight(config, groups))
+    kept = _Kept(batches) if len(waves) > 1 else None
+    steps = config.num_burnin + draws if chains else 0
     # disable=None: a bar only on a terminal, never as lines of a log file.
-    bar = tqdm(range(total), desc="LLC chains", disable=None if progress else True, leave=False)
-    for t in bar:
+    bar = tqdm(
+        total=steps * len(waves), desc="LLC chains", disable=None if progress else True, leave=False
+    )
+    first_row = 0
+    for number, wave in enumerate(waves):
+        sizes = [len(group.noise_ids) for group in wave]
+        ends = [first_row + end for end in itertools.accumulate(sizes)]
+        running = [
+            _Running(group, config, slice(end - size, end))
+            for group, size, end in zip(wave, sizes, ends, strict=True)
+        ]
+        wave_batches = kept.replay() if kept is not None else batches
+        _run_wave(running, wave_batches, config, nbeta, traces, paired=number == 0, bar=bar)
+        first_row = ends[-1]
+    bar.close()
+    return ChainTraces(
+        traces.trace.cpu().numpy(),
+        traces.reference.cpu().numpy(),
+        traces.distance.cpu().numpy(),
+        (~traces.healthy).cpu().numpy(),
+        (traces.acceptance / len(range(0, draws, MALA_EVERY))).cpu().numpy()
+        if config.mala
+        else None,
+    )
+
+
+def in_flight(config: LLCConfig, groups: Sequence[ChainGroup]) -> int:
+    """How many chains step together: ``config.chains_in_flight``, or all of them for ``"auto"``.
+
+    Args:
+        config: Its ``chains_in_flight``.
+        groups: The chains to run.
+    """
+    chains = sum(len(group.noise_ids) for group in groups)
+    if config.chains_in_flight == "auto":
+        return max(chains, 1)
+    return min(config.chains_in_flight, max(chains, 1))
+
+
+class _Traces(NamedTuple):
+    """What every wave writes into, one row per chain."""
+
+    trace: Tensor
+    reference: Tensor
+    distance: Tensor
+    acceptance: Tensor
+    healthy: Tensor
+
+
+class _Kept:
+    """Minibatches drawn once and kept, so that every wave of chains sees the same ones."""
+
+    def __init__(self, batches: Iterator[Any]) -> None:
+        self.source = batches
+        self.seen: list[Any] = []
+
+    def replay(self) -> Iterator[Any]:
+        """The kept minibatches in order, then new ones, kept in turn."""
+        yield from self.seen
+        while True:
+            batch = next(self.source)
+            self.seen.append(batch)
+            yield batch
+
+
+def _waves(groups: Sequence[ChainGroup], size: int) -> list[list[ChainGroup]]:
+    """The groups' chains, in order, cut into waves of at most ``size`` chains."""
+    waves: list[list[ChainGroup]] = [[]]
+    room = size
+    for group in groups:
+        start = 0
+        while start < len(group.noise_ids):
+            if room == 0:
+                waves.append([])
+                room = size
+            end = min(start + room, len(group.noise_ids))
+            waves[-1].append(
+                ChainGroup(group.forked, group.noise_ids[start:end], group.masks[start:end])
+            )
+            room -= end - start
+            start = end
+    return [wave for wave in waves if wave]
+
+
+def _run_wave(
+    running: list[_Running],
+    batches: Iterator[Any],
+    config: LLCConfig,
+    nbeta: float,
+    traces: _Traces,
+    *,
+    paired: bool,
+    bar: tqdm,
+) -> None:
+    """Step one wave of chains through burn-in and draws, writing into ``traces``.
+
+    Args:
+        running: The wave's groups in flight.
+        batches: Its minibatches.
+        config: Hyperparameters.
+        nbeta: The resolved inverse temperature.
+        traces: Where each chain writes its row.
+        paired: Record ``L_m(w*)`` on each draw's batch (the first wave does, for all).
+        bar: The progress bar to advance.
+    """
+    step = _sampler_step(config, nbeta)
+    rows = slice(running[0].rows.start, running[-1].rows.stop)
+    for t in range(config.num_burnin + config.num_draws):
+        bar.update()
         batch = next(batches)
         drawing = t >= config.num_burnin
-        if drawing and config.paired:
-            reference[t - config.num_burnin] = running[0].forked.loss_at_anchor(batch)
+        draw = t - config.num_burnin
+        if drawing and paired and config.paired:
+            traces.reference[draw] = running[0].forked.loss_at_anchor(batch)
         for group in running:
-            forked, state, rows = group.forked, group.state, group.rows
+            forked, state, own = group.forked, group.state, group.rows
             losses, grads = forked.loss_and_grad(state.weights, batch)
-            healthy[rows] &= torch.isfinite(losses)
+            traces.healthy[own] &= torch.isfinite(losses)
             if drawing:
-                trace[rows, t - config.num_burnin] = torch.where(
-                    healthy[rows], losses, float("nan")
-                )
-                distance[rows, t - config.num_burnin] = (
+                traces.trace[own, draw] = torch.where(traces.healthy[own], losses, float("nan"))
+                traces.distance[own, draw] = (
                     (state.weights - forked.anchor).square().sum(dim=1).div(2)
                 )
             for row, generator in zip(group.noise, group.generators, strict=True):
@@ -145,8 +253,8 @@ def run_chains(
                 new_state = new_state._replace(
                     weights=torch.where(group.movable, new_state.weights, state.weights)
                 )
-            if drawing and config.mala and (t - config.num_burnin) % MALA_EVERY == 0:
-                acceptance[rows] += _mala_acceptance(
+            if drawing and config.mala and draw % MALA_EVERY == 0:
+                traces.acceptance[own] += _mala_acceptance(
                     forked,
                     state,
                     new_state,
@@ -159,15 +267,8 @@ def run_chains(
                     group.movable,
                 )
             group.state = new_state
-        if (t + 1) % DIVERGENCE_CHECK_EVERY == 0 and not healthy.any():
+        if (t + 1) % DIVERGENCE_CHECK_EVERY == 0 and not traces.healthy[rows].any():
             break
-    return ChainTraces(
-        trace.cpu().numpy(),
-        reference.cpu().numpy(),
-        distance.cpu().numpy(),
-        (~healthy).cpu().numpy(),
-        (acceptance / len(range(0, draws, MALA_EVERY))).cpu().numpy() if config.mala else None,
-    )
 
 
 def _mala_acceptance(

@@ -52,6 +52,10 @@ class LLCConfig:
         init_loss_batches: Minibatches averaged for ``L(w*)``.
         mala: Also measure the MALA acceptance on every tenth draw (one more gradient each);
             healthy near 0.9, low when the step size is too large and the LLC inflated.
+        chains_in_flight: At most this many chains are held in memory and step together; the
+            others run afterwards, in waves, on the same minibatches (kept in memory for
+            them), so the numbers do not depend on it but for float rounding. ``"auto"`` runs
+            every chain at once.
 
     Raises:
         ValueError: If a value is outside its accepted range; the message names the argument.
@@ -72,6 +76,7 @@ class LLCConfig:
     vectorize: Literal["auto"] | bool = "auto"
     init_loss_batches: int = 8
     mala: bool = True
+    chains_in_flight: int | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         check_int("num_chains", self.num_chains, minimum=1)
@@ -110,6 +115,14 @@ class LLCConfig:
         check_choice("vectorize", self.vectorize, VECTORIZE)
         check_int("init_loss_batches", self.init_loss_batches, minimum=1)
         check_bool("mala", self.mala)
+        if self.chains_in_flight != "auto":
+            try:
+                check_int("chains_in_flight", self.chains_in_flight, minimum=1)
+            except ValueError:
+                raise ValueError(
+                    "chains_in_flight must be an integer >= 1 or 'auto',"
+                    f" got {self.chains_in_flight!r}"
+                ) from None
 
     @classmethod
     def fast(cls, **changes: object) -> LLCConfig:

@@ -39,6 +39,9 @@ def test_defaults_are_valid_and_documented_values():
         ("vectorize", "yes", "one of 'auto', True, False"),
         ("vectorize", 1, "one of 'auto', True, False"),
         ("init_loss_batches", 0, ">= 1"),
+        ("chains_in_flight", 0, ">= 1 or 'auto'"),
+        ("chains_in_flight", "all", ">= 1 or 'auto'"),
+        ("chains_in_flight", True, ">= 1 or 'auto'"),
     ],
 )
 def test_bad_values_raise_naming_the_argument_and_the_range(argument, value, accepted):
