@@ -194,9 +194,11 @@ def fork(
     """
     if not distributed or rank_and_world()[1] == 1:
         return ForkedModel(model, loss_fn, device, config.vectorize)
-    forked = on_every_rank(lambda: ForkedModel(model, loss_fn, device, config.vectorize))
-    # Ranks may hold different buffers (BatchNorm statistics are not synchronized):
-    # every rank samples around rank zero's weights.
+    forked = on_every_rank(
+        lambda: ForkedModel(model, loss_fn, device, config.vectorize, share_frozen=False)
+    )
+    # Ranks may hold different buffers (BatchNorm statistics are not synchronized): every
+    # rank samples around rank zero's weights, written into its own copies.
     broadcast_from_rank_zero([forked.anchor, *forked.constants.values()])
     return forked
 

@@ -99,11 +99,16 @@ class ForkedModel:
         vectorize: ``True`` to require ``vmap`` over chains, ``False`` to loop over chains,
             ``"auto"`` to try ``vmap`` on the first evaluation and fall back to the loop, with a
             warning saying why, when the model does not support it.
+        share_frozen: Use frozen float32 parameters on ``device`` as they are, without a copy
+            (a LoRA model's base weights): chains only read them. ``False`` copies them too,
+            for a caller that overwrites ``constants``.
 
     Attributes:
         layout: The sampled parameters' names and shapes, in flat order.
         anchor: The flat float32 weights ``w*``.
-        constants: Every other tensor the model uses (frozen parameters, buffers), forked.
+        constants: Every other tensor the model uses (frozen parameters, buffers), forked:
+            float32 copies on ``device``, but with ``share_frozen`` frozen float32 parameters
+            already there, which are the live tensors, detached.
         param_ids: Sampled parameter name by the live tensor's ``id``.
         aliases: For tied weights, each other name of a sampled parameter.
         vectorized: Whether chains run batched with ``vmap``; ``None`` until a batched
@@ -114,7 +119,13 @@ class ForkedModel:
     """
 
     def __init__(
-        self, model: nn.Module, loss_fn: LossFn, device: torch.device, vectorize: bool | str
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        device: torch.device,
+        vectorize: bool | str,
+        *,
+        share_frozen: bool = True,
     ) -> None:
         self._wrapper = _LossModule(model, loss_fn)
         named = [
@@ -138,7 +149,11 @@ class ForkedModel:
         self.anchor = torch.cat(
             [p.detach().reshape(-1).to(device=device, dtype=torch.float32) for _, p in trainable]
         )
-        self.constants = {n: _fork(t, device) for n, t in unique if n not in sampled}
+        self.constants = {
+            n: t.detach() if share_frozen and _usable(t, device) else _fork(t, device)
+            for n, t in unique
+            if n not in sampled
+        }
         self._vectorize = vectorize
         self.vectorized: bool | None = None if vectorize == "auto" else bool(vectorize)
         self._model_name = type(model).__name__
@@ -261,6 +276,15 @@ class ForkedModel:
             "skip the attempt.",
             stacklevel=5,
         )
+
+
+def _usable(tensor: Tensor, device: torch.device) -> bool:
+    """Whether a frozen parameter can serve the chains as it is: float32, on their device."""
+    return (
+        isinstance(tensor, nn.Parameter)
+        and tensor.dtype == torch.float32
+        and tensor.device == torch.device(device)
+    )
 
 
 def _fork(tensor: Tensor, device: torch.device) -> Tensor:

@@ -20,8 +20,10 @@ from hf_helpers import (
     tiny_gpt2,
 )
 from models import BOWL_CONFIG, BOWL_TURNS, TINY, fails_in_chains
+from peft import LoraConfig, get_peft_model
 
 from llc_callbacks import EssentialDynamics
+from llc_callbacks.forked import ForkedModel
 from llc_callbacks.integrations.huggingface import LLCTrainerCallback
 
 
@@ -281,3 +283,27 @@ def test_essential_dynamics_are_recorded_saved_and_resumed_and_training_is_untou
     _, resumed = train(tmp_path / "resumed", callback_kwargs(), resume=str(checkpoint))
     assert resumed.dynamics.steps == dynamics.steps
     np.testing.assert_allclose(resumed.dynamics.vectors, dynamics.vectors, rtol=1e-5)
+
+
+def lora_gpt2():
+    config = LoraConfig(r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    return get_peft_model(tiny_gpt2(), config)
+
+
+def test_a_lora_model_samples_its_adapter_and_reads_its_base_weights_in_place(tmp_path):
+    plain, _ = train(tmp_path / "plain", model=lora_gpt2())
+    watched, _ = train(tmp_path / "watched", {"every_n_steps": 4}, model=lora_gpt2())
+    for (name, a), (_, b) in zip(
+        plain.model.state_dict().items(), watched.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    model = watched.model
+    adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert 0 < adapter < sum(p.numel() for p in model.parameters()) / 10
+    assert llc_rows(watched, "llc/num_sampled") == [(0, adapter)]  # the adapter only
+    assert [step for step, value in llc_rows(watched) if math.isfinite(value)] == [4, 8, 12]
+    # The frozen base weights serve the chains where they live: no copy of them is made.
+    forked = ForkedModel(model, lambda m, batch: m(**batch).loss, torch.device("cpu"), "auto")
+    base = {f"model.{n}": p for n, p in model.named_parameters() if not p.requires_grad}
+    assert base and base.keys() <= forked.constants.keys()
+    assert all(forked.constants[n].data_ptr() == p.data_ptr() for n, p in base.items())
