@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from llc_callbacks.distributed import rank_and_world
+from llc_callbacks.distributed import gather_from_every_rank, rank_and_world
 from llc_callbacks.keys import metric_key
 from llc_callbacks.validation import check_float
 
@@ -90,11 +90,7 @@ class Budget:
         remaining = self.target - trained
         next_step = step if remaining <= 0 else step + math.ceil(remaining * steps / trained)
         if distributed and rank_and_world()[1] > 1:
-            import torch.distributed as dist
-
-            plans: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(plans, next_step)
-            next_step = max(plans)
+            next_step = max(gather_from_every_rank(lambda: next_step))
         self.next_step = next_step
         return step >= next_step
 

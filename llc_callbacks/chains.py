@@ -95,8 +95,9 @@ def run_chains(
 ) -> ChainTraces:
     """Run groups of chains from ``w*``, all on the same minibatches.
 
-    At most ``in_flight(config, groups)`` chains are held in memory and step together (a
-    wave); later waves replay the first one's minibatches, kept for them. Chain ``i``
+    At most ``config.chains_in_flight`` chains (all of them for ``"auto"``) are held in
+    memory and step together (a wave); later waves replay the first one's minibatches, kept
+    for them. Chain ``i``
     depends only on the seed, ``i``, ``w*`` and the minibatches, so the numbers do not depend
     on how the chains are split into waves, but for float rounding.
 
@@ -119,7 +120,8 @@ def run_chains(
         acceptance=torch.zeros(chains, device=device),
         healthy=torch.ones(chains, dtype=torch.bool, device=device),
     )
-    waves = _waves(groups, in_flight(config, groups))
+    in_flight = chains if config.chains_in_flight == "auto" else config.chains_in_flight
+    waves = _waves(groups, max(in_flight, 1))
     kept = _Kept(batches) if len(waves) > 1 else None
     steps = config.num_burnin + draws if chains else 0
     # disable=None: a bar only on a terminal, never as lines of a log file.
@@ -147,19 +149,6 @@ def run_chains(
         if config.mala
         else None,
     )
-
-
-def in_flight(config: LLCConfig, groups: Sequence[ChainGroup]) -> int:
-    """How many chains step together: ``config.chains_in_flight``, or all of them for ``"auto"``.
-
-    Args:
-        config: Its ``chains_in_flight``.
-        groups: The chains to run.
-    """
-    chains = sum(len(group.noise_ids) for group in groups)
-    if config.chains_in_flight == "auto":
-        return max(chains, 1)
-    return min(config.chains_in_flight, max(chains, 1))
 
 
 class _Traces(NamedTuple):
