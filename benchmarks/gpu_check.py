@@ -10,8 +10,13 @@ anything failed:
 3. ``chains_in_flight`` changes nothing but float rounding;
 4. one chain step against one training step, at 1, 4, 8 and 16 chains, for the MLP of
    ``mlp.py`` and GPT-2 of about 10M and 124M parameters;
-5. the extra peak memory of an estimate (``torch.cuda.max_memory_allocated`` on CUDA) with
-   all chains in flight and one at a time.
+5. the extra peak memory of an estimate (``torch.cuda.max_memory_allocated`` on CUDA) and the
+   time of a chain step, for 1 to 16 chains and ``chains_in_flight`` 1, 4 and ``"auto"``;
+6. a bfloat16 model's estimate against the float32 model's (the same weights);
+7. a LoRA adapter on a bfloat16 base: the estimate's extra peak memory against the base's size.
+
+Each check runs on its own: an exception fails that check, prints its traceback, and the
+script goes on to the next.
 
 ``--quick`` keeps the small models and 1 and 4 chains; the test suite runs it with
 ``--device cpu --quick`` so that the script never rots. Matmuls run in full float32 (TF32
@@ -21,6 +26,7 @@ off), so the vmap and loop paths compare at float32 rounding.
 import argparse
 import sys
 import time
+import traceback
 from copy import deepcopy
 from dataclasses import replace
 
@@ -117,22 +123,75 @@ def step_costs(device: torch.device, quick: bool) -> None:
         print(f"        chain step / training step, {name} (chains: ratio): {', '.join(ratios)}")
 
 
+MEMORY_CASES = [(1, "auto"), (4, "auto"), (4, 1), (8, "auto"), (8, 4), (8, 1), (16, 4)]
+
+
 def peak_memory(device: torch.device, quick: bool) -> None:
-    model, data = gpt2(4, 256, device) if quick else gpt2(12, 768, device)
-    size = sum(p.numel() for p in model.parameters()) * 4
     if device.type != "cuda":
         print("        peak memory: CUDA only (benchmarks/memory.py measures it on CPU)")
         return
+    model, data = gpt2(4, 256, device) if quick else gpt2(12, 768, device)
+    size = sum(p.numel() for p in model.parameters()) * 4
+    print(f"        GPT-2 of {size / 4e6:.1f}M parameters ({size / 1e9:.2f} GB in float32)")
+    print("        chains  in flight  extra peak / model  s per chain step")
     peaks = {}
-    for in_flight in ("auto", 1):
-        config = LLCConfig(num_chains=4, num_burnin=1, num_draws=2, chains_in_flight=in_flight)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+    for chains, in_flight in MEMORY_CASES[:3] if quick else MEMORY_CASES:
+        config = LLCConfig(
+            num_chains=chains, num_burnin=1, num_draws=2, chains_in_flight=in_flight, mala=False
+        )
+        extra, seconds = _extra_peak(model, data, config, device)
+        peaks[chains, in_flight] = extra / size
+        step = seconds / (chains * 3)
+        print(f"        {chains:6d} {in_flight!s:>10} {extra / size:18.2f}x {step:17.4f}")
+    lower = peaks[4, 1] < peaks[4, "auto"]
+    check("one chain in flight takes less memory", lower, f"{peaks[4, 1]:.2f}x against 4")
+
+
+def half_precision(device: torch.device, quick: bool) -> None:
+    model, data = gpt2(2, 128, device) if quick else gpt2(4, 256, device)
+    model = model.to(torch.bfloat16)
+    reference = deepcopy(model).float()
+    config = LLCConfig(
+        num_chains=4, num_burnin=10 if quick else 20, num_draws=20 if quick else 40, seed=1
+    )
+    found = {}
+    for name, m in (("bfloat16", model), ("float32", reference)):
+        start = _synchronized(device)
+        result = estimate_llc(m, gpt2_loss, data, config, device=device, warn=False)
+        seconds = _synchronized(device) - start
+        found[name] = result.llc_mean
+        spread = result.llc_std
+        print(f"        {name}: llc {result.llc_mean:.3f} +- {spread:.3f}, {seconds:.1f} s")
+    gap = abs(found["bfloat16"] - found["float32"])
+    check("a bfloat16 model estimates", gap <= max(spread, 1e-6) * 2, f"gap {gap:.3f}")
+
+
+def lora_on_half_base(device: torch.device, quick: bool) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    base, data = gpt2(4, 256, device) if quick else gpt2(12, 768, device)
+    base = base.to(torch.bfloat16)
+    size = sum(p.numel() for p in base.parameters()) * 2
+    model = get_peft_model(base, LoraConfig(r=8, target_modules=["c_attn", "c_proj"]))
+    config = LLCConfig(num_chains=4, num_burnin=1, num_draws=2, mala=False)
+    if device.type != "cuda":
         estimate_llc(model, gpt2_loss, data, config, device=device, warn=False)
-        peaks[in_flight] = (torch.cuda.max_memory_allocated() - before) / size
-    print(f"        extra peak memory / model size, 4 chains: {peaks}")
-    check("one chain in flight takes less memory", peaks[1] < peaks["auto"], str(peaks))
+        print("        LoRA on a bfloat16 base: ran (peak memory on CUDA only)")
+        return
+    extra, _ = _extra_peak(model, data, config, device)
+    print(f"        LoRA on a bfloat16 base: extra peak {extra / size:.2f}x the base's size")
+    check("a bfloat16 base is not copied", extra < size, f"{extra / 1e9:.2f} GB")
+
+
+def _extra_peak(model, data, config: LLCConfig, device: torch.device) -> tuple[float, float]:
+    """The extra peak CUDA memory of one estimate, in bytes, and its seconds."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    estimate_llc(model, gpt2_loss, data, config, device=device, warn=False)
+    seconds = _synchronized(device) - start
+    return torch.cuda.max_memory_allocated() - before, seconds
 
 
 def _training_step_seconds(model, data, loss, device: torch.device, steps: int = 10) -> float:
@@ -170,11 +229,21 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__} on {name}")
     start = time.perf_counter()
-    vmap_equals_loop(device)
-    leaves_training_alone(device)
-    in_flight_changes_nothing(device)
-    step_costs(device, args.quick)
-    peak_memory(device, args.quick)
+    for run in (
+        lambda: vmap_equals_loop(device),
+        lambda: leaves_training_alone(device),
+        lambda: in_flight_changes_nothing(device),
+        lambda: step_costs(device, args.quick),
+        lambda: peak_memory(device, args.quick),
+        lambda: half_precision(device, args.quick),
+        lambda: lora_on_half_base(device, args.quick),
+    ):
+        try:
+            run()
+        except Exception:
+            traceback.print_exc(file=sys.stdout)
+            check("(raised)", False, "the traceback above")
+        sys.stdout.flush()
     print(f"{len(failures)} failed, in {time.perf_counter() - start:.0f} s")
     sys.exit(1 if failures else 0)
 

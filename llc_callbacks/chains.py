@@ -4,6 +4,12 @@ The update rules live in ``samplers``; this module draws the noise, applies rest
 masks, records the draws, and measures MALA acceptance when asked. Chains are grouped: each
 group is one vectorized batch over the parameters its chains may move, and the groups of a
 wave (at most ``config.chains_in_flight`` chains) step in lockstep on the same minibatches.
+
+Memory: a chain in flight holds its float32 weights and gradient (RMSprop: three more of
+their size, for its statistics and step), and all chains share the anchor, so ``k`` chains
+take ``1 + 2k`` times the sampled weights' float32 size, plus one forward and backward pass's
+activations; on the draws where MALA's acceptance is measured, ``1 + 4k`` (the weights before
+the step and the gradient after it).
 """
 
 from __future__ import annotations
@@ -33,6 +39,11 @@ DIVERGENCE_CHECK_EVERY = 32
 # With config.mala, the MALA acceptance is measured on every this-many-th draw: one more
 # gradient each: 100 per chain at 1,000 draws, about 5% of an estimate's cost.
 MALA_EVERY = 10
+# Noise is drawn in pieces of at most this many weights (16 MB in float32), so that no buffer
+# of the weights' size holds it.
+NOISE_PIECE = 1 << 22
+# chains_in_flight="auto" on CUDA fills at most this share of the free memory with chains.
+AUTO_MEMORY_SHARE = 0.8
 
 
 class ChainGroup(NamedTuple):
@@ -71,19 +82,49 @@ class ChainTraces(NamedTuple):
 
 
 class _Running:
-    """One group's chains in flight."""
+    """One group's chains in flight: their state, gradient buffer and noise."""
 
     def __init__(self, group: ChainGroup, config: LLCConfig, rows: slice) -> None:
         device = group.forked.anchor.device
         self.forked = group.forked
         self.rows = rows
-        self.generators = [_chain_generator(config.seed, i, device) for i in group.noise_ids]
         self.movable = None
         if any(mask is not None and not bool(mask.all()) for mask in group.masks):
             everything = torch.ones_like(self.forked.anchor, dtype=torch.bool)
             self.movable = torch.stack([everything if m is None else m for m in group.masks])
-        self.state = SamplerState(self.forked.anchor.expand(len(group.noise_ids), -1).clone())
-        self.noise = torch.empty_like(self.state.weights)
+        weights = self.forked.anchor.expand(len(group.noise_ids), -1).clone()
+        rmsprop = config.sampler == "rmsprop_sgld"
+        self.state = SamplerState(weights, torch.zeros_like(weights) if rmsprop else None)
+        self.grads = torch.empty_like(weights)
+        generators = [_chain_generator(config.seed, i, device) for i in group.noise_ids]
+        self.noise = _Noise(generators, self.movable)
+
+
+class _Noise:
+    """Adds each chain's standard normal noise, from its own generator, in place (``AddNoise``).
+
+    The noise is drawn in pieces of at most ``NOISE_PIECE`` weights, so it depends only on the
+    chain's generator and the number of weights it moves; outside a chain's mask it is zero.
+    """
+
+    def __init__(self, generators: list[torch.Generator], movable: Tensor | None) -> None:
+        self.generators = generators
+        self.movable = movable
+
+    def __call__(self, weights: Tensor, scale: float, factor: Tensor | None) -> None:
+        for row, generator in enumerate(self.generators):
+            for start in range(0, weights.shape[1], NOISE_PIECE):
+                piece = slice(start, start + NOISE_PIECE)
+                target = weights[row, piece]
+                xi = torch.randn(
+                    target.shape, generator=generator, device=target.device, dtype=target.dtype
+                )
+                if self.movable is not None:
+                    xi.mul_(self.movable[row, piece])
+                if factor is None:
+                    target.add_(xi, alpha=scale)
+                else:
+                    target.addcmul_(factor[row, piece], xi, value=scale)
 
 
 def run_chains(
@@ -95,11 +136,10 @@ def run_chains(
 ) -> ChainTraces:
     """Run groups of chains from ``w*``, all on the same minibatches.
 
-    At most ``config.chains_in_flight`` chains (all of them for ``"auto"``) are held in
+    At most ``config.chains_in_flight`` chains (``"auto"``: see ``_in_flight``) are held in
     memory and step together (a wave); later waves replay the first one's minibatches, kept
-    for them. Chain ``i``
-    depends only on the seed, ``i``, ``w*`` and the minibatches, so the numbers do not depend
-    on how the chains are split into waves, but for float rounding.
+    for them. Chain ``i`` depends only on the seed, ``i``, ``w*`` and the minibatches, so the
+    numbers do not depend on how the chains are split into waves, but for float rounding.
 
     Args:
         groups: The chains, each group one vectorized batch.
@@ -120,8 +160,12 @@ def run_chains(
         acceptance=torch.zeros(chains, device=device),
         healthy=torch.ones(chains, dtype=torch.bool, device=device),
     )
-    in_flight = chains if config.chains_in_flight == "auto" else config.chains_in_flight
-    waves = _waves(groups, max(in_flight, 1))
+    in_flight = 1
+    if chains:
+        first = next(batches)
+        batches = itertools.chain([first], batches)
+        in_flight = _in_flight(groups, config, first)
+    waves = _waves(groups, in_flight)
     kept = _Kept(batches) if len(waves) > 1 else None
     steps = config.num_burnin + draws if chains else 0
     # disable=None: a bar only on a terminal, never as lines of a log file.
@@ -177,6 +221,37 @@ class _Kept:
             yield batch
 
 
+def _in_flight(groups: Sequence[ChainGroup], config: LLCConfig, batch: Any) -> int:
+    """How many chains to hold in memory at once: ``config.chains_in_flight``, resolved.
+
+    ``"auto"`` is every chain, except on CUDA, where it is as many as fit in
+    ``AUTO_MEMORY_SHARE`` of the free memory (the caching allocator's free blocks included)
+    at the footprint ``_chain_bytes`` measures (at least one).
+    """
+    chains = sum(len(group.noise_ids) for group in groups)
+    if config.chains_in_flight != "auto":
+        return config.chains_in_flight
+    device = groups[0].forked.anchor.device
+    if device.type != "cuda":
+        return chains
+    free = torch.cuda.mem_get_info(device)[0]
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    footprint = max(_chain_bytes(group.forked, config, batch) for group in groups)
+    return max(1, min(chains, int(AUTO_MEMORY_SHARE * free) // footprint))
+
+
+def _chain_bytes(forked: ForkedModel, config: LLCConfig, batch: Any) -> int:
+    """The CUDA memory one more chain in flight takes, in bytes.
+
+    Its float32 weights and gradient (RMSprop's statistics and step, MALA's copies), the
+    largest parameter's gradient while backward makes it, and the activations one chain's
+    forward pass keeps for its backward, measured on ``batch``.
+    """
+    copies = 2 + 3 * (config.sampler == "rmsprop_sgld") + 2 * config.mala
+    weights = 4 * (copies * forked.anchor.numel() + max(forked.layout.numels))
+    return weights + forked.saved_bytes(batch)
+
+
 def _waves(groups: Sequence[ChainGroup], size: int) -> list[list[ChainGroup]]:
     """The groups' chains, in order, cut into waves of at most ``size`` chains."""
     waves: list[list[ChainGroup]] = [[]]
@@ -227,26 +302,22 @@ def _run_wave(
         if drawing and paired and config.paired:
             traces.reference[draw] = running[0].forked.loss_at_anchor(batch)
         for group in running:
-            forked, state, own = group.forked, group.state, group.rows
-            losses, grads = forked.loss_and_grad(state.weights, batch)
+            forked, weights, own = group.forked, group.state.weights, group.rows
+            losses, grads = forked.loss_and_grad(weights, batch, out=group.grads)
             traces.healthy[own] &= torch.isfinite(losses)
             if drawing:
                 traces.trace[own, draw] = torch.where(traces.healthy[own], losses, float("nan"))
-                traces.distance[own, draw] = (
-                    (state.weights - forked.anchor).square().sum(dim=1).div(2)
-                )
-            for row, generator in zip(group.noise, group.generators, strict=True):
-                row.normal_(generator=generator)
-            new_state, info = step(state, grads, group.noise, forked.anchor)
-            if group.movable is not None:  # no drift and no noise outside a chain's mask
-                new_state = new_state._replace(
-                    weights=torch.where(group.movable, new_state.weights, state.weights)
-                )
-            if drawing and config.mala and draw % MALA_EVERY == 0:
+                traces.distance[own, draw] = _half_square_distances(weights, forked.anchor)
+            if group.movable is not None:  # no drift outside a chain's mask (nor noise)
+                grads.mul_(group.movable)
+            measured = drawing and config.mala and draw % MALA_EVERY == 0
+            before = weights.clone() if measured else None
+            group.state, info = step(group.state, grads, forked.anchor, group.noise)
+            if before is not None:
                 traces.acceptance[own] += _mala_acceptance(
                     forked,
-                    state,
-                    new_state,
+                    before,
+                    weights,
                     info,
                     losses,
                     grads,
@@ -255,15 +326,23 @@ def _run_wave(
                     nbeta,
                     group.movable,
                 )
-            group.state = new_state
         if (t + 1) % DIVERGENCE_CHECK_EVERY == 0 and not traces.healthy[rows].any():
             break
 
 
+def _half_square_distances(weights: Tensor, anchor: Tensor) -> Tensor:
+    """``||w - w*||^2 / 2`` per chain, one chain at a time (a temporary of one chain's size)."""
+    squares = []
+    for row in weights:
+        shift = row - anchor
+        squares.append(torch.dot(shift, shift))
+    return torch.stack(squares).div(2)
+
+
 def _mala_acceptance(
     forked: ForkedModel,
-    state: SamplerState,
-    new_state: SamplerState,
+    before: Tensor,
+    after: Tensor,
     info: StepInfo,
     losses: Tensor,
     grads: Tensor,
@@ -272,21 +351,33 @@ def _mala_acceptance(
     nbeta: float,
     movable: Tensor | None,
 ) -> Tensor:
-    """Per-chain MALA acceptance probability of one step (one more gradient, same batch)."""
-    new_losses, new_grads = forked.loss_and_grad(new_state.weights, batch)
-    log_acceptance = mala_log_acceptance(
-        state.weights,
-        new_state.weights,
-        forked.anchor,
-        losses,
-        new_losses,
-        grads,
-        new_grads,
-        step_size=config.step_size,
-        nbeta=nbeta,
-        localization=config.localization,
-        precond=info.precond,
-        mask=movable,
+    """Per-chain MALA acceptance probability of one step (one more gradient, same batch).
+
+    Chain by chain, so that the acceptance's temporaries are one chain's size.
+    """
+    new_losses, new_grads = forked.loss_and_grad(after, batch)
+
+    def row(tensor: Tensor | None, chain: int) -> Tensor | None:
+        return None if tensor is None else tensor[chain : chain + 1]
+
+    log_acceptance = torch.cat(
+        [
+            mala_log_acceptance(
+                before[i : i + 1],
+                after[i : i + 1],
+                forked.anchor,
+                losses[i : i + 1],
+                new_losses[i : i + 1],
+                grads[i : i + 1],
+                new_grads[i : i + 1],
+                step_size=config.step_size,
+                nbeta=nbeta,
+                localization=config.localization,
+                precond=row(info.precond, i),
+                mask=row(movable, i),
+            )
+            for i in range(len(before))
+        ]
     )
     return torch.nan_to_num(log_acceptance.exp(), nan=0.0)
 

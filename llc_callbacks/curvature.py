@@ -82,7 +82,7 @@ def estimate_curvature(
     config = LLCConfig(seed=seed)
     with sampling(model, config, device):
         forked = ForkedModel(model, loss_fn, device, config.vectorize)
-        batch = next(cycle_batches(data, device))
+        batch = next(cycle_batches(data, device, forked.precision))
         generator = torch.Generator(device=device).manual_seed(seed)
         found: dict[str, float] = {}
         if "hessian_trace" in quantities:

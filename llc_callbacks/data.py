@@ -9,7 +9,9 @@ import torch
 from torch import Tensor
 
 
-def cycle_batches(data: Iterable[Any], device: torch.device) -> Iterator[Any]:
+def cycle_batches(
+    data: Iterable[Any], device: torch.device, float_dtype: torch.dtype
+) -> Iterator[Any]:
     """Yield batches from ``data`` forever, restarting it when it runs out.
 
     Each pass calls ``iter(data)`` again (a shuffled DataLoader reshuffles); nothing is cached.
@@ -17,10 +19,12 @@ def cycle_batches(data: Iterable[Any], device: torch.device) -> Iterator[Any]:
     Args:
         data: Any re-iterable of batches, such as a DataLoader.
         device: Where every tensor of a batch is moved.
+        float_dtype: The precision the chains' forward pass runs in
+            (``ForkedModel.precision``).
 
     Yields:
         Copies of the batches' containers with their tensors on ``device`` and floating-point
-        tensors in float32, the precision the chains run in.
+        tensors in ``float_dtype``.
 
     Raises:
         ValueError: If ``data`` yields no batch, or is an iterator that cannot restart.
@@ -30,7 +34,7 @@ def cycle_batches(data: Iterable[Any], device: torch.device) -> Iterator[Any]:
         empty = True
         for batch in data:
             empty = False
-            yield to_device(batch, device, torch.float32)
+            yield to_device(batch, device, float_dtype)
         if empty:
             raise ValueError(
                 "data yielded no batches"

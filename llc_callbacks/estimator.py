@@ -51,6 +51,7 @@ class _ChainPart(NamedTuple):
     init_loss: float
     nbeta: float
     vectorized: bool
+    precision: str  # the dtype of the forward passes, as LLCResult.precision names it
 
 
 def estimate_llc(
@@ -69,7 +70,9 @@ def estimate_llc(
     """Estimate the local learning coefficient of a model at its current weights.
 
     The trainable weights are forked as float32 tensors; ``config.num_chains`` SGLD chains
-    sample the localized tempered posterior around them, sharing each minibatch. The live
+    sample the localized tempered posterior around them, sharing each minibatch. Forward
+    passes run in the model's own precision (``result.precision``): a bfloat16 model's chains
+    update float32 weights and evaluate the loss with them cast to bfloat16. The live
     model's weights, gradients, buffers, train/eval modes and the global RNG states are left
     exactly as they were. Chains run in eval mode (no dropout; BatchNorm uses its running
     statistics), so the posterior is that of the deterministic model.
@@ -315,7 +318,7 @@ def _sample(
     forked: ForkedModel, sampling_pass: _Pass, config: LLCConfig, chains: list[int], progress: bool
 ) -> _ChainPart:
     """Measure ``L(w*)`` on the pass's data and run the given chains of the pass."""
-    batches = cycle_batches(sampling_pass.data, forked.anchor.device)
+    batches = cycle_batches(sampling_pass.data, forked.anchor.device, forked.precision)
     first = next(batches)
     nbeta = config.resolve_nbeta(batch_size(first))
     init_batches = [first] + [next(batches) for _ in range(config.init_loss_batches - 1)]
@@ -332,6 +335,7 @@ def _sample(
         init_loss,
         nbeta,
         any(bool(group.forked.vectorized) for group in groups),
+        str(forked.precision).removeprefix("torch."),
     )
 
 
@@ -413,6 +417,7 @@ def _summaries(
             config=config,
             nbeta=first.nbeta,
             vectorized=first.vectorized,
+            precision=first.precision,
             elapsed_s=elapsed_s,
         )
     return summaries

@@ -1,18 +1,21 @@
 """A model's weights forked as flat float32 tensors, evaluated with ``functional_call``.
 
 The live module is never written to: its trainable parameters are copied once into a flat
-anchor ``w*`` of shape ``(dim,)``, chains are rows of a ``(chains, dim)`` tensor, and every
-loss is computed by ``torch.func.functional_call`` on a thin wrapper whose ``forward`` calls
-the user's ``loss_fn(model, batch)``.
+float32 anchor ``w*`` of shape ``(dim,)``, chains are rows of a ``(chains, dim)`` tensor, and
+every loss is computed by ``torch.func.functional_call`` on a thin wrapper whose ``forward``
+calls the user's ``loss_fn(model, batch)``. The forward pass runs in the model's own precision:
+each sampled weight is cast to its parameter's dtype on the way in (a bfloat16 model runs in
+bfloat16, its float32 copies take the updates), and frozen parameters are used as they are.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import itertools
 import warnings
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,16 +102,19 @@ class ForkedModel:
         vectorize: ``True`` to require ``vmap`` over chains, ``False`` to loop over chains,
             ``"auto"`` to try ``vmap`` on the first evaluation and fall back to the loop, with a
             warning saying why, when the model does not support it.
-        share_frozen: Use frozen float32 parameters on ``device`` as they are, without a copy
-            (a LoRA model's base weights): chains only read them. ``False`` copies them too,
-            for a caller that overwrites ``constants``.
+        share_frozen: Use frozen parameters on ``device`` as they are, without a copy (a LoRA
+            model's base weights): chains only read them. ``False`` copies them too, for a
+            caller that overwrites ``constants``.
 
     Attributes:
         layout: The sampled parameters' names and shapes, in flat order.
         anchor: The flat float32 weights ``w*``.
-        constants: Every other tensor the model uses (frozen parameters, buffers), forked:
-            float32 copies on ``device``, but with ``share_frozen`` frozen float32 parameters
-            already there, which are the live tensors, detached.
+        constants: Every other tensor the model uses, in its own dtype: frozen parameters
+            already on ``device`` are the live tensors, detached (with ``share_frozen``);
+            buffers, and frozen parameters elsewhere, are copies on ``device`` (buffers are
+            copied so that a forward pass that writes one cannot touch the live model).
+        precision: The dtype most of the model's floating-point weights are held in, which
+            the forward pass runs in and batches' floating-point tensors are cast to.
         param_ids: Sampled parameter name by the live tensor's ``id``.
         aliases: For tied weights, each other name of a sampled parameter.
         vectorized: Whether chains run batched with ``vmap``; ``None`` until a batched
@@ -149,6 +155,9 @@ class ForkedModel:
         self.anchor = torch.cat(
             [p.detach().reshape(-1).to(device=device, dtype=torch.float32) for _, p in trainable]
         )
+        # Sampled weights go into the forward pass in their parameter's own dtype.
+        self._dtypes = {n: p.dtype for n, p in trainable if p.dtype != torch.float32}
+        self.precision = _main_dtype(t for _, t in unique if isinstance(t, nn.Parameter))
         self.constants = {
             n: t.detach() if share_frozen and _usable(t, device) else _fork(t, device)
             for n, t in unique
@@ -198,23 +207,30 @@ class ForkedModel:
         with torch.no_grad():
             return self._loss(self.unflatten(self.anchor), batch)
 
-    def loss_and_grad(self, weights: Tensor, batch: Any) -> tuple[Tensor, Tensor]:
+    def loss_and_grad(
+        self, weights: Tensor, batch: Any, out: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Losses and flat loss gradients of every chain on one shared batch.
+
+        Each gradient is accumulated straight into its place in the flat gradients: no
+        per-parameter copy of every chain's gradient is held beside them.
 
         Args:
             weights: Flat weights, shape ``(chains, dim)``.
             batch: One minibatch, already on the device.
+            out: Where to write the gradients, shape ``(chains, dim)``; ``None``: a new tensor.
 
         Returns:
-            Losses of shape ``(chains,)`` and gradients of shape ``(chains, dim)``.
+            Losses of shape ``(chains,)`` and the gradients (``out`` when given).
 
         Raises:
             RuntimeError: If ``vectorize=True`` and the model does not support ``vmap``.
         """
+        grads = torch.empty_like(weights) if out is None else out
         if self.vectorized is False or (len(weights) == 1 and self._vectorize == "auto"):
-            return self._looped(weights, batch)  # one chain gains nothing from vmap
+            return self._looped(weights, batch, grads), grads  # one chain gains nothing from vmap
         try:
-            result = self._vmapped(weights, batch)
+            losses = self._vmapped(weights, batch, grads)
         except Exception as error:
             if self._vectorize is True:
                 raise RuntimeError(
@@ -223,50 +239,75 @@ class ForkedModel:
             if self.vectorized is None:
                 # A loss that fails one chain at a time too fails for its own reasons: raise
                 # that, and blame vmap only when the chains run without it.
-                result = self._looped(weights, batch)
+                losses = self._looped(weights, batch, grads)
                 self._report_fallback(error)
                 self.vectorized = False
-                return result
+                return losses, grads
             raise
         self.vectorized = True
-        return result
+        return losses, grads
+
+    def saved_bytes(self, batch: Any) -> int:
+        """The CUDA memory one chain's forward pass at ``w*`` keeps for its backward, in bytes.
+
+        Measured as the growth of ``torch.cuda.memory_allocated`` while the graph is held
+        (the RNG states are restored, so the measurement draws nothing).
+
+        Args:
+            batch: One minibatch, already on the device (a CUDA device).
+        """
+        device = self.anchor.device
+        with torch.random.fork_rng(devices=[device]):
+            leaves = [v.detach().requires_grad_() for v in self.unflatten(self.anchor).values()]
+            before = torch.cuda.memory_allocated(device)
+            loss = self._loss(dict(zip(self.layout.names, leaves, strict=True)), batch)
+            held = torch.cuda.memory_allocated(device) - before
+            del loss
+        return held
 
     def _loss(self, params: dict[str, Tensor], batch: Any) -> Tensor:
         tensors = {**params, **self.constants}
+        for name, dtype in self._dtypes.items():  # float32 weights into a half-precision model
+            tensors[name] = tensors[name].to(dtype)
         for alias, name in self._aliases:
             tensors[alias] = tensors[name]
         # Fresh containers for every call: a loss that pops keys must not empty the batch
         # for the next chain or for the paired forward pass.
         return functional_call(self._wrapper, tensors, (to_device(batch),), tie_weights=False)
 
-    def _vmapped(self, weights: Tensor, batch: Any) -> tuple[Tensor, Tensor]:
+    def _vmapped(self, weights: Tensor, batch: Any, grads: Tensor) -> Tensor:
         # vmap batches the forward pass only; one ordinary backward pass through the batched
         # graph gives every chain's gradient (chains are independent, so the gradient of
         # their summed losses is each chain's own), faster than vmapping the backward too.
-        leaves = self._leaves(weights)
+        leaves = self._leaves(weights, grads)
         params = dict(zip(self.layout.names, leaves, strict=True))
         losses = vmap(self._loss, in_dims=(0, None))(params, batch)
-        grads = torch.autograd.grad(losses.sum(), leaves, materialize_grads=True)
-        return losses.detach(), self._flatten(grads, len(weights))
+        torch.autograd.backward(losses.sum(), inputs=leaves)
+        return losses.detach()
 
-    def _looped(self, weights: Tensor, batch: Any) -> tuple[Tensor, Tensor]:
-        losses, grads = [], []
-        for chain_weights in weights:
-            leaves = self._leaves(chain_weights)
+    def _looped(self, weights: Tensor, batch: Any, grads: Tensor) -> Tensor:
+        losses = []
+        for chain_weights, chain_grads in zip(weights, grads, strict=True):
+            leaves = self._leaves(chain_weights, chain_grads)
             loss = self._loss(dict(zip(self.layout.names, leaves, strict=True)), batch)
-            grads.append(
-                self._flatten(torch.autograd.grad(loss, leaves, materialize_grads=True), 1)
-            )
+            torch.autograd.backward(loss, inputs=leaves)
             losses.append(loss.detach())
-        return torch.stack(losses), torch.cat(grads)
+        return torch.stack(losses)
 
-    def _leaves(self, flat: Tensor) -> list[Tensor]:
-        """Per-parameter views of flat weights as autograd leaves."""
-        return [view.detach().requires_grad_() for view in self.unflatten(flat).values()]
+    def _leaves(self, flat: Tensor, grads: Tensor) -> list[Tensor]:
+        """Per-parameter views of flat weights as autograd leaves.
 
-    @staticmethod
-    def _flatten(grads: tuple[Tensor, ...], chains: int) -> Tensor:
-        return torch.cat([g.reshape(chains, -1) for g in grads], dim=1)
+        Each leaf's ``.grad`` is its view of ``grads``, zeroed: backward accumulates into it
+        in place (a parameter the loss does not use keeps a zero gradient).
+        """
+        grads.zero_()
+        leaves = []
+        views, grad_views = self.unflatten(flat).values(), self.unflatten(grads).values()
+        for view, grad in zip(views, grad_views, strict=True):
+            leaf = view.detach().requires_grad_()
+            leaf.grad = grad
+            leaves.append(leaf)
+        return leaves
 
     def _report_fallback(self, error: Exception) -> None:
         reason = f"{type(error).__name__}: {error}".splitlines()[0]
@@ -279,15 +320,19 @@ class ForkedModel:
 
 
 def _usable(tensor: Tensor, device: torch.device) -> bool:
-    """Whether a frozen parameter can serve the chains as it is: float32, on their device."""
-    return (
-        isinstance(tensor, nn.Parameter)
-        and tensor.dtype == torch.float32
-        and tensor.device == torch.device(device)
-    )
+    """Whether a frozen tensor can serve the chains as it is: a parameter on their device."""
+    return isinstance(tensor, nn.Parameter) and tensor.device == torch.device(device)
 
 
 def _fork(tensor: Tensor, device: torch.device) -> Tensor:
-    """A detached copy on ``device``; floating tensors become float32."""
-    dtype = torch.float32 if tensor.is_floating_point() else tensor.dtype
-    return tensor.detach().to(device=device, dtype=dtype, copy=True)
+    """A detached copy on ``device``, in the tensor's own dtype."""
+    return tensor.detach().to(device=device, copy=True)
+
+
+def _main_dtype(parameters: Iterable[Tensor]) -> torch.dtype:
+    """The floating-point dtype that holds the most of these weights (float32 if none)."""
+    counts: collections.Counter[torch.dtype] = collections.Counter()
+    for tensor in parameters:
+        if tensor.is_floating_point():
+            counts[tensor.dtype] += tensor.numel()
+    return counts.most_common(1)[0][0] if counts else torch.float32

@@ -92,7 +92,7 @@ def preflight(
 
 def _first_loss(forked: ForkedModel, data: Iterable[Any], config: LLCConfig, what: str) -> None:
     try:
-        first = next(cycle_batches(data, forked.anchor.device))
+        first = next(cycle_batches(data, forked.anchor.device, forked.precision))
         config.resolve_nbeta(batch_size(first))
         forked.loss_at_anchor(first)
     except ValueError as error:

@@ -32,6 +32,8 @@ class LLCResult:
         nbeta: The inverse temperature used, resolved from ``config.nbeta``.
         vectorized: Whether the chains ran batched with ``vmap``.
         elapsed_s: Wall time of the estimate in seconds.
+        precision: The dtype the chains' forward passes ran in (``"bfloat16"`` for a model held
+            in bfloat16); their weights, updates and losses are float32 whatever it is.
         restricted: The weight- and data-restricted estimates, by name (see
             ``Restrictions``); empty when none were asked for.
         error: Why the estimate failed (``LLCResult.failed``), or ``None``.
@@ -47,6 +49,7 @@ class LLCResult:
     nbeta: float
     vectorized: bool
     elapsed_s: float
+    precision: str = "float32"
     restricted: dict[str, LLCResult] = field(default_factory=dict)
     error: str | None = None
 

@@ -1,9 +1,11 @@
 """SGLD update rules over stacked chains.
 
-Each rule is a pure function of flat weights of shape ``(chains, dim)``: it takes the current
-state, the gradient of the mean minibatch loss and standard normal noise, and returns the
-next state with what the step used (as BlackJAX kernels return ``(state, info)``). The loop
-that draws batches and noise lives in ``chains``.
+Each rule updates flat weights of shape ``(chains, dim)`` in place: it takes the current
+state, the gradient of the mean minibatch loss and a function that adds standard normal
+noise, and returns the state with what the step used (as BlackJAX kernels return
+``(state, info)``). In place, a chain holds its weights and gradient and nothing else of
+their size (RMSprop: its running mean too). The loop that draws batches and noise lives in
+``chains``.
 
 The step (Welling and Teh convention, as in Lau et al. 2023 and devinterp)::
 
@@ -13,10 +15,15 @@ The step (Welling and Teh convention, as in Lau et al. 2023 and devinterp)::
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+AddNoise = Callable[[Tensor, float, Tensor | None], None]
+"""``add_noise(weights, scale, factor)`` adds ``scale * factor * xi`` to ``weights`` in place,
+``xi`` standard normal of the weights' shape (``factor`` ``None``: 1)."""
 
 
 class SamplerState(NamedTuple):
@@ -45,39 +52,40 @@ class StepInfo(NamedTuple):
 def sgld_step(
     state: SamplerState,
     grad: Tensor,
-    noise: Tensor,
     anchor: Tensor,
+    add_noise: AddNoise,
     *,
     step_size: float,
     nbeta: float,
     localization: float,
 ) -> tuple[SamplerState, StepInfo]:
-    """One SGLD step.
+    """One SGLD step, in place on ``state.weights``.
 
     Args:
         state: Current weights.
-        grad: Gradient of the mean minibatch loss at ``state.weights``.
-        noise: Standard normal noise, same shape as the weights.
+        grad: Gradient of the mean minibatch loss at ``state.weights``; only read.
         anchor: The weights ``w*`` the chains are localized around, shape ``(dim,)``.
+        add_noise: Adds standard normal noise (see ``AddNoise``).
         step_size: Step size epsilon.
         nbeta: Inverse temperature multiplying the loss gradient.
         localization: Strength gamma of the pull towards ``anchor`` (not multiplied by nbeta).
 
     Returns:
-        The state after the step, and an empty ``StepInfo``.
+        The state (its weights updated), and an empty ``StepInfo``.
     """
-    # w + (eps * gamma / 2) * (w* - w) is a lerp; then the gradient and noise terms, in place
-    # on the new tensor: three passes over memory instead of six.
-    new = torch.lerp(state.weights, anchor, step_size * localization / 2)
-    new.add_(grad, alpha=-step_size * nbeta / 2).add_(noise, alpha=math.sqrt(step_size))
-    return SamplerState(new), StepInfo()
+    # w + (eps * gamma / 2) * (w* - w) is a lerp; then the gradient and noise terms: three
+    # passes over memory, no temporary of the weights' size.
+    weights = state.weights.lerp_(anchor, step_size * localization / 2)
+    weights.add_(grad, alpha=-step_size * nbeta / 2)
+    add_noise(weights, math.sqrt(step_size), None)
+    return state, StepInfo()
 
 
 def rmsprop_sgld_step(
     state: SamplerState,
     grad: Tensor,
-    noise: Tensor,
     anchor: Tensor,
+    add_noise: AddNoise,
     *,
     step_size: float,
     nbeta: float,
@@ -85,16 +93,18 @@ def rmsprop_sgld_step(
     alpha: float,
     eps: float,
 ) -> tuple[SamplerState, StepInfo]:
-    """One RMSprop-preconditioned SGLD step (Hitchcock and Hoogland 2025).
+    """One RMSprop-preconditioned SGLD step (Hitchcock and Hoogland 2025), in place.
 
     The running mean ``v`` sees the loss gradient only; the preconditioner
     ``G = 1 / (sqrt(v) + eps)`` scales drift and localization, ``sqrt(G)`` scales the noise.
+    Weights and ``v`` are updated in place; ``G`` and the drift are two temporaries of the
+    weights' size.
 
     Args:
-        state: Current weights and running mean of squared gradients.
-        grad: Gradient of the mean minibatch loss at ``state.weights``.
-        noise: Standard normal noise, same shape as the weights.
+        state: Current weights and running mean of squared gradients (``None``: zeros).
+        grad: Gradient of the mean minibatch loss at ``state.weights``; only read.
         anchor: The weights ``w*`` the chains are localized around, shape ``(dim,)``.
+        add_noise: Adds standard normal noise (see ``AddNoise``).
         step_size: Step size epsilon.
         nbeta: Inverse temperature multiplying the loss gradient.
         localization: Strength gamma of the pull towards ``anchor``.
@@ -102,18 +112,17 @@ def rmsprop_sgld_step(
         eps: Added to ``sqrt(v)`` before inverting.
 
     Returns:
-        The state after the step, and the preconditioner ``G`` it used.
+        The state (weights and ``v`` updated), and the preconditioner ``G`` it used.
     """
     weights = state.weights
     square_avg = state.square_avg if state.square_avg is not None else torch.zeros_like(weights)
-    square_avg = torch.lerp(square_avg, grad.square(), 1 - alpha)
-    precond = (square_avg.sqrt() + eps).reciprocal()
-    drift = (weights - anchor).mul_(localization).add_(grad, alpha=nbeta).mul_(precond)
-    new = torch.add(weights, drift, alpha=-step_size / 2)
+    square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
+    precond = square_avg.sqrt().add_(eps).reciprocal_()
+    drift = torch.sub(weights, anchor).mul_(localization).add_(grad, alpha=nbeta).mul_(precond)
+    weights.add_(drift, alpha=-step_size / 2)
     # The drift's buffer is free now: it holds sqrt(G), and G stays intact for StepInfo.
-    noise_scale = torch.sqrt(precond, out=drift)
-    new.addcmul_(noise_scale, noise, value=math.sqrt(step_size))
-    return SamplerState(new, square_avg), StepInfo(precond)
+    add_noise(weights, math.sqrt(step_size), torch.sqrt(precond, out=drift))
+    return SamplerState(weights, square_avg), StepInfo(precond)
 
 
 def mala_log_acceptance(

@@ -1,7 +1,8 @@
 """Train with LLCCallback under strategy="ddp" on 2 CPU processes (run by test_ddp.py).
 
-Usage: python ddp_script.py OUT_DIR MODE, MODE "ok", "fail_on_rank_1" or "budget" (estimates
-spaced by max_overhead over 40 steps, the ranks' clocks made to differ).
+Usage: python ddp_script.py OUT_DIR MODE, MODE "ok", "one_in_flight" (as "ok", one chain held in
+memory at a time), "fail_on_rank_1" or "budget" (estimates spaced by max_overhead over 40
+steps, the ranks' clocks made to differ).
 Writes each rank's history and the warnings it showed to OUT_DIR/history_<rank>.json and
 OUT_DIR/warnings_<rank>.json, rank 0's weights at the scheduled
 steps to OUT_DIR/weights_<step>.pt, and a CSVLogger run under OUT_DIR.
@@ -11,6 +12,7 @@ import json
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -58,7 +60,8 @@ if __name__ == "__main__":
     L.seed_everything(0, verbose=False)
     budget = MODE == "budget"
     schedule = {"max_overhead": 0.3} if budget else {"steps": STEPS}
-    callback = LLCCallback(CONFIG, **schedule, loss_fn=loss_fn, dataloader=estimate_loader())
+    config = replace(CONFIG, chains_in_flight=1) if MODE == "one_in_flight" else CONFIG
+    callback = LLCCallback(config, **schedule, loss_fn=loss_fn, dataloader=estimate_loader())
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,

@@ -38,8 +38,9 @@ def logged_llc_steps(out: Path) -> list[int]:
         return [int(r["step"]) for r in csv.DictReader(file) if r["llc/mean"]]
 
 
-def test_ddp_splits_chains_logs_once_and_matches_a_single_process(tmp_path):
-    done = run_script(tmp_path, "ok")
+@pytest.mark.parametrize("mode", ["ok", "one_in_flight"])
+def test_ddp_splits_chains_logs_once_and_matches_a_single_process(tmp_path, mode):
+    done = run_script(tmp_path, mode)
     assert done.returncode == 0, done.stderr[-3000:]
     histories = [json.loads((tmp_path / f"history_{r}.json").read_text()) for r in (0, 1)]
     assert histories[0] == histories[1]  # every rank ends with the same numbers
@@ -50,7 +51,8 @@ def test_ddp_splits_chains_logs_once_and_matches_a_single_process(tmp_path):
     assert any("llc_callbacks: at step 4" in message for message in shown[0])
     assert shown[1] == []
 
-    # One process, the same weights, batches and seeds: 3 chains in one vmap instead of 2 + 1.
+    # One process, the same weights, batches and seeds: 3 chains in one vmap instead of 2 + 1
+    # (or, with one in flight, 1 + 1 + 1).
     single = LLCMonitor(CONFIG, steps=STEPS, distributed=False)
     for step, row in zip(STEPS, histories[0], strict=True):
         module = Classifier(dropout=0.0)

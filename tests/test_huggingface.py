@@ -285,14 +285,17 @@ def test_essential_dynamics_are_recorded_saved_and_resumed_and_training_is_untou
     np.testing.assert_allclose(resumed.dynamics.vectors, dynamics.vectors, rtol=1e-5)
 
 
-def lora_gpt2():
+def lora_gpt2(base_dtype: torch.dtype = torch.float32):
     config = LoraConfig(r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
-    return get_peft_model(tiny_gpt2(), config)
+    return get_peft_model(tiny_gpt2().to(base_dtype), config)  # the adapter stays float32
 
 
-def test_a_lora_model_samples_its_adapter_and_reads_its_base_weights_in_place(tmp_path):
-    plain, _ = train(tmp_path / "plain", model=lora_gpt2())
-    watched, _ = train(tmp_path / "watched", {"every_n_steps": 4}, model=lora_gpt2())
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_lora_model_samples_its_adapter_and_reads_its_base_weights_in_place(tmp_path, base_dtype):
+    plain, _ = train(tmp_path / "plain", model=lora_gpt2(base_dtype))
+    watched, callback = train(
+        tmp_path / "watched", {"every_n_steps": 4}, model=lora_gpt2(base_dtype)
+    )
     for (name, a), (_, b) in zip(
         plain.model.state_dict().items(), watched.model.state_dict().items(), strict=True
     ):
@@ -302,8 +305,12 @@ def test_a_lora_model_samples_its_adapter_and_reads_its_base_weights_in_place(tm
     assert 0 < adapter < sum(p.numel() for p in model.parameters()) / 10
     assert llc_rows(watched, "llc/num_sampled") == [(0, adapter)]  # the adapter only
     assert [step for step, value in llc_rows(watched) if math.isfinite(value)] == [4, 8, 12]
-    # The frozen base weights serve the chains where they live: no copy of them is made.
+    # The frozen base weights serve the chains where they live, in their own dtype: no copy
+    # of them (no float32 copy of a bfloat16 base) is made.
     forked = ForkedModel(model, lambda m, batch: m(**batch).loss, torch.device("cpu"), "auto")
     base = {f"model.{n}": p for n, p in model.named_parameters() if not p.requires_grad}
     assert base and base.keys() <= forked.constants.keys()
     assert all(forked.constants[n].data_ptr() == p.data_ptr() for n, p in base.items())
+    assert all(forked.constants[n].dtype == base_dtype for n in base)
+    assert forked.precision == base_dtype  # most weights are the base's
+    assert callback.monitor.last_result.precision == str(base_dtype).removeprefix("torch.")

@@ -8,6 +8,15 @@ import torch
 from llc_callbacks.samplers import SamplerState, rmsprop_sgld_step, sgld_step
 
 
+def adding(noise):
+    """``AddNoise`` with a fixed noise tensor."""
+
+    def add_noise(weights, scale, factor):
+        weights.add_(noise if factor is None else factor * noise, alpha=scale)
+
+    return add_noise
+
+
 def random_inputs(seed=0):
     generator = torch.Generator().manual_seed(seed)
     weights, grad, noise = (torch.randn(3, 5, generator=generator) for _ in range(3))
@@ -18,33 +27,45 @@ def random_inputs(seed=0):
 def test_sgld_step_is_the_welling_teh_update():
     weights, grad, noise, anchor = random_inputs()
     eps, nbeta, gamma = 1e-3, 46.0, 100.0
-    state, info = sgld_step(
-        SamplerState(weights), grad, noise, anchor, step_size=eps, nbeta=nbeta, localization=gamma
-    )
-    new = state.weights
-    assert info.precond is None
     expected = (
         weights - eps / 2 * (nbeta * grad + gamma * (weights - anchor)) + math.sqrt(eps) * noise
     )
-    torch.testing.assert_close(new, expected)
+    state, info = sgld_step(
+        SamplerState(weights),
+        grad,
+        anchor,
+        adding(noise),
+        step_size=eps,
+        nbeta=nbeta,
+        localization=gamma,
+    )
+    assert info.precond is None
+    assert state.weights is weights  # in place: no second copy of the weights
+    torch.testing.assert_close(state.weights, expected)
 
 
 def test_sgld_step_does_not_scale_localization_by_nbeta():
     weights, _, _, anchor = random_inputs()
     zero = torch.zeros_like(weights)
     step = dict(step_size=1e-2, localization=1.0)
-    low = sgld_step(SamplerState(weights), zero, zero, anchor, nbeta=1.0, **step)[0].weights
-    high = sgld_step(SamplerState(weights), zero, zero, anchor, nbeta=1000.0, **step)[0].weights
-    torch.testing.assert_close(low, high)
+    low = sgld_step(SamplerState(weights.clone()), zero, anchor, adding(zero), nbeta=1.0, **step)
+    high = sgld_step(SamplerState(weights), zero, anchor, adding(zero), nbeta=1000.0, **step)
+    torch.testing.assert_close(low[0].weights, high[0].weights)
 
 
-def test_sgld_step_leaves_its_inputs_unchanged():
+def test_sgld_step_leaves_gradient_and_anchor_unchanged():
     weights, grad, noise, anchor = random_inputs()
-    copies = [t.clone() for t in (weights, grad, noise, anchor)]
+    copies = [t.clone() for t in (grad, anchor)]
     sgld_step(
-        SamplerState(weights), grad, noise, anchor, step_size=1e-3, nbeta=2.0, localization=3.0
+        SamplerState(weights),
+        grad,
+        anchor,
+        adding(noise),
+        step_size=1e-3,
+        nbeta=2.0,
+        localization=3.0,
     )
-    for original, copy in zip((weights, grad, noise, anchor), copies, strict=True):
+    for original, copy in zip((grad, anchor), copies, strict=True):
         assert torch.equal(original, copy)
 
 
@@ -52,23 +73,23 @@ def test_rmsprop_sgld_preconditions_drift_and_noise_with_loss_gradient_statistic
     weights, grad, noise, anchor = random_inputs()
     eps, nbeta, gamma, alpha, rms_eps = 1e-3, 46.0, 100.0, 0.9, 0.1
     square_avg = torch.rand_like(weights)
-    state, info = rmsprop_sgld_step(
-        SamplerState(weights, square_avg),
-        grad,
-        noise,
-        anchor,
-        step_size=eps,
-        nbeta=nbeta,
-        localization=gamma,
-        alpha=alpha,
-        eps=rms_eps,
-    )
     v = alpha * square_avg + (1 - alpha) * grad**2  # the loss gradient only, not nβ·grad
     g = 1 / (v.sqrt() + rms_eps)
     expected = (
         weights
         - eps / 2 * g * (nbeta * grad + gamma * (weights - anchor))
         + math.sqrt(eps) * g.sqrt() * noise
+    )
+    state, info = rmsprop_sgld_step(
+        SamplerState(weights, square_avg),
+        grad,
+        anchor,
+        adding(noise),
+        step_size=eps,
+        nbeta=nbeta,
+        localization=gamma,
+        alpha=alpha,
+        eps=rms_eps,
     )
     torch.testing.assert_close(state.square_avg, v)
     torch.testing.assert_close(state.weights, expected)
@@ -80,8 +101,8 @@ def test_rmsprop_sgld_starts_its_statistics_at_zero():
     state, _ = rmsprop_sgld_step(
         SamplerState(weights),
         grad,
-        noise,
         anchor,
+        adding(noise),
         step_size=1e-3,
         nbeta=1.0,
         localization=0.0,
