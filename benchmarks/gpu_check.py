@@ -11,9 +11,10 @@ anything failed:
 4. one chain step against one training step, at 1, 4, 8 and 16 chains, for the MLP of
    ``mlp.py`` and GPT-2 of about 10M and 124M parameters;
 5. the extra peak memory of an estimate (``torch.cuda.max_memory_allocated`` on CUDA) and the
-   time of a chain step, for 1 to 16 chains and ``chains_in_flight`` 1, 4 and ``"auto"``;
+   time of a chain step, for 1 to 16 chains and ``chains_in_flight`` 1, 4 and ``"auto"``, and
+   64 chains of GPT-2 124M under ``"auto"`` (more than the card holds at once);
 6. a bfloat16 model's estimate against the float32 model's (the same weights);
-7. a LoRA adapter on a bfloat16 base: the estimate's extra peak memory against the base's size.
+7. a LoRA adapter on a bfloat16 base: the base is read in place; the extra peak memory.
 
 Each check runs on its own: an exception fails that check, prints its traceback, and the
 script goes on to the next.
@@ -37,6 +38,7 @@ from torch.utils.data import DataLoader
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from llc_callbacks import LLCConfig, estimate_llc
+from llc_callbacks.forked import ForkedModel
 
 SHORT = LLCConfig(num_chains=4, num_burnin=10, num_draws=20, localization=10.0, mala=False)
 failures: list[str] = []
@@ -49,19 +51,31 @@ def check(name: str, passed: bool, detail: str) -> None:
         failures.append(name)
 
 
-def gpt2(layers: int, width: int, device: torch.device) -> tuple[torch.nn.Module, DataLoader]:
+def gpt2(
+    layers: int, width: int, device: torch.device, vocab: int = 512
+) -> tuple[torch.nn.Module, DataLoader]:
+    """A GPT-2 of random weights and batches of 4 x 64 random tokens."""
     torch.manual_seed(0)
     config = GPT2Config(
         n_layer=layers,
         n_head=max(1, width // 64),
         n_embd=width,
-        vocab_size=512,
+        vocab_size=vocab,
         bos_token_id=0,
         eos_token_id=0,
     )
-    ids = torch.randint(0, 512, (64, 64))
+    ids = torch.randint(0, vocab, (64, 64))
     data = DataLoader([{"input_ids": i, "labels": i} for i in ids], batch_size=4)
     return GPT2LMHeadModel(config).to(device), data
+
+
+def gpt2_124m(device: torch.device) -> tuple[torch.nn.Module, DataLoader]:
+    """GPT-2 small: ``GPT2Config(n_layer=12, n_head=12, n_embd=768)``, 123.8M parameters."""
+    return gpt2(12, 768, device, vocab=50257)
+
+
+def millions(model: torch.nn.Module) -> str:
+    return f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M"
 
 
 def gpt2_loss(model: torch.nn.Module, batch) -> torch.Tensor:
@@ -107,11 +121,10 @@ def in_flight_changes_nothing(device: torch.device) -> None:
 
 
 def step_costs(device: torch.device, quick: bool) -> None:
-    models = {"MLP": (make_model().to(device), make_loader(make_data()), loss_fn)}
-    models["GPT-2 10M"] = (*gpt2(4, 256, device), gpt2_loss)
-    if not quick:
-        models["GPT-2 124M"] = (*gpt2(12, 768, device), gpt2_loss)
-    for name, (model, data, loss) in models.items():
+    models = [("MLP", make_model().to(device), make_loader(make_data()), loss_fn)]
+    for model, data in [gpt2(4, 256, device)] + ([] if quick else [gpt2_124m(device)]):
+        models.append((f"GPT-2 {millions(model)}", model, data, gpt2_loss))
+    for name, model, data, loss in models:
         train = _training_step_seconds(model, data, loss, device)
         ratios = []
         for chains in (1, 4) if quick else (1, 4, 8, 16):
@@ -123,28 +136,46 @@ def step_costs(device: torch.device, quick: bool) -> None:
         print(f"        chain step / training step, {name} (chains: ratio): {', '.join(ratios)}")
 
 
-MEMORY_CASES = [(1, "auto"), (4, "auto"), (4, 1), (8, "auto"), (8, 4), (8, 1), (16, 4)]
+# (chains, chains_in_flight, mala)
+MEMORY_CASES = [
+    (1, "auto", False),
+    (4, "auto", False),
+    (4, 1, False),
+    (8, "auto", False),
+    (8, 4, False),
+    (8, 1, False),
+    (16, 4, False),
+    (4, "auto", True),
+    (4, 1, True),
+]
 
 
 def peak_memory(device: torch.device, quick: bool) -> None:
     if device.type != "cuda":
         print("        peak memory: CUDA only (benchmarks/memory.py measures it on CPU)")
         return
-    model, data = gpt2(4, 256, device) if quick else gpt2(12, 768, device)
+    model, data = gpt2(4, 256, device) if quick else gpt2_124m(device)
     size = sum(p.numel() for p in model.parameters()) * 4
-    print(f"        GPT-2 of {size / 4e6:.1f}M parameters ({size / 1e9:.2f} GB in float32)")
-    print("        chains  in flight  extra peak / model  s per chain step")
+    print(f"        GPT-2 of {millions(model)} parameters ({size / 1e9:.2f} GB in float32)")
+    print("        chains  in flight   mala  extra peak / model  floor 1 + 2k  s per chain step")
     peaks = {}
-    for chains, in_flight in MEMORY_CASES[:3] if quick else MEMORY_CASES:
+    for chains, in_flight, mala in MEMORY_CASES[:3] if quick else MEMORY_CASES:
         config = LLCConfig(
-            num_chains=chains, num_burnin=1, num_draws=2, chains_in_flight=in_flight, mala=False
+            num_chains=chains, num_burnin=1, num_draws=2, chains_in_flight=in_flight, mala=mala
         )
         extra, seconds = _extra_peak(model, data, config, device)
-        peaks[chains, in_flight] = extra / size
-        step = seconds / (chains * 3)
-        print(f"        {chains:6d} {in_flight!s:>10} {extra / size:18.2f}x {step:17.4f}")
-    lower = peaks[4, 1] < peaks[4, "auto"]
-    check("one chain in flight takes less memory", lower, f"{peaks[4, 1]:.2f}x against 4")
+        peaks[chains, in_flight, mala] = extra / size
+        floor = 1 + 2 * (chains if in_flight == "auto" else in_flight)
+        row = f"{chains:6d} {in_flight!s:>10} {mala!s:>6} {extra / size:18.2f}x {floor:12d}x"
+        print(f"        {row} {seconds / (chains * 3):17.4f}")
+    one, four = peaks[4, 1, False], peaks[4, "auto", False]
+    check("chains_in_flight=1 holds one chain", one < 3.5 and one < four, f"{one:.2f}x")
+    full = torch.cuda.mem_get_info(device)[1]
+    config = LLCConfig(num_chains=64, num_burnin=1, num_draws=2)
+    extra, seconds = _extra_peak(model, data, config, device)
+    held = (extra + torch.cuda.memory_allocated(device)) / full
+    detail = f"64 chains of GPT-2 {millions(model)} in {seconds:.1f} s, peak {held:.0%} of memory"
+    check('chains_in_flight="auto" fits the card', held < 0.95, detail)
 
 
 def half_precision(device: torch.device, quick: bool) -> None:
@@ -169,18 +200,20 @@ def half_precision(device: torch.device, quick: bool) -> None:
 def lora_on_half_base(device: torch.device, quick: bool) -> None:
     from peft import LoraConfig, get_peft_model
 
-    base, data = gpt2(4, 256, device) if quick else gpt2(12, 768, device)
+    base, data = gpt2(4, 256, device) if quick else gpt2_124m(device)
     base = base.to(torch.bfloat16)
     size = sum(p.numel() for p in base.parameters()) * 2
     model = get_peft_model(base, LoraConfig(r=8, target_modules=["c_attn", "c_proj"]))
     config = LLCConfig(num_chains=4, num_burnin=1, num_draws=2, mala=False)
-    if device.type != "cuda":
+    forked = ForkedModel(model, gpt2_loss, device, "auto")
+    frozen = {f"model.{n}": p for n, p in model.named_parameters() if not p.requires_grad}
+    shared = all(forked.constants[n].data_ptr() == p.data_ptr() for n, p in frozen.items())
+    check("a bfloat16 base is read in place", shared, f"{len(frozen)} frozen tensors")
+    if device.type == "cuda":
+        extra, _ = _extra_peak(model, data, config, device)
+        print(f"        LoRA on a bfloat16 base, 4 chains: extra peak {extra / size:.2f}x the base")
+    else:
         estimate_llc(model, gpt2_loss, data, config, device=device, warn=False)
-        print("        LoRA on a bfloat16 base: ran (peak memory on CUDA only)")
-        return
-    extra, _ = _extra_peak(model, data, config, device)
-    print(f"        LoRA on a bfloat16 base: extra peak {extra / size:.2f}x the base's size")
-    check("a bfloat16 base is not copied", extra < size, f"{extra / 1e9:.2f} GB")
 
 
 def _extra_peak(model, data, config: LLCConfig, device: torch.device) -> tuple[float, float]:

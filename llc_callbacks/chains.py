@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.forked import ForkedModel
 from llc_callbacks.samplers import (
+    PIECE,
     SamplerState,
     StepInfo,
     mala_log_acceptance,
@@ -39,9 +40,6 @@ DIVERGENCE_CHECK_EVERY = 32
 # With config.mala, the MALA acceptance is measured on every this-many-th draw: one more
 # gradient each: 100 per chain at 1,000 draws, about 5% of an estimate's cost.
 MALA_EVERY = 10
-# Noise is drawn in pieces of at most this many weights (16 MB in float32), so that no buffer
-# of the weights' size holds it.
-NOISE_PIECE = 1 << 22
 # chains_in_flight="auto" on CUDA fills at most this share of the free memory with chains.
 AUTO_MEMORY_SHARE = 0.8
 
@@ -103,7 +101,7 @@ class _Running:
 class _Noise:
     """Adds each chain's standard normal noise, from its own generator, in place (``AddNoise``).
 
-    The noise is drawn in pieces of at most ``NOISE_PIECE`` weights, so it depends only on the
+    The noise is drawn in pieces of at most ``PIECE`` weights, so it depends only on the
     chain's generator and the number of weights it moves; outside a chain's mask it is zero.
     """
 
@@ -113,8 +111,8 @@ class _Noise:
 
     def __call__(self, weights: Tensor, scale: float, factor: Tensor | None) -> None:
         for row, generator in enumerate(self.generators):
-            for start in range(0, weights.shape[1], NOISE_PIECE):
-                piece = slice(start, start + NOISE_PIECE)
+            for start in range(0, weights.shape[1], PIECE):
+                piece = slice(start, start + PIECE)
                 target = weights[row, piece]
                 xi = torch.randn(
                     target.shape, generator=generator, device=target.device, dtype=target.dtype
@@ -331,12 +329,14 @@ def _run_wave(
 
 
 def _half_square_distances(weights: Tensor, anchor: Tensor) -> Tensor:
-    """``||w - w*||^2 / 2`` per chain, one chain at a time (a temporary of one chain's size)."""
-    squares = []
-    for row in weights:
-        shift = row - anchor
-        squares.append(torch.dot(shift, shift))
-    return torch.stack(squares).div(2)
+    """``||w - w*||^2 / 2`` per chain, summed in pieces of about ``PIECE`` numbers."""
+    squares = torch.zeros(len(weights), device=weights.device)
+    width = max(1, PIECE // len(weights))
+    for start in range(0, weights.shape[1], width):
+        squares += (
+            (weights[:, start : start + width] - anchor[start : start + width]).square().sum(1)
+        )
+    return squares.div(2)
 
 
 def _mala_acceptance(
@@ -351,33 +351,21 @@ def _mala_acceptance(
     nbeta: float,
     movable: Tensor | None,
 ) -> Tensor:
-    """Per-chain MALA acceptance probability of one step (one more gradient, same batch).
-
-    Chain by chain, so that the acceptance's temporaries are one chain's size.
-    """
+    """Per-chain MALA acceptance probability of one step (one more gradient, same batch)."""
     new_losses, new_grads = forked.loss_and_grad(after, batch)
-
-    def row(tensor: Tensor | None, chain: int) -> Tensor | None:
-        return None if tensor is None else tensor[chain : chain + 1]
-
-    log_acceptance = torch.cat(
-        [
-            mala_log_acceptance(
-                before[i : i + 1],
-                after[i : i + 1],
-                forked.anchor,
-                losses[i : i + 1],
-                new_losses[i : i + 1],
-                grads[i : i + 1],
-                new_grads[i : i + 1],
-                step_size=config.step_size,
-                nbeta=nbeta,
-                localization=config.localization,
-                precond=row(info.precond, i),
-                mask=row(movable, i),
-            )
-            for i in range(len(before))
-        ]
+    log_acceptance = mala_log_acceptance(
+        before,
+        after,
+        forked.anchor,
+        losses,
+        new_losses,
+        grads,
+        new_grads,
+        step_size=config.step_size,
+        nbeta=nbeta,
+        localization=config.localization,
+        precond=info.precond,
+        mask=movable,
     )
     return torch.nan_to_num(log_acceptance.exp(), nan=0.0)
 

@@ -157,6 +157,9 @@ class ForkedModel:
         )
         # Sampled weights go into the forward pass in their parameter's own dtype.
         self._dtypes = {n: p.dtype for n, p in trainable if p.dtype != torch.float32}
+        self._dtypes.update(
+            {a: self._dtypes[n] for a, n in self.aliases.items() if n in self._dtypes}
+        )
         self.precision = _main_dtype(t for _, t in unique if isinstance(t, nn.Parameter))
         self.constants = {
             n: t.detach() if share_frozen and _usable(t, device) else _fork(t, device)
@@ -258,9 +261,10 @@ class ForkedModel:
         """
         device = self.anchor.device
         with torch.random.fork_rng(devices=[device]):
-            leaves = [v.detach().requires_grad_() for v in self.unflatten(self.anchor).values()]
+            views = self.unflatten(self.anchor).items()
+            leaves = {name: view.detach().requires_grad_() for name, view in views}
             before = torch.cuda.memory_allocated(device)
-            loss = self._loss(dict(zip(self.layout.names, leaves, strict=True)), batch)
+            loss = self._loss(leaves, batch)
             held = torch.cuda.memory_allocated(device) - before
             del loss
         return held
@@ -268,9 +272,10 @@ class ForkedModel:
     def _loss(self, params: dict[str, Tensor], batch: Any) -> Tensor:
         tensors = {**params, **self.constants}
         for name, dtype in self._dtypes.items():  # float32 weights into a half-precision model
-            tensors[name] = tensors[name].to(dtype)
-        for alias, name in self._aliases:
-            tensors[alias] = tensors[name]
+            if name in tensors:
+                tensors[name] = tensors[name].to(dtype)
+        for alias, name in self._aliases:  # unless a leaf of its own came for the alias
+            tensors.setdefault(alias, tensors[name])
         # Fresh containers for every call: a loss that pops keys must not empty the batch
         # for the next chain or for the paired forward pass.
         return functional_call(self._wrapper, tensors, (to_device(batch),), tie_weights=False)
@@ -280,33 +285,38 @@ class ForkedModel:
         # graph gives every chain's gradient (chains are independent, so the gradient of
         # their summed losses is each chain's own), faster than vmapping the backward too.
         leaves = self._leaves(weights, grads)
-        params = dict(zip(self.layout.names, leaves, strict=True))
-        losses = vmap(self._loss, in_dims=(0, None))(params, batch)
-        torch.autograd.backward(losses.sum(), inputs=leaves)
+        losses = vmap(self._loss, in_dims=(0, None))(leaves, batch)
+        torch.autograd.backward(losses.sum(), inputs=list(leaves.values()))
         return losses.detach()
 
     def _looped(self, weights: Tensor, batch: Any, grads: Tensor) -> Tensor:
         losses = []
         for chain_weights, chain_grads in zip(weights, grads, strict=True):
             leaves = self._leaves(chain_weights, chain_grads)
-            loss = self._loss(dict(zip(self.layout.names, leaves, strict=True)), batch)
-            torch.autograd.backward(loss, inputs=leaves)
+            loss = self._loss(leaves, batch)
+            torch.autograd.backward(loss, inputs=list(leaves.values()))
             losses.append(loss.detach())
         return torch.stack(losses)
 
-    def _leaves(self, flat: Tensor, grads: Tensor) -> list[Tensor]:
-        """Per-parameter views of flat weights as autograd leaves.
+    def _leaves(self, flat: Tensor, grads: Tensor) -> dict[str, Tensor]:
+        """Per-parameter views of flat weights as autograd leaves, by name.
 
         Each leaf's ``.grad`` is its view of ``grads``, zeroed: backward accumulates into it
-        in place (a parameter the loss does not use keeps a zero gradient).
+        in place (a parameter the loss does not use keeps a zero gradient). A tied weight
+        gets a leaf under each of its names, sharing its view of ``grads``, so that each use's
+        gradient is added there as it comes rather than summed in a buffer of its own first.
         """
         grads.zero_()
-        leaves = []
-        views, grad_views = self.unflatten(flat).values(), self.unflatten(grads).values()
-        for view, grad in zip(views, grad_views, strict=True):
-            leaf = view.detach().requires_grad_()
-            leaf.grad = grad
-            leaves.append(leaf)
+        grad_views = self.unflatten(grads)
+        leaves = {}
+        for name, view in self.unflatten(flat).items():
+            leaves[name] = view.detach().requires_grad_()
+            leaves[name].grad = grad_views[name]
+        for alias, name in self.aliases.items():
+            if name not in leaves:  # a restricted fork holds it constant
+                continue
+            leaves[alias] = leaves[name].detach().requires_grad_()
+            leaves[alias].grad = grad_views[name]
         return leaves
 
     def _report_fallback(self, error: Exception) -> None:

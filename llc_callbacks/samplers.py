@@ -21,6 +21,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+# Noise is drawn, and sums over weights are taken, in pieces of about this many numbers
+# (16 MB in float32), so that no temporary of the weights' size is needed.
+PIECE = 1 << 22
+
 AddNoise = Callable[[Tensor, float, Tensor | None], None]
 """``add_noise(weights, scale, factor)`` adds ``scale * factor * xi`` to ``weights`` in place,
 ``xi`` standard normal of the weights' shape (``factor`` ``None``: 1)."""
@@ -165,22 +169,44 @@ def mala_log_acceptance(
     Returns:
         ``log min(1, acceptance ratio)`` per chain.
     """
-    g = torch.ones_like(weights) if precond is None else precond
-
-    def potential(w: Tensor, loss: Tensor) -> Tensor:
-        return nbeta * loss + localization / 2 * (w - anchor).square().sum(dim=1)
-
-    def log_proposal(to: Tensor, start: Tensor, start_grad: Tensor) -> Tensor:
-        drift = (start_grad * nbeta + (start - anchor) * localization) * g
-        squares = (to - start + drift * (step_size / 2)).square().div(g)
-        if mask is not None:  # a restricted chain proposes moves inside its mask only
-            squares = squares * mask
-        return -squares.sum(dim=1) / (2 * step_size)
-
-    log_ratio = (
-        potential(weights, losses)
-        - potential(new_weights, new_losses)
-        + log_proposal(weights, new_weights, new_grad)
-        - log_proposal(new_weights, weights, grad)
-    )
+    log_ratio = nbeta * (losses - new_losses)
+    # Every other term is a sum over weights: summed in pieces of about PIECE numbers, so that
+    # no temporary of the weights' size is made.
+    width = max(1, PIECE // len(weights))
+    for start in range(0, weights.shape[1], width):
+        columns = slice(start, start + width)
+        w, new_w, w_star = weights[:, columns], new_weights[:, columns], anchor[columns]
+        g = None if precond is None else precond[:, columns]
+        moved = None if mask is None else mask[:, columns]
+        step = {"w_star": w_star, "g": g, "moved": moved, "step_size": step_size}
+        step.update(nbeta=nbeta, localization=localization)
+        log_ratio += (localization / 2) * (
+            (w - w_star).square().sum(dim=1) - (new_w - w_star).square().sum(dim=1)
+        )
+        log_ratio += _log_proposal(w, new_w, new_grad[:, columns], **step)
+        log_ratio -= _log_proposal(new_w, w, grad[:, columns], **step)
     return log_ratio.clamp(max=0.0)
+
+
+def _log_proposal(
+    to: Tensor,
+    start: Tensor,
+    start_grad: Tensor,
+    *,
+    w_star: Tensor,
+    g: Tensor | None,
+    moved: Tensor | None,
+    step_size: float,
+    nbeta: float,
+    localization: float,
+) -> Tensor:
+    """``log q(to | start)`` per chain, up to a constant, over some columns of the weights."""
+    drift = start_grad * nbeta + (start - w_star) * localization
+    if g is not None:
+        drift = drift * g
+    squares = (to - start + drift * (step_size / 2)).square()
+    if g is not None:
+        squares = squares / g
+    if moved is not None:  # a restricted chain proposes moves inside its mask only
+        squares = squares * moved
+    return -squares.sum(dim=1) / (2 * step_size)
