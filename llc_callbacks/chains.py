@@ -172,15 +172,9 @@ def run_chains(
     )
     first_row = 0
     for number, wave in enumerate(waves):
-        sizes = [len(group.noise_ids) for group in wave]
-        ends = [first_row + end for end in itertools.accumulate(sizes)]
-        running = [
-            _Running(group, config, slice(end - size, end))
-            for group, size, end in zip(wave, sizes, ends, strict=True)
-        ]
         wave_batches = kept.replay() if kept is not None else batches
-        _run_wave(running, wave_batches, config, nbeta, traces, paired=number == 0, bar=bar)
-        first_row = ends[-1]
+        _run_wave(wave, first_row, wave_batches, config, nbeta, traces, paired=number == 0, bar=bar)
+        first_row += sum(len(group.noise_ids) for group in wave)
     bar.close()
     return ChainTraces(
         traces.trace.cpu().numpy(),
@@ -270,7 +264,8 @@ def _waves(groups: Sequence[ChainGroup], size: int) -> list[list[ChainGroup]]:
 
 
 def _run_wave(
-    running: list[_Running],
+    wave: list[ChainGroup],
+    first_row: int,
     batches: Iterator[Any],
     config: LLCConfig,
     nbeta: float,
@@ -281,8 +276,12 @@ def _run_wave(
 ) -> None:
     """Step one wave of chains through burn-in and draws, writing into ``traces``.
 
+    The wave's weights and gradients live in this call only: they are freed before the next
+    wave's are made.
+
     Args:
-        running: The wave's groups in flight.
+        wave: The wave's groups.
+        first_row: The row of ``traces`` its first chain writes.
         batches: Its minibatches.
         config: Hyperparameters.
         nbeta: The resolved inverse temperature.
@@ -290,6 +289,12 @@ def _run_wave(
         paired: Record ``L_m(w*)`` on each draw's batch (the first wave does, for all).
         bar: The progress bar to advance.
     """
+    sizes = [len(group.noise_ids) for group in wave]
+    ends = [first_row + end for end in itertools.accumulate(sizes)]
+    running = [
+        _Running(group, config, slice(end - size, end))
+        for group, size, end in zip(wave, sizes, ends, strict=True)
+    ]
     step = _sampler_step(config, nbeta)
     rows = slice(running[0].rows.start, running[-1].rows.stop)
     for t in range(config.num_burnin + config.num_draws):

@@ -1,0 +1,61 @@
+"""An estimate's extra memory stays at its floor: 1 + 2k float32 copies for k chains in flight.
+
+Measured as the peak resident memory of a fresh process, with glibc returning freed memory
+at once (``MALLOC_MMAP_THRESHOLD_``), on a deep MLP whose activations are negligible (batches
+of 4) and whose largest weight is 1/16 of the model: the floor plus the gradient of one
+weight being made is 1 + 2k + k/16, and any further copy of the weights per chain, or a
+temporary of the weights' size, adds at least 1.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow  # make test-fast skips it
+
+SCRIPT = """
+import json, resource, sys
+import psutil, torch
+from llc_callbacks import LLCConfig, estimate_llc
+
+torch.manual_seed(0)
+layers = [torch.nn.Linear(2048, 2048) for _ in range(16)]
+model = torch.nn.Sequential(*layers)
+data = [(torch.randn(4, 2048), torch.randn(4, 2048))]
+
+def loss_fn(m, batch):
+    return torch.nn.functional.mse_loss(m(batch[0]), batch[1])
+
+loss_fn(model, data[0]).backward()  # a training step first, as in a run
+model.zero_grad(set_to_none=True)
+in_flight = int(sys.argv[1])
+config = LLCConfig(
+    num_chains=4, num_burnin=1, num_draws=2, chains_in_flight=in_flight, mala=False, nbeta=1.0
+)
+size = sum(p.numel() for p in model.parameters()) * 4
+before = psutil.Process().memory_info().rss
+estimate_llc(model, loss_fn, data, config, warn=False)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps((peak - before) / size))
+"""
+
+
+@pytest.mark.parametrize("in_flight", [1, 4])
+def test_extra_peak_memory_is_one_anchor_and_two_copies_per_chain_in_flight(in_flight):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(in_flight)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    extra = json.loads(done.stdout.strip().splitlines()[-1])
+    floor = 1 + 2 * in_flight
+    # Above: the gradient of one weight while backward makes it (k/16), the noise and sums
+    # in 16 MB pieces (0.06), allocator slack; below the next copy of the weights (+1).
+    assert floor - 0.1 < extra < floor + 0.5, extra
