@@ -168,8 +168,9 @@ def peak_memory(device: torch.device, quick: bool) -> None:
         floor = 1 + 2 * (chains if in_flight == "auto" else in_flight)
         row = f"{chains:6d} {in_flight!s:>10} {mala!s:>6} {extra / size:18.2f}x {floor:12d}x"
         print(f"        {row} {seconds / (chains * 3):17.4f}")
-    one, four = peaks[4, 1, False], peaks[4, "auto", False]
-    check("chains_in_flight=1 holds one chain", one < 3.5 and one < four, f"{one:.2f}x")
+    one, alone = peaks[4, 1, False], peaks[1, "auto", False]
+    same = abs(one - alone) < 0.05 * alone and one < peaks[4, "auto", False]
+    check("4 chains, 1 in flight, take 1 chain's memory", same, f"{one:.2f}x against {alone:.2f}x")
     full = torch.cuda.mem_get_info(device)[1]
     config = LLCConfig(num_chains=64, num_burnin=1, num_draws=2)
     extra, seconds = _extra_peak(model, data, config, device)
@@ -194,7 +195,29 @@ def half_precision(device: torch.device, quick: bool) -> None:
         spread = result.llc_std
         print(f"        {name}: llc {result.llc_mean:.3f} +- {spread:.3f}, {seconds:.1f} s")
     gap = abs(found["bfloat16"] - found["float32"])
-    check("a bfloat16 model estimates", gap <= max(spread, 1e-6) * 2, f"gap {gap:.3f}")
+    passed = gap <= max(spread, 1e-6) * 2
+    check("a bfloat16 model estimates", passed, f"gap {gap:.3f}")
+    if not passed and device.type == "cuda":  # which attention kernel goes wrong
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        for backend in SDPBackend.__members__.values():
+            if backend == SDPBackend.ERROR:
+                continue
+            for vectorize in (True, False):
+                try:
+                    with sdpa_kernel(backend):
+                        result = estimate_llc(
+                            model,
+                            gpt2_loss,
+                            data,
+                            replace(config, vectorize=vectorize),
+                            device=device,
+                            warn=False,
+                        )
+                    found_here = f"{result.llc_mean:.3f}, init loss {result.init_loss:.4f}"
+                except Exception as error:
+                    found_here = f"{type(error).__name__}: {str(error)[:80]}"
+                print(f"        bfloat16, {backend.name}, vectorize={vectorize}: {found_here}")
 
 
 def lora_on_half_base(device: torch.device, quick: bool) -> None:
@@ -212,8 +235,9 @@ def lora_on_half_base(device: torch.device, quick: bool) -> None:
     if device.type == "cuda":
         extra, _ = _extra_peak(model, data, config, device)
         print(f"        LoRA on a bfloat16 base, 4 chains: extra peak {extra / size:.2f}x the base")
-    else:
-        estimate_llc(model, gpt2_loss, data, config, device=device, warn=False)
+    result = estimate_llc(model, gpt2_loss, data, config, device=device, warn=False)
+    finite = bool(np.isfinite(result.llc_per_chain).all())
+    check("LoRA on a bfloat16 base estimates", finite, f"llc {result.llc_mean:.3f}")
 
 
 def _extra_peak(model, data, config: LLCConfig, device: torch.device) -> tuple[float, float]:

@@ -11,6 +11,7 @@ bfloat16, its float32 copies take the updates), and frozen parameters are used a
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import functools
 import itertools
@@ -133,6 +134,7 @@ class ForkedModel:
         *,
         share_frozen: bool = True,
     ) -> None:
+        device = _indexed(torch.device(device))
         self._wrapper = _LossModule(model, loss_fn)
         named = [
             *self._wrapper.named_parameters(remove_duplicate=False),
@@ -285,7 +287,8 @@ class ForkedModel:
         # graph gives every chain's gradient (chains are independent, so the gradient of
         # their summed losses is each chain's own), faster than vmapping the backward too.
         leaves = self._leaves(weights, grads)
-        losses = vmap(self._loss, in_dims=(0, None))(leaves, batch)
+        with _attention_kernels(weights.device):
+            losses = vmap(self._loss, in_dims=(0, None))(leaves, batch)
         torch.autograd.backward(losses.sum(), inputs=list(leaves.values()))
         return losses.detach()
 
@@ -329,9 +332,33 @@ class ForkedModel:
         )
 
 
+def _attention_kernels(device: torch.device) -> contextlib.AbstractContextManager:
+    """Attention kernels that are right under ``vmap``: on CUDA, all but cuDNN's.
+
+    Under ``vmap``, cuDNN's scaled-dot-product attention returned NaN losses for a bfloat16
+    GPT-2 (torch 2.11, NVIDIA H200), while flash attention, memory-efficient attention and
+    the plain math gave the loop's numbers (``benchmarks/gpu_check.py``).
+    """
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel  # torch >= 2.3
+    except ImportError:  # older torch has no cuDNN attention either
+        return contextlib.nullcontext()
+    kernels = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(kernels)
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """``cuda`` as the current CUDA device (``cuda:0``), so that it compares equal to a tensor's."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _usable(tensor: Tensor, device: torch.device) -> bool:
     """Whether a frozen tensor can serve the chains as it is: a parameter on their device."""
-    return isinstance(tensor, nn.Parameter) and tensor.device == torch.device(device)
+    return isinstance(tensor, nn.Parameter) and tensor.device == device
 
 
 def _fork(tensor: Tensor, device: torch.device) -> Tensor:
