@@ -157,7 +157,7 @@ def peak_memory(device: torch.device, quick: bool) -> None:
     model, data = gpt2(4, 256, device) if quick else gpt2_124m(device)
     size = sum(p.numel() for p in model.parameters()) * 4
     print(f"        GPT-2 of {millions(model)} parameters ({size / 1e9:.2f} GB in float32)")
-    print("        chains  in flight   mala  extra peak / model  floor 1 + 2k  s per chain step")
+    print("        chains  in flight   mala  extra peak / model         floor  s per chain step")
     peaks = {}
     for chains, in_flight, mala in MEMORY_CASES[:3] if quick else MEMORY_CASES:
         config = LLCConfig(
@@ -165,7 +165,7 @@ def peak_memory(device: torch.device, quick: bool) -> None:
         )
         extra, seconds = _extra_peak(model, data, config, device)
         peaks[chains, in_flight, mala] = extra / size
-        floor = 1 + 2 * (chains if in_flight == "auto" else in_flight)
+        floor = 1 + (4 if mala else 2) * (chains if in_flight == "auto" else in_flight)
         row = f"{chains:6d} {in_flight!s:>10} {mala!s:>6} {extra / size:18.2f}x {floor:12d}x"
         print(f"        {row} {seconds / (chains * 3):17.4f}")
     one, alone = peaks[4, 1, False], peaks[1, "auto", False]

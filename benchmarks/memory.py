@@ -80,14 +80,14 @@ def main() -> None:
         print(json.dumps(one(chains, in_flight, mala, args.layers, args.width)))
         return
     header = f"{'chains':>6} {'in flight':>9} {'mala':>5} {'extra peak / model':>19}"
-    print(f"{header} {'floor 1 + 2k':>12} {'s per chain step':>17}")
+    print(f"{header} {'floor':>12} {'s per chain step':>17}")
     for chains, in_flight, mala in CASES:
         command = [sys.executable, __file__, "--layers", str(args.layers)]
         command += ["--width", str(args.width), "--one", str(chains), str(in_flight), str(mala)]
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
         done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
         found = json.loads(done.stdout.strip().splitlines()[-1])
-        floor = 1 + 2 * (chains if in_flight == "auto" else in_flight)
+        floor = 1 + (4 if mala else 2) * (chains if in_flight == "auto" else in_flight)
         row = f"{chains:6d} {in_flight!s:>9} {mala!s:>5} {found['extra']:18.1f}x"
         print(f"{row} {floor:11d}x {found['step_s']:17.2f}")
 

@@ -54,8 +54,10 @@ class LLCConfig:
             healthy near 0.9, low when the step size is too large and the LLC inflated.
         chains_in_flight: At most this many chains are held in memory and step together; the
             others run afterwards, in waves, on the same minibatches (kept in memory for
-            them), so the numbers do not depend on it but for float rounding. ``"auto"`` runs
-            every chain at once.
+            them), so the numbers do not depend on it but for float rounding. Each chain in
+            flight takes twice the sampled weights' float32 size plus activations.
+            ``"auto"``: every chain at once on CPU; on CUDA as many as fit in 80% of the free
+            memory, at a footprint measured on the first batch.
 
     Raises:
         ValueError: If a value is outside its accepted range; the message names the argument.
