@@ -191,6 +191,28 @@ def test_chains_in_flight_change_memory_not_numbers(in_flight):
         )
 
 
+def test_noise_and_sums_in_small_pieces_keep_chains_independent_of_their_waves(monkeypatch):
+    # Models beyond 4M weights draw noise and sum distances and MALA terms in pieces; with
+    # pieces of 7 weights the small net goes through those paths on every step.
+    torch.manual_seed(0)
+    model, data = DropoutBatchNormNet(), classification_batches()
+    whole = estimate_llc(model, cross_entropy, data, short(num_chains=4, mala=True))
+    monkeypatch.setattr("llc_callbacks.chains.PIECE", 7)
+    monkeypatch.setattr("llc_callbacks.samplers.PIECE", 7)
+    config = short(num_chains=4, mala=True)
+    every = estimate_llc(model, cross_entropy, data, config)
+    one = estimate_llc(
+        model, cross_entropy, data, short(num_chains=4, mala=True, chains_in_flight=1)
+    )
+    # As in test_chains_in_flight_change_memory_not_numbers: float rounding only.
+    np.testing.assert_allclose(every.loss_trace, one.loss_trace, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(every.llc_per_chain, one.llc_per_chain, rtol=1e-4)
+    # Other pieces draw other noise: a different sample of the same posterior, so the
+    # estimates differ, but the per-step health figures agree in kind.
+    assert not np.array_equal(every.loss_trace, whole.loss_trace)
+    assert 0.5 < every.diagnostics["mala_acceptance"] <= 1.0
+
+
 def test_when_every_chain_diverges_the_estimate_is_nan_with_advice():
     model, data = rrr_problem(5, 3, 5, 2)
     with pytest.warns(UserWarning, match="all 3 chains diverged.*Lower step_size"):

@@ -5,7 +5,12 @@ import math
 
 import torch
 
-from llc_callbacks.samplers import SamplerState, rmsprop_sgld_step, sgld_step
+from llc_callbacks.samplers import (
+    SamplerState,
+    mala_log_acceptance,
+    rmsprop_sgld_step,
+    sgld_step,
+)
 
 
 def adding(noise):
@@ -110,3 +115,21 @@ def test_rmsprop_sgld_starts_its_statistics_at_zero():
         eps=0.1,
     )
     torch.testing.assert_close(state.square_avg, 0.01 * grad**2)
+
+
+def test_mala_acceptance_summed_in_pieces_equals_it_summed_at_once(monkeypatch):
+    generator = torch.Generator().manual_seed(1)
+    weights, new_weights, grad, new_grad, precond = (
+        torch.randn(3, 50, generator=generator) for _ in range(5)
+    )
+    anchor = torch.randn(50, generator=generator)
+    losses, new_losses = torch.zeros(3), torch.full((3,), 1000.0)  # far uphill: rejected
+    mask = torch.rand(3, 50, generator=generator) > 0.3
+    arguments = (weights, new_weights, anchor, losses, new_losses, grad, new_grad)
+    options = dict(
+        step_size=10.0, nbeta=5.0, localization=2.0, precond=0.5 + precond.abs(), mask=mask
+    )
+    whole = mala_log_acceptance(*arguments, **options)
+    assert bool((whole < 0).all())  # not clamped: every term counts
+    monkeypatch.setattr("llc_callbacks.samplers.PIECE", 7)  # 2 columns a piece for 3 chains
+    torch.testing.assert_close(mala_log_acceptance(*arguments, **options), whole)
