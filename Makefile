@@ -40,3 +40,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/restrictions.py
 	$(PY) benchmarks/preflight.py
 	$(PY) benchmarks/curvature.py
+	$(PY) benchmarks/observables.py

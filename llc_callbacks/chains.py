@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -25,6 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from llc_callbacks.config import LLCConfig
+from llc_callbacks.data import batch_size
 from llc_callbacks.forked import ForkedModel
 from llc_callbacks.samplers import (
     PIECE,
@@ -70,6 +71,8 @@ class ChainTraces(NamedTuple):
         diverged: Which chains' loss went NaN or infinite, ``(chains,)``.
         mala: Each chain's mean MALA acceptance over every ``MALA_EVERY``-th draw, or
             ``None`` unless ``config.mala``.
+        observed: Per observable, each chain's per-example losses on every
+            ``config.observe_every``-th draw, ``(chains, records, examples)``.
     """
 
     trace: np.ndarray
@@ -77,6 +80,7 @@ class ChainTraces(NamedTuple):
     distance: np.ndarray
     diverged: np.ndarray
     mala: np.ndarray | None
+    observed: dict[str, np.ndarray]
 
 
 class _Running:
@@ -131,6 +135,7 @@ def run_chains(
     config: LLCConfig,
     nbeta: float,
     progress: bool,
+    observables: Mapping[str, list[Any]] | None = None,
 ) -> ChainTraces:
     """Run groups of chains from ``w*``, all on the same minibatches.
 
@@ -145,6 +150,8 @@ def run_chains(
         config: Hyperparameters (``num_burnin``, ``num_draws``, sampler, ...).
         nbeta: The resolved inverse temperature.
         progress: Show a progress bar, when the output is a terminal.
+        observables: Probe sets, each a list of batches on the chains' device, whose
+            per-example losses every chain records on every ``config.observe_every``-th draw.
 
     Returns:
         The traces, one row per chain, group after group.
@@ -157,6 +164,15 @@ def run_chains(
         distance=torch.full((chains, draws), float("nan"), device=device),
         acceptance=torch.zeros(chains, device=device),
         healthy=torch.ones(chains, dtype=torch.bool, device=device),
+        observed={
+            name: torch.full(
+                (chains, _records(config), sum(batch_size(b) for b in probe)),
+                float("nan"),
+                device=device,
+            )
+            for name, probe in (observables or {}).items()
+        },
+        probes=observables or {},
     )
     in_flight = 1
     if chains:
@@ -184,6 +200,7 @@ def run_chains(
         (traces.acceptance / len(range(0, draws, MALA_EVERY))).cpu().numpy()
         if config.mala
         else None,
+        {name: losses.cpu().numpy() for name, losses in traces.observed.items()},
     )
 
 
@@ -195,6 +212,8 @@ class _Traces(NamedTuple):
     distance: Tensor
     acceptance: Tensor
     healthy: Tensor
+    observed: dict[str, Tensor]
+    probes: Mapping[str, list[Any]]
 
 
 class _Kept:
@@ -211,6 +230,11 @@ class _Kept:
             batch = next(self.source)
             self.seen.append(batch)
             yield batch
+
+
+def _records(config: LLCConfig) -> int:
+    """How many draws record the observables: every ``config.observe_every``-th."""
+    return len(range(0, config.num_draws, config.observe_every))
 
 
 def _in_flight(groups: Sequence[ChainGroup], config: LLCConfig, batch: Any) -> int:
@@ -311,6 +335,12 @@ def _run_wave(
             if drawing:
                 traces.trace[own, draw] = torch.where(traces.healthy[own], losses, float("nan"))
                 traces.distance[own, draw] = _half_square_distances(weights, forked.anchor)
+                if draw % config.observe_every == 0:
+                    for name, probe in traces.probes.items():
+                        losses_here = [forked.example_losses(weights, b) for b in probe]
+                        traces.observed[name][own, draw // config.observe_every] = torch.cat(
+                            losses_here, dim=1
+                        )
             if group.movable is not None:  # no drift outside a chain's mask (nor noise)
                 grads.mul_(group.movable)
             measured = drawing and config.mala and draw % MALA_EVERY == 0

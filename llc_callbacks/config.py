@@ -58,6 +58,11 @@ class LLCConfig:
             flight takes twice the sampled weights' float32 size plus activations.
             ``"auto"``: every chain at once on CPU; on CUDA as many as fit in 80% of the free
             memory, at a footprint measured on the first batch.
+        observe_every: With ``observables`` (see ``estimate_llc``), record their per-example
+            losses on every this-many-th draw.
+        observables_max_mb: The most memory (MB, float32) the recorded observables may take:
+            chains x records x examples x 4 bytes; an estimate that would need more is
+            refused before it starts.
 
     Raises:
         ValueError: If a value is outside its accepted range; the message names the argument.
@@ -79,6 +84,8 @@ class LLCConfig:
     init_loss_batches: int = 8
     mala: bool = True
     chains_in_flight: int | Literal["auto"] = "auto"
+    observe_every: int = 10
+    observables_max_mb: float = 256.0
 
     def __post_init__(self) -> None:
         check_int("num_chains", self.num_chains, minimum=1)
@@ -125,6 +132,8 @@ class LLCConfig:
                     "chains_in_flight must be an integer >= 1 or 'auto',"
                     f" got {self.chains_in_flight!r}"
                 ) from None
+        check_int("observe_every", self.observe_every, minimum=1)
+        check_float("observables_max_mb", self.observables_max_mb, positive=True)
 
     @classmethod
     def fast(cls, **changes: object) -> LLCConfig:

@@ -6,7 +6,7 @@ import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from typing import Any, NamedTuple
 
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from llc_callbacks.chains import ChainGroup, run_chains
 from llc_callbacks.config import LLCConfig
-from llc_callbacks.data import batch_size, cycle_batches
+from llc_callbacks.data import batch_size, cycle_batches, to_device
 from llc_callbacks.diagnostics import chain_diagnostics
 from llc_callbacks.distributed import (
     broadcast_from_rank_zero,
@@ -52,6 +52,7 @@ class _ChainPart(NamedTuple):
     nbeta: float
     vectorized: bool
     precision: str  # the dtype of the forward passes, as LLCResult.precision names it
+    observed: dict[str, np.ndarray]  # per observable, (len(chains), records, examples)
 
 
 def estimate_llc(
@@ -66,6 +67,7 @@ def estimate_llc(
     distributed: bool = False,
     warn: bool = True,
     strict: bool = True,
+    observables: Mapping[str, Iterable[Any]] | None = None,
 ) -> LLCResult:
     """Estimate the local learning coefficient of a model at its current weights.
 
@@ -97,6 +99,11 @@ def estimate_llc(
         strict: Raise when a restriction fails (a selection that matches nothing, a data
             source that raises); ``False`` reports it as a NaN ``result.restricted[name]``
             with its ``error`` and still estimates the full LLC and the other restrictions.
+        observables: Named probe sets (each a re-iterable of batches, read once per
+            estimate), whose per-example losses every chain records on every
+            ``config.observe_every``-th draw, in ``result.observables`` (and in each
+            weight-restricted result's): the samples ``loss_kernel`` and ``bif`` read. One
+            batched forward pass per probe batch per recorded draw, without gradients.
 
     Returns:
         The estimate with its traces and diagnostics. Chains whose loss goes NaN or infinite
@@ -113,7 +120,17 @@ def estimate_llc(
             or, when distributed, if the estimate failed on any rank (raised on every rank).
     """
     results, elapsed_s = _estimate(
-        model, loss_fn, data, config, restrictions, True, device, progress, distributed, strict
+        model,
+        loss_fn,
+        data,
+        config,
+        restrictions,
+        True,
+        device,
+        progress,
+        distributed,
+        strict,
+        observables or {},
     )
     full = results.pop(None)
     result = dataclasses.replace(full, restricted=results, elapsed_s=elapsed_s)
@@ -160,7 +177,7 @@ def estimate_restricted_llcs(
         Exception: As ``estimate_llc``.
     """
     results, _ = _estimate(
-        model, loss_fn, data, config, restrictions, False, device, progress, distributed, strict
+        model, loss_fn, data, config, restrictions, False, device, progress, distributed, strict, {}
     )
     if warn:
         _warn(restricted_problems(results))
@@ -237,6 +254,7 @@ def _estimate(
     progress: bool,
     distributed: bool,
     strict: bool,
+    observables: Mapping[str, Iterable[Any]],
 ) -> tuple[dict[str | None, LLCResult], float]:
     """Validate, fork the weights and run every pass of chains."""
     check_inputs(model, loss_fn, config, restrictions)
@@ -254,12 +272,17 @@ def _estimate(
     with sampling(model, config, device):
         forked = fork(model, loss_fn, config, device, distributed)
         masks = restrictions.masks(forked, failures=None if strict else failures)
-        for sampling_pass in _passes(data, restrictions, masks, include_full, failures):
+        passes = _passes(data, restrictions, masks, include_full, failures)
+        probes = _probes(observables, forked, config, len(passes[0].names) if passes else 0)
+        for number, sampling_pass in enumerate(passes):
             pass_start = time.perf_counter()
             chains = rank_chains(len(sampling_pass.names) * config.num_chains, rank, world_size)
+            observed = probes if number == 0 and sampling_pass.data is data else {}
 
-            def sample(p: _Pass = sampling_pass, ids: list[int] = chains) -> _ChainPart:
-                return _sample(forked, p, config, ids, progress and rank == 0)
+            def sample(
+                p: _Pass = sampling_pass, ids: list[int] = chains, o: dict = observed
+            ) -> _ChainPart:
+                return _sample(forked, p, config, ids, progress and rank == 0, o)
 
             try:
                 parts = [sample()] if world_size == 1 else gather_from_every_rank(sample)
@@ -314,8 +337,45 @@ def _passes(
     return [p for p in passes if p.names]
 
 
+def _probes(
+    observables: Mapping[str, Iterable[Any]], forked: ForkedModel, config: LLCConfig, names: int
+) -> dict[str, list[Any]]:
+    """The observables' batches on the chains' device, within ``config.observables_max_mb``.
+
+    Raises:
+        ValueError: If an observable is not re-iterable or holds no example, or recording
+            them all would take more than ``config.observables_max_mb``.
+    """
+    probes = {}
+    for name, data in observables.items():
+        if not isinstance(name, str) or isinstance(data, Iterator):
+            raise ValueError(
+                "observables must map names to re-iterables of batches (a DataLoader), got"
+                f" {name!r}: {type(data).__name__}"
+            )
+        probes[name] = [to_device(b, forked.anchor.device, forked.precision) for b in data]
+        if not sum(batch_size(b) for b in probes[name]):
+            raise ValueError(f"observables[{name!r}] holds no example")
+    examples = sum(batch_size(b) for probe in probes.values() for b in probe)
+    records = len(range(0, config.num_draws, config.observe_every))
+    megabytes = names * config.num_chains * records * examples * 4 / 1e6
+    if megabytes > config.observables_max_mb:
+        raise ValueError(
+            f"observables would take {megabytes:.0f} MB ({names * config.num_chains} chains x"
+            f" {records} records x {examples} examples x 4 bytes), above"
+            f" observables_max_mb={config.observables_max_mb:g}: raise it, raise observe_every"
+            " or observe fewer examples"
+        )
+    return probes
+
+
 def _sample(
-    forked: ForkedModel, sampling_pass: _Pass, config: LLCConfig, chains: list[int], progress: bool
+    forked: ForkedModel,
+    sampling_pass: _Pass,
+    config: LLCConfig,
+    chains: list[int],
+    progress: bool,
+    observables: dict[str, list[Any]],
 ) -> _ChainPart:
     """Measure ``L(w*)`` on the pass's data and run the given chains of the pass."""
     batches = cycle_batches(sampling_pass.data, forked.anchor.device, forked.precision)
@@ -324,7 +384,7 @@ def _sample(
     init_batches = [first] + [next(batches) for _ in range(config.init_loss_batches - 1)]
     init_loss = torch.stack([forked.loss_at_anchor(b) for b in init_batches]).mean().item()
     groups, order = _groups(forked, sampling_pass, chains, config.num_chains)
-    traces = run_chains(groups, batches, config, nbeta, progress)
+    traces = run_chains(groups, batches, config, nbeta, progress, observables)
     return _ChainPart(
         order,
         traces.trace,
@@ -336,6 +396,7 @@ def _sample(
         nbeta,
         any(bool(group.forked.vectorized) for group in groups),
         str(forked.precision).removeprefix("torch."),
+        traces.observed,
     )
 
 
@@ -389,7 +450,10 @@ def _summaries(
     distance = np.empty((total, config.num_draws))
     diverged = np.empty(total, dtype=bool)
     mala = np.empty(total) if config.mala else None
+    observed = {n: np.empty((total, *v.shape[1:]), v.dtype) for n, v in first.observed.items()}
     for part in parts:
+        for name, values in part.observed.items():
+            observed[name][part.chains] = values
         trace[part.chains] = part.trace
         distance[part.chains] = part.distance
         diverged[part.chains] = part.diverged
@@ -418,6 +482,7 @@ def _summaries(
             nbeta=first.nbeta,
             vectorized=first.vectorized,
             precision=first.precision,
+            observables={n: values[rows] for n, values in observed.items()},
             elapsed_s=elapsed_s,
         )
     return summaries

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from llc_callbacks.data import to_device
+from llc_callbacks.data import map_tensors, to_device
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -211,6 +211,32 @@ class ForkedModel:
         """The loss at ``w*`` on one batch, without gradients."""
         with torch.no_grad():
             return self._loss(self.unflatten(self.anchor), batch)
+
+    def example_losses(self, weights: Tensor, batch: Any) -> Tensor:
+        """Each chain's loss on each example of one batch, without gradients.
+
+        ``loss_fn`` is applied to every example as a batch of one, vectorized over examples
+        (and over chains, when the chains are): one batched forward pass.
+
+        Args:
+            weights: Flat weights, shape ``(chains, dim)``.
+            batch: One batch on the device; every tensor's first axis is the example.
+
+        Returns:
+            The losses, shape ``(chains, examples)``.
+        """
+
+        def losses(params: dict[str, Tensor]) -> Tensor:
+            def one(single: Any) -> Tensor:
+                return self._loss(params, map_tensors(single, lambda t: t.unsqueeze(0)))
+
+            return vmap(one)(batch)
+
+        with torch.no_grad():
+            if self.vectorized is False:
+                return torch.stack([losses(self.unflatten(row)) for row in weights])
+            with _attention_kernels(weights.device):
+                return vmap(losses)(self.unflatten(weights))
 
     def loss_and_grad(
         self, weights: Tensor, batch: Any, out: Tensor | None = None

@@ -34,6 +34,9 @@ class LLCResult:
         elapsed_s: Wall time of the estimate in seconds.
         precision: The dtype the chains' forward passes ran in (``"bfloat16"`` for a model held
             in bfloat16); their weights, updates and losses are float32 whatever it is.
+        observables: Per observable (``estimate_llc(observables=...)``), each chain's
+            per-example losses on every ``config.observe_every``-th draw, shape
+            ``(chains, records, examples)``; NaN after a chain diverged.
         restricted: The weight- and data-restricted estimates, by name (see
             ``Restrictions``); empty when none were asked for.
         error: Why the estimate failed (``LLCResult.failed``), or ``None``.
@@ -50,6 +53,7 @@ class LLCResult:
     vectorized: bool
     elapsed_s: float
     precision: str = "float32"
+    observables: dict[str, np.ndarray] = field(default_factory=dict)
     restricted: dict[str, LLCResult] = field(default_factory=dict)
     error: str | None = None
 
