@@ -31,6 +31,10 @@ Sink = Callable[[str, np.ndarray, int], None]
 TableSink = Callable[[str, list[str], list[list[Any]], int], None]
 # The columns of the confirmed stage boundaries' table, ``{prefix}/stages``.
 STAGE_COLUMNS = ["curve", "step", "before", "after", "confirmed_at"]
+# The columns of the most influential examples' table, ``{prefix}/influence``.
+INFLUENCE_COLUMNS = ["step", "source", "target", "rank", "example", "influence"]
+# The folder, in the run's folder, that holds each estimate's recorded observables.
+OBSERVABLES_FOLDER = "observables"
 # The file, in the run's folder, that holds the essential dynamics.
 DYNAMICS_FILE = "essential_dynamics.npz"
 logger = logging.getLogger(__name__)
@@ -138,6 +142,30 @@ def log_stage_table(monitor: LLCMonitor, sinks: list[TableSink], step: int) -> N
     with monitor.reporting("logging the stage table"):
         for sink in sinks:
             sink("stages", STAGE_COLUMNS, rows, step)
+
+
+def log_observables(
+    monitor: LLCMonitor, sinks: list[TableSink], folder: Path | None, step: int
+) -> None:
+    """Send the estimate's most influential examples as a table and save what it recorded.
+
+    Args:
+        monitor: The callback's monitor, after an estimate with ``observables``.
+        sinks: Receivers of the table ``{prefix}/influence``.
+        folder: The run's folder: the recorded losses go to
+            ``observables/step_<step>.npz`` there (one array per observable, ``(chains,
+            records, examples)``); ``None`` not to save.
+        step: The estimate's step.
+    """
+    result = monitor.last_result
+    if result is None or not result.observables:
+        return
+    with monitor.reporting("logging the observables"):
+        for sink in sinks:
+            sink("influence", INFLUENCE_COLUMNS, monitor.influences, step)
+        if folder is not None:
+            (folder / OBSERVABLES_FOLDER).mkdir(parents=True, exist_ok=True)
+            np.savez(folder / OBSERVABLES_FOLDER / f"step_{step}.npz", **result.observables)
 
 
 def finish_dynamics(

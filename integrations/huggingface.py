@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -72,6 +72,12 @@ class LLCTrainerCallback(TrainerCallback):
             boundaries, goes to W&B as ``train/{prefix}/essential_dynamics`` when the Trainer
             reports to wandb, and the records are saved as ``essential_dynamics.npz`` in
             ``args.output_dir``.
+        observables: Named probe sets (re-iterables of batches) whose per-example losses
+            the chains record (see ``estimate_llc``): each estimate logs the loss kernel's
+            mean correlations ``{prefix}/kernel/<a>:<b>``, sends the most influential
+            examples as the table ``{prefix}/influence`` to W&B (when the Trainer reports to
+            wandb), and saves the recorded losses as ``observables/step_<step>.npz`` in
+            ``args.output_dir``.
 
     Stage boundaries that the monitor confirms (``{prefix}/stage``) also go to W&B as the
     table ``train/{prefix}/stages``.
@@ -100,6 +106,7 @@ class LLCTrainerCallback(TrainerCallback):
         dataset_size: int | None = None,
         max_overhead: float | None = None,
         dynamics: EssentialDynamics | None = None,
+        observables: Mapping[str, Iterable[Any]] | None = None,
     ) -> None:
         if not isinstance(trainer, Trainer):
             raise ValueError(
@@ -204,6 +211,8 @@ class LLCTrainerCallback(TrainerCallback):
         self._save_state(state)
         self._log(control, metrics)
         common.log_stage_table(self.monitor, self._table_sinks(args, state), step)
+        folder = Path(args.output_dir) if state.is_world_process_zero else None
+        common.log_observables(self.monitor, self._table_sinks(args, state), folder, step)
         if self.log_trace_plot:
             common.log_trace_figure(self.monitor, self._image_sinks(args, state), step)
 

@@ -79,6 +79,11 @@ class LLCCallback(Callback):
             the end of training their PCA figure, with the LLC's stage boundaries, goes to
             every ``WandbLogger`` as ``{prefix}/essential_dynamics`` and the records are saved
             as ``essential_dynamics.npz`` in ``trainer.log_dir``.
+        observables: Named probe sets (re-iterables of batches) whose per-example losses
+            the chains record (see ``estimate_llc``): each estimate logs the loss kernel's
+            mean correlations ``{prefix}/kernel/<a>:<b>``, sends the most influential
+            examples as the table ``{prefix}/influence`` to every ``WandbLogger``, and saves the
+            recorded losses as ``observables/step_<step>.npz`` in ``trainer.log_dir``.
 
     Stage boundaries that the monitor confirms (``{prefix}/stage``) also go to every
     ``WandbLogger`` as the table ``{prefix}/stages``.
@@ -108,6 +113,7 @@ class LLCCallback(Callback):
         dataset_size: int | None = None,
         max_overhead: float | None = None,
         dynamics: EssentialDynamics | None = None,
+        observables: Mapping[str, Iterable[Any]] | None = None,
     ) -> None:
         arguments = dict(locals())  # the signature's arguments, by name
         del arguments["self"]
@@ -228,6 +234,11 @@ class LLCCallback(Callback):
             )
         self._log(trainer, metrics)
         common.log_stage_table(self.monitor, self._table_sinks(trainer), step)
+        if self.monitor.observables:
+            # trainer.log_dir broadcasts from rank zero: every rank reads it.
+            folder = Path(trainer.log_dir or trainer.default_root_dir)
+            saved = folder if trainer.is_global_zero else None
+            common.log_observables(self.monitor, self._table_sinks(trainer), saved, step)
         if self.log_trace_plot:
             common.log_trace_figure(self.monitor, self._image_sinks(trainer), step)
 

@@ -172,7 +172,6 @@ def run_chains(
             )
             for name, probe in (observables or {}).items()
         },
-        probes=observables or {},
     )
     in_flight = 1
     if chains:
@@ -189,7 +188,17 @@ def run_chains(
     first_row = 0
     for number, wave in enumerate(waves):
         wave_batches = kept.replay() if kept is not None else batches
-        _run_wave(wave, first_row, wave_batches, config, nbeta, traces, paired=number == 0, bar=bar)
+        _run_wave(
+            wave,
+            first_row,
+            wave_batches,
+            config,
+            nbeta,
+            traces,
+            paired=number == 0,
+            bar=bar,
+            observables=observables or {},
+        )
         first_row += sum(len(group.noise_ids) for group in wave)
     bar.close()
     return ChainTraces(
@@ -213,7 +222,6 @@ class _Traces(NamedTuple):
     acceptance: Tensor
     healthy: Tensor
     observed: dict[str, Tensor]
-    probes: Mapping[str, list[Any]]
 
 
 class _Kept:
@@ -297,6 +305,7 @@ def _run_wave(
     *,
     paired: bool,
     bar: tqdm,
+    observables: Mapping[str, list[Any]],
 ) -> None:
     """Step one wave of chains through burn-in and draws, writing into ``traces``.
 
@@ -312,6 +321,7 @@ def _run_wave(
         traces: Where each chain writes its row.
         paired: Record ``L_m(w*)`` on each draw's batch (the first wave does, for all).
         bar: The progress bar to advance.
+        observables: The probe sets whose per-example losses the draws record.
     """
     sizes = [len(group.noise_ids) for group in wave]
     ends = [first_row + end for end in itertools.accumulate(sizes)]
@@ -336,7 +346,7 @@ def _run_wave(
                 traces.trace[own, draw] = torch.where(traces.healthy[own], losses, float("nan"))
                 traces.distance[own, draw] = _half_square_distances(weights, forked.anchor)
                 if draw % config.observe_every == 0:
-                    for name, probe in traces.probes.items():
+                    for name, probe in observables.items():
                         losses_here = [forked.example_losses(weights, b) for b in probe]
                         traces.observed[name][own, draw // config.observe_every] = torch.cat(
                             losses_here, dim=1

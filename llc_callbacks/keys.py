@@ -5,9 +5,10 @@ restricted LLC ``name``.
 
 Fields are ``mean``, ``std``, ``chain_<i>``, ``init_loss``, ``num_sampled``, ``step_size``,
 ``free_energy``, ``free_energy_std``, ``stage`` (a confirmed stage boundary's step),
-``diag/<diagnostic>`` and ``curvature/<quantity>``.
+``diag/<diagnostic>``, ``curvature/<quantity>`` and ``kernel/<a>:<b>`` (the loss kernel's
+mean correlation between observables ``a`` and ``b``).
 Restriction names hold no ``/`` except a combination's one (``"<weights>/<source>"``), so the
-field is the last part of a key, or the last two after ``diag`` or ``curvature``.
+field is the last part of a key, or the last two after ``diag``, ``curvature`` or ``kernel``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import NamedTuple
 
 DIAGNOSTICS = "diag"
 CURVATURE = "curvature"
+KERNEL = "kernel"
 
 
 class Key(NamedTuple):
@@ -50,7 +52,7 @@ def parse_key(key: str, prefix: str) -> Key | None:
     if not key.startswith(prefix + "/"):
         return None
     parts = key[len(prefix) + 1 :].split("/")
-    width = 2 if len(parts) >= 2 and parts[-2] in (DIAGNOSTICS, CURVATURE) else 1
+    width = 2 if len(parts) >= 2 and parts[-2] in (DIAGNOSTICS, CURVATURE, KERNEL) else 1
     restriction = "/".join(parts[:-width]) or None
     return Key(prefix, restriction, "/".join(parts[-width:]))
 

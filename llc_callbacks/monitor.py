@@ -13,7 +13,7 @@ import logging
 import math
 import sys
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import Any, ClassVar, Literal
@@ -30,7 +30,8 @@ from llc_callbacks.distributed import rank_and_world
 from llc_callbacks.estimator import estimate_llc
 from llc_callbacks.forked import LossFn
 from llc_callbacks.isolation import warnings_once
-from llc_callbacks.keys import CURVATURE, metric_key, parse_key
+from llc_callbacks.keys import CURVATURE, KERNEL, metric_key, parse_key
+from llc_callbacks.observables import summarize
 from llc_callbacks.preflight import preflight
 from llc_callbacks.restrictions import Restrictions
 from llc_callbacks.result import LLCResult
@@ -39,6 +40,8 @@ from llc_callbacks.stages import Boundary, StageTracker
 from llc_callbacks.validation import check_choice, check_int
 
 ON_ERROR = ("warn", "raise")
+# With observables, how many of the most influential examples each estimate lists per pair.
+OBSERVED_TOP = 5
 # Modules whose frames a warning skips to reach the caller.
 INTERNAL = ("llc_callbacks", "contextlib")
 logger = logging.getLogger(__name__)
@@ -99,12 +102,19 @@ class LLCMonitor:
             come sooner where the LLC moves and later where it is flat (``Budget``). Alone it
             spaces the estimates; with a schedule it is a ceiling on it (``at_start`` and
             ``at_end`` included). The first estimate runs when due, before its cost is known.
+        observables: Named probe sets whose per-example losses the chains record (see
+            ``estimate_llc``); every estimate then logs the loss kernel's mean correlation
+            between each pair, ``{prefix}/kernel/<a>:<b>``, and keeps in ``influences`` the
+            most influential examples of each on each (``llc_callbacks.observables.summarize``).
+            Names hold no ``/`` or ``:``.
 
     Attributes:
         history: One row per estimate: ``step`` and the metrics.
         stages: The online stage detection; ``boundaries`` lists what it confirmed.
         budget: The ``max_overhead`` accounts (``Budget``), or ``None``.
         enabled: Whether estimates run (``False`` after a failed check under ``"warn"``).
+        influences: The last estimate's rows ``[step, source, target, rank, example,
+            influence]`` (with ``observables``).
 
     Raises:
         ValueError: If an argument is out of range, or ``log_spaced`` is given without
@@ -132,6 +142,7 @@ class LLCMonitor:
         curvature: Sequence[str] = (),
         dataset_size: int | None = None,
         max_overhead: float | None = None,
+        observables: Mapping[str, Iterable[Any]] | None = None,
     ) -> None:
         if isinstance(curvature, str):
             raise ValueError(f"curvature must be a sequence of names, got {curvature!r}")
@@ -148,6 +159,16 @@ class LLCMonitor:
             raise ValueError(
                 f"restrictions must be Restrictions, got {type(restrictions).__name__}"
             )
+        for name, data in (observables or {}).items():
+            if not isinstance(name, str) or not name or set(name) & {"/", ":"}:
+                raise ValueError(f"observables names hold no '/' or ':', got {name!r}")
+            if not isinstance(data, Iterable) or isinstance(data, Iterator):
+                raise ValueError(
+                    f"observables[{name!r}] must be a re-iterable of batches (a DataLoader),"
+                    f" got {type(data).__name__}"
+                )
+        self.observables = dict(observables or {})
+        self.influences: list[list[Any]] = []
         self.config = config or LLCConfig()
         self.budget = Budget(max_overhead) if max_overhead is not None else None
         if self.budget is not None and all(k is None for k in (every_n_steps, steps, log_spaced)):
@@ -357,8 +378,15 @@ class LLCMonitor:
                     distributed=self._distributed(),
                     warn=False,
                     strict=self.on_error == "raise",
+                    observables=self.observables,
                 )
             metrics = self.last_result.to_metrics(self.prefix)
+            if self.observables:
+                means, rows = summarize(self.last_result, OBSERVED_TOP)
+                metrics.update(
+                    {metric_key(self.prefix, f"{KERNEL}/{k}"): v for k, v in means.items()}
+                )
+                self.influences = [[step, *row] for row in rows]
             if calibrated:
                 metrics[metric_key(self.prefix, "step_size")] = config.step_size
             metrics.update(self._free_energy(self.last_result))

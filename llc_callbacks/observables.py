@@ -16,6 +16,7 @@ Covariances are taken over every chain's recorded draws together, about their co
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +30,7 @@ class Covariance:
     Attributes:
         value: Pooled over the chains, shape ``(a, b)``.
         stderr: Its standard error: the spread of the chains' own values over the square
-            root of their number, shape ``(a, b)``; NaN with one chain.
+            root of their number, shape ``(a, b)``; NaN with one chain or one record.
         draws: The number of draws pooled (recorded draws of every chain).
     """
 
@@ -38,22 +39,24 @@ class Covariance:
     draws: int
 
 
-def loss_kernel(result: LLCResult, name: str, *, correlation: bool = False) -> Covariance:
-    """The loss kernel of one observable: the covariance of its examples' losses.
+def loss_kernel(
+    result: LLCResult, a: str, b: str | None = None, *, correlation: bool = False
+) -> Covariance:
+    """The loss kernel: the covariance of examples' losses, within an observable or between two.
 
     Args:
         result: An estimate made with ``observables``.
-        name: One of its observables.
+        a: One of its observables.
+        b: Another (or the same); ``None``: ``a``.
         correlation: Normalize to correlations (the kernel Adam et al. cluster).
 
     Returns:
-        The ``(examples, examples)`` kernel.
+        The ``(examples of a, examples of b)`` kernel.
 
     Raises:
-        ValueError: If ``name`` is not an observable of ``result``.
+        ValueError: If ``a`` or ``b`` is not an observable of ``result``.
     """
-    samples = _samples(result, name)
-    return _covariance(samples, samples, correlation)
+    return _covariance(_samples(result, a), _samples(result, a if b is None else b), correlation)
 
 
 def bif(result: LLCResult, a: str, b: str, *, correlation: bool = False) -> Covariance:
@@ -74,8 +77,43 @@ def bif(result: LLCResult, a: str, b: str, *, correlation: bool = False) -> Cova
     Raises:
         ValueError: If ``a`` or ``b`` is not an observable of ``result``.
     """
-    found = _covariance(_samples(result, a), _samples(result, b), correlation)
+    found = loss_kernel(result, a, b, correlation=correlation)
     return Covariance(-found.value, found.stderr, found.draws)
+
+
+def summarize(result: LLCResult, top: int = 5) -> tuple[dict[str, float], list[list[Any]]]:
+    """What a person can read of an estimate's observables, for a logger.
+
+    Args:
+        result: An estimate made with ``observables``.
+        top: How many of the most influential examples to list per pair of observables.
+
+    Returns:
+        The mean loss-kernel correlation between every pair of observables (``a`` before or
+        equal to ``b`` in their order; within one, off the diagonal), by ``"<a>:<b>"``; and
+        rows ``[source, target, rank, example, influence]``: per ordered pair, the ``top``
+        examples of ``source`` whose mean Bayesian influence on ``target``'s other examples
+        is largest.
+    """
+    names = list(result.observables)
+    means: dict[str, float] = {}
+    rows: list[list[Any]] = []
+    for i, a in enumerate(names):
+        for b in names:
+            same = a == b
+            kernel = loss_kernel(result, a, b, correlation=True).value
+            off = ~np.eye(*kernel.shape, dtype=bool) if same else np.ones_like(kernel, bool)
+            if names.index(b) >= i and off.any():
+                means[f"{a}:{b}"] = float(kernel[off].mean())
+            influence = bif(result, a, b).value
+            if same:
+                np.fill_diagonal(influence, np.nan)
+            mean = np.nanmean(influence, axis=1) if influence.shape[1] > same else None
+            if mean is None:
+                continue
+            for rank, example in enumerate(np.argsort(-mean)[:top], start=1):
+                rows.append([a, b, rank, int(example), float(mean[example])])
+    return means, rows
 
 
 def _samples(result: LLCResult, name: str) -> np.ndarray:
@@ -91,10 +129,10 @@ def _covariance(x: np.ndarray, y: np.ndarray, correlation: bool) -> Covariance:
     """Pooled and per-chain covariances of ``x`` and ``y``, both ``(chains, records, n)``."""
     chains, records = x.shape[:2]
     pooled = _cov(x.reshape(chains * records, -1), y.reshape(chains * records, -1), correlation)
-    own = np.stack([_cov(xc, yc, correlation) for xc, yc in zip(x, y, strict=True)])
-    stderr = (
-        own.std(axis=0, ddof=1) / np.sqrt(chains) if chains > 1 else np.full_like(pooled, np.nan)
-    )
+    stderr = np.full_like(pooled, np.nan)
+    if chains > 1 and records > 1:
+        own = np.stack([_cov(xc, yc, correlation) for xc, yc in zip(x, y, strict=True)])
+        stderr = own.std(axis=0, ddof=1) / np.sqrt(chains)
     return Covariance(pooled, stderr, chains * records)
 
 

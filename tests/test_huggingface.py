@@ -1,5 +1,6 @@
 """LLCTrainerCallback with a real transformers Trainer on CPU, tiny models built from configs."""
 
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from hf_helpers import (
 )
 from models import BOWL_CONFIG, BOWL_TURNS, TINY, fails_in_chains
 from peft import LoraConfig, get_peft_model
+from torch.utils.data import DataLoader, Subset
 
 from llc_callbacks import EssentialDynamics
 from llc_callbacks.forked import ForkedModel
@@ -314,3 +316,30 @@ def test_a_lora_model_samples_its_adapter_and_reads_its_base_weights_in_place(tm
     assert all(forked.constants[n].dtype == base_dtype for n in base)
     assert forked.precision == base_dtype  # most weights are the base's
     assert callback.monitor.last_result.precision == str(base_dtype).removeprefix("torch.")
+
+
+def test_observables_reach_log_history_wandb_and_files_and_training_is_untouched(
+    tmp_path, wandb_dir, wandb_rows
+):
+    plain, _ = train(tmp_path / "plain")
+    probe = DataLoader(Subset(TokenData(), range(8)), batch_size=8)
+    config = dataclasses.replace(TINY, observe_every=1)
+    watched, callback = train(
+        tmp_path / "watched",
+        {"config": config, "steps": [4, 8], "observables": {"probe": probe}},
+        report_to="wandb",
+    )
+    wandb.finish()
+    for (name, a), (_, b) in zip(
+        plain.model.state_dict().items(), watched.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert losses(watched) == losses(plain)
+    kernel = llc_rows(watched, "llc/kernel/probe:probe")
+    assert [step for step, _ in kernel] == [4, 8]
+    assert all(-1 <= value <= 1 for _, value in kernel)
+    tables = [row for row in wandb_rows() if "train/llc/influence/_type" in row]
+    assert [row["train/global_step"] for row in tables] == [4, 8]
+    assert len(callback.monitor.influences) == 5  # the top 5 of one pair
+    saved = np.load(Path(watched.args.output_dir) / "observables" / "step_4.npz")
+    assert saved["probe"].shape == (config.num_chains, config.num_draws, 8)

@@ -445,3 +445,43 @@ def test_essential_dynamics_resume_from_a_checkpoint(tmp_path):
     fit(tmp_path / "resumed", [resumed], make_module, data, checkpoint, max_steps=12)
     assert resumed.dynamics.steps == full.dynamics.steps == [3, 6, 9, 12]
     np.testing.assert_allclose(resumed.dynamics.vectors, full.dynamics.vectors, rtol=1e-5)
+
+
+def test_observables_reach_csv_wandb_and_files_and_training_is_untouched(
+    tmp_path, wandb_dir, wandb_rows
+):
+    plain, _ = fit(tmp_path / "plain")
+    probes = {
+        "train": DataLoader(torch.utils.data.Subset(dataset(), range(12)), batch_size=12),
+        "query": DataLoader(torch.utils.data.Subset(dataset(), range(12, 18)), batch_size=6),
+    }
+    config = dataclasses.replace(TINY, observe_every=1)
+    callback = LLCCallback(config, steps=[4, 8], observables=probes)
+    csv_logger = CSVLogger(tmp_path / "watched")
+    wandb_logger = WandbLogger(project="llc-callbacks-test", offline=True, save_dir=str(wandb_dir))
+    watched, _ = fit(tmp_path / "watched", [callback], logger=[csv_logger, wandb_logger])
+    wandb_logger.experiment.finish()
+    for (name, a), (_, b) in zip(
+        plain.state_dict().items(), watched.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    rows = csv_rows(csv_logger)
+    for pair in ("train:train", "train:query", "query:query"):
+        logged = [
+            (int(r["step"]), float(r[f"llc/kernel/{pair}"]))
+            for r in rows
+            if r.get(f"llc/kernel/{pair}")
+        ]
+        assert [step for step, _ in logged] == [4, 8]
+        assert all(-1 <= value <= 1 for _, value in logged)  # mean correlations
+    tables = [row for row in wandb_rows() if "llc/influence/_type" in row]
+    assert [row["trainer/global_step"] for row in tables] == [4, 8]
+    table = json.loads(
+        (offline_run_dir(wandb_dir) / "files" / tables[-1]["llc/influence/path"]).read_text()
+    )
+    assert table["columns"] == ["step", "source", "target", "rank", "example", "influence"]
+    # Top 5 per ordered pair of the 2 observables: 4 pairs.
+    assert len(table["data"]) == 20 and {row[0] for row in table["data"]} == {8}
+    saved = np.load(Path(csv_logger.log_dir) / "observables" / "step_8.npz")
+    assert saved["train"].shape == (TINY.num_chains, TINY.num_draws, 12)
+    assert saved["query"].shape == (TINY.num_chains, TINY.num_draws, 6)

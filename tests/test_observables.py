@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from llc_callbacks import LLCConfig, bif, estimate_llc, loss_kernel
+from llc_callbacks import LLCConfig, LLCMonitor, bif, estimate_llc, loss_kernel
+from llc_callbacks.keys import KERNEL, Key, metric_key, parse_key
 
 N, NOISE = 64, 0.5
 
@@ -118,3 +119,21 @@ def test_recording_observables_changes_no_chain():
     np.testing.assert_array_equal(plain.loss_trace, observed.loss_trace)
     assert observed.observables["all"].shape == (2, 3, N)  # draws 0, 10 and 20
     assert plain.observables == {}
+
+
+@pytest.mark.parametrize(
+    ("observables", "message"),
+    [
+        ({"a:b": [1]}, "names hold no '/' or ':'"),
+        ({"a/b": [1]}, "names hold no '/' or ':'"),
+        ({"a": iter([1])}, r"observables\['a'\] must be a re-iterable"),
+    ],
+)
+def test_the_monitor_refuses_bad_observables_at_construction(observables, message):
+    with pytest.raises(ValueError, match=message):
+        LLCMonitor(every_n_steps=1, observables=observables)
+
+
+def test_kernel_keys_read_back_with_their_pair():
+    key = metric_key("llc", f"{KERNEL}/train:query")
+    assert parse_key(key, "llc") == Key("llc", None, "kernel/train:query")
