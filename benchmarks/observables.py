@@ -32,7 +32,7 @@ def main(repeats: int = 3) -> None:
                 model, loss_fn, data, c, warn=False, observables={"probe": probe}
             ),
         )
-        records = len(range(0, config.num_draws, every))
+        records = config.observed_draws
         print(
             f"observables on every {every:2d} draw(s) ({records} records of 256 examples):"
             f" {seconds:.2f} s, {seconds / plain:.2f}x the plain estimate"

@@ -166,7 +166,7 @@ def run_chains(
         healthy=torch.ones(chains, dtype=torch.bool, device=device),
         observed={
             name: torch.full(
-                (chains, _records(config), sum(batch_size(b) for b in probe)),
+                (chains, config.observed_draws, sum(batch_size(b) for b in probe)),
                 float("nan"),
                 device=device,
             )
@@ -238,11 +238,6 @@ class _Kept:
             batch = next(self.source)
             self.seen.append(batch)
             yield batch
-
-
-def _records(config: LLCConfig) -> int:
-    """How many draws record the observables: every ``config.observe_every``-th."""
-    return len(range(0, config.num_draws, config.observe_every))
 
 
 def _in_flight(groups: Sequence[ChainGroup], config: LLCConfig, batch: Any) -> int:

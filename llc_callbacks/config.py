@@ -135,6 +135,11 @@ class LLCConfig:
         check_int("observe_every", self.observe_every, minimum=1)
         check_float("observables_max_mb", self.observables_max_mb, positive=True)
 
+    @property
+    def observed_draws(self) -> int:
+        """How many draws record the observables: every ``observe_every``-th."""
+        return len(range(0, self.num_draws, self.observe_every))
+
     @classmethod
     def fast(cls, **changes: object) -> LLCConfig:
         """About a sixth of the default's time, for the shape of an LLC curve only.

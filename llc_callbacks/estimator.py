@@ -280,7 +280,7 @@ def _estimate(
             observed = probes if number == 0 and sampling_pass.data is data else {}
 
             def sample(
-                p: _Pass = sampling_pass, ids: list[int] = chains, o: dict = observed
+                p: _Pass = sampling_pass, ids: list[int] = chains, o: dict[str, list] = observed
             ) -> _ChainPart:
                 return _sample(forked, p, config, ids, progress and rank == 0, o)
 
@@ -357,7 +357,7 @@ def _probes(
         if not sum(batch_size(b) for b in probes[name]):
             raise ValueError(f"observables[{name!r}] holds no example")
     examples = sum(batch_size(b) for probe in probes.values() for b in probe)
-    records = len(range(0, config.num_draws, config.observe_every))
+    records = config.observed_draws
     megabytes = names * config.num_chains * records * examples * 4 / 1e6
     if megabytes > config.observables_max_mb:
         raise ValueError(
