@@ -315,7 +315,7 @@ class ForkedModel:
         leaves = self._leaves(weights, grads)
         with _attention_kernels(weights.device):
             losses = vmap(self._loss, in_dims=(0, None))(leaves, batch)
-        torch.autograd.backward(losses.sum(), inputs=list(leaves.values()))
+        _backward(losses.sum(), leaves)
         return losses.detach()
 
     def _looped(self, weights: Tensor, batch: Any, grads: Tensor) -> Tensor:
@@ -323,7 +323,7 @@ class ForkedModel:
         for chain_weights, chain_grads in zip(weights, grads, strict=True):
             leaves = self._leaves(chain_weights, chain_grads)
             loss = self._loss(leaves, batch)
-            torch.autograd.backward(loss, inputs=list(leaves.values()))
+            _backward(loss, leaves)
             losses.append(loss.detach())
         return torch.stack(losses)
 
@@ -356,6 +356,17 @@ class ForkedModel:
             "skip the attempt.",
             stacklevel=5,
         )
+
+
+def _backward(loss: Tensor, leaves: dict[str, Tensor]) -> None:
+    """Backward into the leaves' ``.grad`` views of the flat gradients.
+
+    Those views are strided (rows of the flat buffer), which torch reports once as a breach of
+    its gradient layout contract; accumulating into them is right, so the notice is dropped.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout")
+        torch.autograd.backward(loss, inputs=list(leaves.values()))
 
 
 def _attention_kernels(device: torch.device) -> contextlib.AbstractContextManager:
