@@ -20,6 +20,8 @@ from llc_callbacks.plotting import (
     component_names,
     plot_components,
     plot_essential_dynamics,
+    plot_loss_kernel,
+    plot_susceptibilities,
     plot_traces,
     to_pixels,
 )
@@ -33,6 +35,8 @@ TableSink = Callable[[str, list[str], list[list[Any]], int], None]
 STAGE_COLUMNS = ["curve", "step", "before", "after", "confirmed_at"]
 # The columns of the most influential examples' table, ``{prefix}/influence``.
 INFLUENCE_COLUMNS = ["step", "source", "target", "rank", "example", "influence"]
+# The columns of the susceptibilities' table, ``{prefix}/susceptibility``.
+SUSCEPTIBILITY_COLUMNS = ["step", "component", "source", "susceptibility", "stderr"]
 # The folder, in the run's folder, that holds each estimate's recorded observables.
 OBSERVABLES_FOLDER = "observables"
 # The file, in the run's folder, that holds the essential dynamics.
@@ -145,27 +149,40 @@ def log_stage_table(monitor: LLCMonitor, sinks: list[TableSink], step: int) -> N
 
 
 def log_observables(
-    monitor: LLCMonitor, sinks: list[TableSink], folder: Path | None, step: int
+    monitor: LLCMonitor,
+    sinks: list[TableSink],
+    image_sinks: list[Sink],
+    folder: Path | None,
+    step: int,
 ) -> None:
-    """Send the estimate's most influential examples as a table and save what it recorded.
+    """Send the estimate's observables' tables and kernel heatmap; save what it recorded.
 
     Args:
         monitor: The callback's monitor, after an estimate with ``observables``.
-        sinks: Receivers of the table ``{prefix}/influence``.
+        sinks: Receivers of the tables ``{prefix}/influence`` and, with a susceptibility
+            base, ``{prefix}/susceptibility``.
+        image_sinks: Receivers of the figure ``{prefix}/loss_kernel``.
         folder: The run's folder: the recorded losses go to
             ``observables/step_<step>.npz`` there (one array per observable, ``(chains,
-            records, examples)``); ``None`` not to save.
+            records, values)``, and per weight restriction's, as ``<restriction>/<name>``);
+            ``None`` not to save.
         step: The estimate's step.
     """
     result = monitor.last_result
     if result is None or not result.observables:
         return
+    _log_figure(monitor, "loss_kernel", lambda: plot_loss_kernel(result), image_sinks, step)
     with monitor.reporting("logging the observables"):
         for sink in sinks:
             sink("influence", INFLUENCE_COLUMNS, monitor.influences, step)
+            if monitor.susceptibility_base is not None:
+                sink("susceptibility", SUSCEPTIBILITY_COLUMNS, monitor.susceptibilities, step)
         if folder is not None:
             (folder / OBSERVABLES_FOLDER).mkdir(parents=True, exist_ok=True)
-            np.savez(folder / OBSERVABLES_FOLDER / f"step_{step}.npz", **result.observables)
+            arrays = dict(result.observables)
+            for component, restricted in result.restricted.items():
+                arrays.update({f"{component}/{n}": a for n, a in restricted.observables.items()})
+            np.savez(folder / OBSERVABLES_FOLDER / f"step_{step}.npz", **arrays)
 
 
 def finish_dynamics(
@@ -217,6 +234,19 @@ def log_components_figure(monitor: LLCMonitor, sinks: list[Sink], step: int) -> 
         history = monitor.history
         _log_figure(
             monitor, "components", lambda: plot_components(history, monitor.prefix), sinks, step
+        )
+
+
+def log_susceptibilities_figure(monitor: LLCMonitor, sinks: list[Sink], step: int) -> None:
+    """Send the susceptibilities over training to the sinks, if the monitor logged any."""
+    if monitor.susceptibilities:  # an estimate logged them
+        history = monitor.history
+        _log_figure(
+            monitor,
+            "susceptibilities",
+            lambda: plot_susceptibilities(history, monitor.prefix),
+            sinks,
+            step,
         )
 
 

@@ -17,6 +17,7 @@ from llc_callbacks.config import LLCConfig
 from llc_callbacks.dynamics import EssentialDynamics
 from llc_callbacks.forked import LossFn
 from llc_callbacks.integrations import common
+from llc_callbacks.observables import Probe
 from llc_callbacks.restrictions import Restrictions
 
 
@@ -72,12 +73,17 @@ class LLCTrainerCallback(TrainerCallback):
             boundaries, goes to W&B as ``train/{prefix}/essential_dynamics`` when the Trainer
             reports to wandb, and the records are saved as ``essential_dynamics.npz`` in
             ``args.output_dir``.
-        observables: Named probe sets (re-iterables of batches) whose per-example losses
-            the chains record (see ``estimate_llc``): each estimate logs the loss kernel's
-            mean correlations ``{prefix}/kernel/<a>:<b>``, sends the most influential
-            examples as the table ``{prefix}/influence`` to W&B (when the Trainer reports to
+        observables: Named probe sets (re-iterables of batches, or ``Probe``) whose
+            per-example (or per-token) losses the chains record (see ``estimate_llc``): each
+            estimate logs the loss kernel's mean correlations ``{prefix}/kernel/<a>:<b>``,
+            sends the most influential examples as the table ``{prefix}/influence`` and the
+            kernel's heatmap as ``{prefix}/loss_kernel`` to W&B (when the Trainer reports to
             wandb), and saves the recorded losses as ``observables/step_<step>.npz`` in
             ``args.output_dir``.
+        susceptibility_base: The observable sampling the training data: each estimate also
+            logs every component's susceptibility to every other observable (see
+            ``LLCMonitor``), sends them as the table ``{prefix}/susceptibility``, and at the
+            end of training their curves as the figure ``{prefix}/susceptibilities``.
 
     Stage boundaries that the monitor confirms (``{prefix}/stage``) also go to W&B as the
     table ``train/{prefix}/stages``.
@@ -106,7 +112,8 @@ class LLCTrainerCallback(TrainerCallback):
         dataset_size: int | None = None,
         max_overhead: float | None = None,
         dynamics: EssentialDynamics | None = None,
-        observables: Mapping[str, Iterable[Any]] | None = None,
+        observables: Mapping[str, Iterable[Any] | Probe] | None = None,
+        susceptibility_base: str | None = None,
     ) -> None:
         if not isinstance(trainer, Trainer):
             raise ValueError(
@@ -184,6 +191,7 @@ class LLCTrainerCallback(TrainerCallback):
         self._maybe_record(state, model, final=True)
         sinks = self._image_sinks(args, state)
         common.log_components_figure(self.monitor, sinks, state.global_step)
+        common.log_susceptibilities_figure(self.monitor, sinks, state.global_step)
         if self.dynamics is not None:
             folder = Path(args.output_dir) if state.is_world_process_zero else None
             common.finish_dynamics(self.monitor, self.dynamics, sinks, folder, state.global_step)
@@ -212,7 +220,8 @@ class LLCTrainerCallback(TrainerCallback):
         self._log(control, metrics)
         common.log_stage_table(self.monitor, self._table_sinks(args, state), step)
         folder = Path(args.output_dir) if state.is_world_process_zero else None
-        common.log_observables(self.monitor, self._table_sinks(args, state), folder, step)
+        tables, images = self._table_sinks(args, state), self._image_sinks(args, state)
+        common.log_observables(self.monitor, tables, images, folder, step)
         if self.log_trace_plot:
             common.log_trace_figure(self.monitor, self._image_sinks(args, state), step)
 

@@ -23,6 +23,7 @@ from llc_callbacks.config import LLCConfig
 from llc_callbacks.dynamics import EssentialDynamics
 from llc_callbacks.forked import LossFn
 from llc_callbacks.integrations import common
+from llc_callbacks.observables import Probe
 from llc_callbacks.restrictions import Restrictions
 
 
@@ -79,11 +80,16 @@ class LLCCallback(Callback):
             the end of training their PCA figure, with the LLC's stage boundaries, goes to
             every ``WandbLogger`` as ``{prefix}/essential_dynamics`` and the records are saved
             as ``essential_dynamics.npz`` in ``trainer.log_dir``.
-        observables: Named probe sets (re-iterables of batches) whose per-example losses
-            the chains record (see ``estimate_llc``): each estimate logs the loss kernel's
-            mean correlations ``{prefix}/kernel/<a>:<b>``, sends the most influential
-            examples as the table ``{prefix}/influence`` to every ``WandbLogger``, and saves the
-            recorded losses as ``observables/step_<step>.npz`` in ``trainer.log_dir``.
+        observables: Named probe sets (re-iterables of batches, or ``Probe``) whose
+            per-example (or per-token) losses the chains record (see ``estimate_llc``): each
+            estimate logs the loss kernel's mean correlations ``{prefix}/kernel/<a>:<b>``,
+            sends the most influential examples as the table ``{prefix}/influence`` and the
+            kernel's heatmap as ``{prefix}/loss_kernel`` to every ``WandbLogger``, and saves
+            the recorded losses as ``observables/step_<step>.npz`` in ``trainer.log_dir``.
+        susceptibility_base: The observable sampling the training data: each estimate also
+            logs every component's susceptibility to every other observable (see
+            ``LLCMonitor``), sends them as the table ``{prefix}/susceptibility``, and at the
+            end of training their curves as the figure ``{prefix}/susceptibilities``.
 
     Stage boundaries that the monitor confirms (``{prefix}/stage``) also go to every
     ``WandbLogger`` as the table ``{prefix}/stages``.
@@ -113,7 +119,8 @@ class LLCCallback(Callback):
         dataset_size: int | None = None,
         max_overhead: float | None = None,
         dynamics: EssentialDynamics | None = None,
-        observables: Mapping[str, Iterable[Any]] | None = None,
+        observables: Mapping[str, Iterable[Any] | Probe] | None = None,
+        susceptibility_base: str | None = None,
     ) -> None:
         arguments = dict(locals())  # the signature's arguments, by name
         del arguments["self"]
@@ -203,6 +210,7 @@ class LLCCallback(Callback):
         self._maybe_record(trainer, pl_module, final=True)
         step, sinks = trainer.global_step, self._image_sinks(trainer)
         common.log_components_figure(self.monitor, sinks, step)
+        common.log_susceptibilities_figure(self.monitor, sinks, step)
         if self.dynamics is not None:
             folder = Path(trainer.log_dir or trainer.default_root_dir)
             common.finish_dynamics(
@@ -238,7 +246,8 @@ class LLCCallback(Callback):
             # trainer.log_dir broadcasts from rank zero: every rank reads it.
             folder = Path(trainer.log_dir or trainer.default_root_dir)
             saved = folder if trainer.is_global_zero else None
-            common.log_observables(self.monitor, self._table_sinks(trainer), saved, step)
+            tables, images = self._table_sinks(trainer), self._image_sinks(trainer)
+            common.log_observables(self.monitor, tables, images, saved, step)
         if self.log_trace_plot:
             common.log_trace_figure(self.monitor, self._image_sinks(trainer), step)
 

@@ -25,8 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from llc_callbacks.config import LLCConfig
-from llc_callbacks.data import batch_size
-from llc_callbacks.forked import ForkedModel
+from llc_callbacks.forked import ForkedModel, ObserveFn
 from llc_callbacks.samplers import (
     PIECE,
     SamplerState,
@@ -43,6 +42,20 @@ DIVERGENCE_CHECK_EVERY = 32
 MALA_EVERY = 10
 # chains_in_flight="auto" on CUDA fills at most this share of the free memory with chains.
 AUTO_MEMORY_SHARE = 0.8
+
+
+class ProbeBatches(NamedTuple):
+    """A probe set as the chains record it.
+
+    Attributes:
+        batches: Its batches, on the chains' device.
+        losses: What to record (``Probe.losses``; ``None``: each example's loss).
+        size: How many values one chain records per draw (examples, or tokens).
+    """
+
+    batches: list[Any]
+    losses: ObserveFn | None
+    size: int
 
 
 class ChainGroup(NamedTuple):
@@ -135,7 +148,7 @@ def run_chains(
     config: LLCConfig,
     nbeta: float,
     progress: bool,
-    observables: Mapping[str, list[Any]] | None = None,
+    observables: Mapping[str, ProbeBatches] | None = None,
 ) -> ChainTraces:
     """Run groups of chains from ``w*``, all on the same minibatches.
 
@@ -150,8 +163,8 @@ def run_chains(
         config: Hyperparameters (``num_burnin``, ``num_draws``, sampler, ...).
         nbeta: The resolved inverse temperature.
         progress: Show a progress bar, when the output is a terminal.
-        observables: Probe sets, each a list of batches on the chains' device, whose
-            per-example losses every chain records on every ``config.observe_every``-th draw.
+        observables: Probe sets whose losses every chain records on every
+            ``config.observe_every``-th draw.
 
     Returns:
         The traces, one row per chain, group after group.
@@ -166,9 +179,7 @@ def run_chains(
         healthy=torch.ones(chains, dtype=torch.bool, device=device),
         observed={
             name: torch.full(
-                (chains, config.observed_draws, sum(batch_size(b) for b in probe)),
-                float("nan"),
-                device=device,
+                (chains, config.observed_draws, probe.size), float("nan"), device=device
             )
             for name, probe in (observables or {}).items()
         },
@@ -300,7 +311,7 @@ def _run_wave(
     *,
     paired: bool,
     bar: tqdm,
-    observables: Mapping[str, list[Any]],
+    observables: Mapping[str, ProbeBatches],
 ) -> None:
     """Step one wave of chains through burn-in and draws, writing into ``traces``.
 
@@ -316,7 +327,7 @@ def _run_wave(
         traces: Where each chain writes its row.
         paired: Record ``L_m(w*)`` on each draw's batch (the first wave does, for all).
         bar: The progress bar to advance.
-        observables: The probe sets whose per-example losses the draws record.
+        observables: The probe sets whose losses the draws record.
     """
     sizes = [len(group.noise_ids) for group in wave]
     ends = [first_row + end for end in itertools.accumulate(sizes)]
@@ -342,9 +353,9 @@ def _run_wave(
                 traces.distance[own, draw] = _half_square_distances(weights, forked.anchor)
                 if draw % config.observe_every == 0:
                     for name, probe in observables.items():
-                        losses_here = [forked.example_losses(weights, b) for b in probe]
+                        found = [forked.observed(weights, b, probe.losses) for b in probe.batches]
                         traces.observed[name][own, draw // config.observe_every] = torch.cat(
-                            losses_here, dim=1
+                            found, dim=1
                         )
             if group.movable is not None:  # no drift outside a chain's mask (nor noise)
                 grads.mul_(group.movable)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from llc_callbacks.chains import ChainGroup, run_chains
+from llc_callbacks.chains import ChainGroup, ProbeBatches, run_chains
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.data import batch_size, cycle_batches, to_device
 from llc_callbacks.diagnostics import chain_diagnostics
@@ -27,6 +27,7 @@ from llc_callbacks.distributed import (
 )
 from llc_callbacks.forked import ForkedModel, LossFn
 from llc_callbacks.isolation import isolated
+from llc_callbacks.observables import Probe, probe_sets
 from llc_callbacks.restrictions import Restrictions
 from llc_callbacks.result import LLCResult, restricted_problems
 
@@ -67,7 +68,7 @@ def estimate_llc(
     distributed: bool = False,
     warn: bool = True,
     strict: bool = True,
-    observables: Mapping[str, Iterable[Any]] | None = None,
+    observables: Mapping[str, Iterable[Any] | Probe] | None = None,
 ) -> LLCResult:
     """Estimate the local learning coefficient of a model at its current weights.
 
@@ -100,10 +101,12 @@ def estimate_llc(
             source that raises); ``False`` reports it as a NaN ``result.restricted[name]``
             with its ``error`` and still estimates the full LLC and the other restrictions.
         observables: Named probe sets (each a re-iterable of batches, read once per
-            estimate), whose per-example losses every chain records on every
+            estimate, or a ``Probe``), whose per-example losses (or what ``Probe.losses``
+            returns: per-token losses with ``token_losses``) every chain records on every
             ``config.observe_every``-th draw, in ``result.observables`` (and in each
-            weight-restricted result's): the samples ``loss_kernel`` and ``bif`` read. One
-            batched forward pass per probe batch per recorded draw, without gradients.
+            weight-restricted result's): the samples ``loss_kernel``, ``bif`` and
+            ``susceptibility`` read. One batched forward pass per probe batch per recorded
+            draw, without gradients. Names hold no ``/`` or ``:``.
 
     Returns:
         The estimate with its traces and diagnostics. Chains whose loss goes NaN or infinite
@@ -254,7 +257,7 @@ def _estimate(
     progress: bool,
     distributed: bool,
     strict: bool,
-    observables: Mapping[str, Iterable[Any]],
+    observables: Mapping[str, Iterable[Any] | Probe],
 ) -> tuple[dict[str | None, LLCResult], float]:
     """Validate, fork the weights and run every pass of chains."""
     check_inputs(model, loss_fn, config, restrictions)
@@ -280,7 +283,9 @@ def _estimate(
             observed = probes if number == 0 and sampling_pass.data is data else {}
 
             def sample(
-                p: _Pass = sampling_pass, ids: list[int] = chains, o: dict[str, list] = observed
+                p: _Pass = sampling_pass,
+                ids: list[int] = chains,
+                o: dict[str, ProbeBatches] = observed,
             ) -> _ChainPart:
                 return _sample(forked, p, config, ids, progress and rank == 0, o)
 
@@ -338,31 +343,42 @@ def _passes(
 
 
 def _probes(
-    observables: Mapping[str, Iterable[Any]], forked: ForkedModel, config: LLCConfig, names: int
-) -> dict[str, list[Any]]:
+    observables: Mapping[str, Iterable[Any] | Probe],
+    forked: ForkedModel,
+    config: LLCConfig,
+    names: int,
+) -> dict[str, ProbeBatches]:
     """The observables' batches on the chains' device, within ``config.observables_max_mb``.
 
+    ``Probe.losses`` is run once at ``w*`` on each batch, to count what it records.
+
     Raises:
-        ValueError: If an observable is not re-iterable or holds no example, or recording
-            them all would take more than ``config.observables_max_mb``.
+        ValueError: If an observable is neither a ``Probe`` nor re-iterable, holds no
+            example, its ``losses`` returns no ``(batch, ...)`` tensor, or recording them all would
+            take more than ``config.observables_max_mb``.
     """
     probes = {}
-    for name, data in observables.items():
-        if not isinstance(name, str) or isinstance(data, Iterator):
-            raise ValueError(
-                "observables must map names to re-iterables of batches (a DataLoader), got"
-                f" {name!r}: {type(data).__name__}"
-            )
-        probes[name] = [to_device(b, forked.anchor.device, forked.precision) for b in data]
-        if not sum(batch_size(b) for b in probes[name]):
+    for name, probe in probe_sets(observables).items():
+        batches = [to_device(b, forked.anchor.device, forked.precision) for b in probe.data]
+        if not sum(batch_size(b) for b in batches):
             raise ValueError(f"observables[{name!r}] holds no example")
-    examples = sum(batch_size(b) for probe in probes.values() for b in probe)
+        size = 0
+        for batch in batches:
+            if probe.losses is None:
+                size += batch_size(batch)
+                continue
+            try:
+                size += forked.observed(forked.anchor[None], batch, probe.losses).shape[1]
+            except ValueError as error:
+                raise ValueError(f"observables[{name!r}]: {error}") from error
+        probes[name] = ProbeBatches(batches, probe.losses, size)
+    values = sum(probe.size for probe in probes.values())
     records = config.observed_draws
-    megabytes = names * config.num_chains * records * examples * 4 / 1e6
+    megabytes = names * config.num_chains * records * values * 4 / 1e6
     if megabytes > config.observables_max_mb:
         raise ValueError(
             f"observables would take {megabytes:.0f} MB ({names * config.num_chains} chains x"
-            f" {records} records x {examples} examples x 4 bytes), above"
+            f" {records} records x {values} values x 4 bytes), above"
             f" observables_max_mb={config.observables_max_mb:g}: raise it, raise observe_every"
             " or observe fewer examples"
         )
@@ -375,7 +391,7 @@ def _sample(
     config: LLCConfig,
     chains: list[int],
     progress: bool,
-    observables: dict[str, list[Any]],
+    observables: dict[str, ProbeBatches],
 ) -> _ChainPart:
     """Measure ``L(w*)`` on the pass's data and run the given chains of the pass."""
     batches = cycle_batches(sampling_pass.data, forked.anchor.device, forked.precision)

@@ -24,13 +24,19 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from llc_callbacks.data import map_tensors, to_device
+from llc_callbacks.data import batch_size, map_tensors, to_device
 
 LossFn = Callable[[nn.Module, Any], Tensor]
+# ``observe(model, batch)``: one value per example, or per token, ``(batch, ...)``.
+ObserveFn = Callable[[nn.Module, Any], Tensor]
 
 
 class _LossModule(nn.Module):
-    """Holds the model so that ``functional_call`` swaps its weights inside ``loss_fn``."""
+    """Holds the model so that ``functional_call`` swaps its weights inside ``loss_fn``.
+
+    ``forward(batch)`` is the scalar loss; ``forward(batch, observe)`` what ``observe(model,
+    batch)`` records of a probe batch (``Probe.losses``), checked to be ``(batch, ...)``.
+    """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
         super().__init__()
@@ -38,18 +44,30 @@ class _LossModule(nn.Module):
         # Not registered as a submodule even if it is one: only the model's weights are forked.
         self.__dict__["loss_fn"] = loss_fn
 
-    def forward(self, batch: Any) -> Tensor:
+    def forward(self, batch: Any, observe: ObserveFn | None = None) -> Tensor:
+        if observe is not None:
+            values = observe(self.model, batch)
+            size = batch_size(batch)
+            if not isinstance(values, Tensor) or values.ndim == 0 or len(values) != size:
+                raise ValueError(
+                    f"losses(model, batch) must return a tensor of shape (batch, ...) for a"
+                    f" batch of {size}, got {_described(values)}"
+                )
+            return values.float()
         loss = self.loss_fn(self.model, batch)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError(
-                "loss_fn(model, batch) must return a scalar tensor (the mean loss), got "
-                + (
-                    f"a tensor of shape {tuple(loss.shape)}"
-                    if isinstance(loss, Tensor)
-                    else type(loss).__name__
-                )
+                f"loss_fn(model, batch) must return a scalar tensor (the mean loss), got "
+                f"{_described(loss)}"
             )
         return loss.reshape(()).float()
+
+
+def _described(value: Any) -> str:
+    """``a tensor of shape (...)`` or the type's name, for an error message."""
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
 
 
 @dataclass(frozen=True)
@@ -212,31 +230,38 @@ class ForkedModel:
         with torch.no_grad():
             return self._loss(self.unflatten(self.anchor), batch)
 
-    def example_losses(self, weights: Tensor, batch: Any) -> Tensor:
-        """Each chain's loss on each example of one batch, without gradients.
-
-        ``loss_fn`` is applied to every example as a batch of one, vectorized over examples
-        (and over chains, when the chains are): one batched forward pass.
+    def observed(self, weights: Tensor, batch: Any, losses: ObserveFn | None = None) -> Tensor:
+        """Each chain's losses on one probe batch, per example or per token, without gradients.
 
         Args:
             weights: Flat weights, shape ``(chains, dim)``.
             batch: One batch on the device; every tensor's first axis is the example.
+            losses: ``losses(model, batch) -> (batch, ...)``, evaluated on the whole batch;
+                ``None``: ``loss_fn`` on every example as a batch of one, vectorized over
+                examples. Either is vectorized over chains when the chains are.
 
         Returns:
-            The losses, shape ``(chains, examples)``.
+            The values, flattened per chain: shape ``(chains, observations)``.
         """
 
-        def losses(params: dict[str, Tensor]) -> Tensor:
+        def per_example(params: dict[str, Tensor]) -> Tensor:
             def one(single: Any) -> Tensor:
                 return self._loss(params, map_tensors(single, lambda t: t.unsqueeze(0)))
 
             return vmap(one)(batch)
 
+        def observe(params: dict[str, Tensor]) -> Tensor:
+            if losses is None:
+                return per_example(params)
+            return self._loss(params, batch, losses)
+
         with torch.no_grad():
             if self.vectorized is False:
-                return torch.stack([losses(self.unflatten(row)) for row in weights])
-            with _attention_kernels(weights.device):
-                return vmap(losses)(self.unflatten(weights))
+                found = torch.stack([observe(self.unflatten(row)) for row in weights])
+            else:
+                with _attention_kernels(weights.device):
+                    found = vmap(observe)(self.unflatten(weights))
+        return found.reshape(len(weights), -1)
 
     def loss_and_grad(
         self, weights: Tensor, batch: Any, out: Tensor | None = None
@@ -297,7 +322,9 @@ class ForkedModel:
             del loss
         return held
 
-    def _loss(self, params: dict[str, Tensor], batch: Any) -> Tensor:
+    def _loss(
+        self, params: dict[str, Tensor], batch: Any, observe: ObserveFn | None = None
+    ) -> Tensor:
         tensors = {**params, **self.constants}
         for name, dtype in self._dtypes.items():  # float32 weights into a half-precision model
             if name in tensors:
@@ -306,7 +333,9 @@ class ForkedModel:
             tensors.setdefault(alias, tensors[name])
         # Fresh containers for every call: a loss that pops keys must not empty the batch
         # for the next chain or for the paired forward pass.
-        return functional_call(self._wrapper, tensors, (to_device(batch),), tie_weights=False)
+        return functional_call(
+            self._wrapper, tensors, (to_device(batch), observe), tie_weights=False
+        )
 
     def _vmapped(self, weights: Tensor, batch: Any, grads: Tensor) -> Tensor:
         # vmap batches the forward pass only; one ordinary backward pass through the batched

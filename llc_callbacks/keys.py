@@ -5,10 +5,11 @@ restricted LLC ``name``.
 
 Fields are ``mean``, ``std``, ``chain_<i>``, ``init_loss``, ``num_sampled``, ``step_size``,
 ``free_energy``, ``free_energy_std``, ``stage`` (a confirmed stage boundary's step),
-``diag/<diagnostic>``, ``curvature/<quantity>`` and ``kernel/<a>:<b>`` (the loss kernel's
-mean correlation between observables ``a`` and ``b``).
+``diag/<diagnostic>``, ``curvature/<quantity>``, ``kernel/<a>:<b>`` (the loss kernel's
+mean correlation between observables ``a`` and ``b``) and ``susceptibility/<source>``.
 Restriction names hold no ``/`` except a combination's one (``"<weights>/<source>"``), so the
-field is the last part of a key, or the last two after ``diag``, ``curvature`` or ``kernel``.
+field is the last part of a key, or the last two after ``diag``, ``curvature``, ``kernel`` or
+``susceptibility``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from typing import NamedTuple
 DIAGNOSTICS = "diag"
 CURVATURE = "curvature"
 KERNEL = "kernel"
+SUSCEPTIBILITY = "susceptibility"
+# Fields of two parts: ``<kind>/<name>``.
+PAIRED = (DIAGNOSTICS, CURVATURE, KERNEL, SUSCEPTIBILITY)
 
 
 class Key(NamedTuple):
@@ -52,7 +56,7 @@ def parse_key(key: str, prefix: str) -> Key | None:
     if not key.startswith(prefix + "/"):
         return None
     parts = key[len(prefix) + 1 :].split("/")
-    width = 2 if len(parts) >= 2 and parts[-2] in (DIAGNOSTICS, CURVATURE, KERNEL) else 1
+    width = 2 if len(parts) >= 2 and parts[-2] in PAIRED else 1
     restriction = "/".join(parts[:-width]) or None
     return Key(prefix, restriction, "/".join(parts[-width:]))
 

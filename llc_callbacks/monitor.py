@@ -30,8 +30,8 @@ from llc_callbacks.distributed import rank_and_world
 from llc_callbacks.estimator import estimate_llc
 from llc_callbacks.forked import LossFn
 from llc_callbacks.isolation import warnings_once
-from llc_callbacks.keys import CURVATURE, KERNEL, metric_key, parse_key
-from llc_callbacks.observables import summarize
+from llc_callbacks.keys import CURVATURE, KERNEL, SUSCEPTIBILITY, metric_key, parse_key
+from llc_callbacks.observables import Probe, probe_sets, summarize
 from llc_callbacks.preflight import preflight
 from llc_callbacks.restrictions import Restrictions
 from llc_callbacks.result import LLCResult
@@ -107,6 +107,11 @@ class LLCMonitor:
             between each pair, ``{prefix}/kernel/<a>:<b>``, and keeps in ``influences`` the
             most influential examples of each on each (``llc_callbacks.observables.summarize``).
             Names hold no ``/`` or ``:``.
+        susceptibility_base: The observable that samples the training data: every estimate
+            then logs the whole model's and each weight restriction's susceptibility to every
+            other observable (``susceptibility``), ``{prefix}/susceptibility/<source>`` and
+            ``{prefix}/<restriction>/susceptibility/<source>``, and keeps them in
+            ``susceptibilities``.
 
     Attributes:
         history: One row per estimate: ``step`` and the metrics.
@@ -115,6 +120,9 @@ class LLCMonitor:
         enabled: Whether estimates run (``False`` after a failed check under ``"warn"``).
         influences: The last estimate's rows ``[step, source, target, rank, example,
             influence]`` (with ``observables``).
+        susceptibilities: The last estimate's rows ``[step, component, source,
+            susceptibility, stderr]`` (with ``susceptibility_base``; component ``"full"`` for
+            the whole model).
 
     Raises:
         ValueError: If an argument is out of range, or ``log_spaced`` is given without
@@ -142,7 +150,8 @@ class LLCMonitor:
         curvature: Sequence[str] = (),
         dataset_size: int | None = None,
         max_overhead: float | None = None,
-        observables: Mapping[str, Iterable[Any]] | None = None,
+        observables: Mapping[str, Iterable[Any] | Probe] | None = None,
+        susceptibility_base: str | None = None,
     ) -> None:
         if isinstance(curvature, str):
             raise ValueError(f"curvature must be a sequence of names, got {curvature!r}")
@@ -159,16 +168,12 @@ class LLCMonitor:
             raise ValueError(
                 f"restrictions must be Restrictions, got {type(restrictions).__name__}"
             )
-        for name, data in (observables or {}).items():
-            if not isinstance(name, str) or not name or set(name) & {"/", ":"}:
-                raise ValueError(f"observables names hold no '/' or ':', got {name!r}")
-            if not isinstance(data, Iterable) or isinstance(data, Iterator):
-                raise ValueError(
-                    f"observables[{name!r}] must be a re-iterable of batches (a DataLoader),"
-                    f" got {type(data).__name__}"
-                )
-        self.observables = dict(observables or {})
+        self.observables = probe_sets(observables)
+        if susceptibility_base is not None:
+            check_choice("susceptibility_base", susceptibility_base, tuple(self.observables))
+        self.susceptibility_base = susceptibility_base
         self.influences: list[list[Any]] = []
+        self.susceptibilities: list[list[Any]] = []
         self.config = config or LLCConfig()
         self.budget = Budget(max_overhead) if max_overhead is not None else None
         if self.budget is not None and all(k is None for k in (every_n_steps, steps, log_spaced)):
@@ -382,11 +387,7 @@ class LLCMonitor:
                 )
             metrics = self.last_result.to_metrics(self.prefix)
             if self.observables:
-                means, rows = summarize(self.last_result, OBSERVED_TOP)
-                metrics.update(
-                    {metric_key(self.prefix, f"{KERNEL}/{k}"): v for k, v in means.items()}
-                )
-                self.influences = [[step, *row] for row in rows]
+                metrics.update(self._observed(step))
             if calibrated:
                 metrics[metric_key(self.prefix, "step_size")] = config.step_size
             metrics.update(self._free_energy(self.last_result))
@@ -488,6 +489,18 @@ class LLCMonitor:
             self.stages.load_state_dict(state["stages"])
         if self.budget is not None and "budget" in state:
             self.budget.load_state_dict(state["budget"])
+
+    def _observed(self, step: int) -> dict[str, float]:
+        """The last estimate's observables' metrics; sets ``influences``, ``susceptibilities``."""
+        summary = summarize(self.last_result, OBSERVED_TOP, self.susceptibility_base)
+        self.influences = [[step, *row] for row in summary.influences]
+        self.susceptibilities = [
+            [step, component or "full", *row] for component, *row in summary.susceptibilities
+        ]
+        metrics = {metric_key(self.prefix, f"{KERNEL}/{k}"): v for k, v in summary.kernel.items()}
+        for component, source, value, _ in summary.susceptibilities:
+            metrics[metric_key(self.prefix, f"{SUSCEPTIBILITY}/{source}", component)] = value
+        return metrics
 
     def _calibrate(
         self,

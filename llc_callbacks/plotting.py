@@ -1,4 +1,4 @@
-"""Figures: chain traces, a calibration sweep, the LLC over training, and essential dynamics.
+"""Figures: chains, calibration, the LLC over training, essential dynamics, observables.
 
 Needs matplotlib (``pip install llc-callbacks[plot]``). Figures are built without pyplot, so
 nothing here touches the global matplotlib state; each function returns the figure and saves
@@ -18,8 +18,9 @@ import numpy as np
 
 from llc_callbacks.calibration import Calibration
 from llc_callbacks.dynamics import DynamicsResult
-from llc_callbacks.history import Series
-from llc_callbacks.keys import metric_key, parse_key
+from llc_callbacks.history import Series, series
+from llc_callbacks.keys import SUSCEPTIBILITY, metric_key, parse_key
+from llc_callbacks.observables import loss_kernel
 from llc_callbacks.result import LLCResult
 from llc_callbacks.stages import Stage, detect_stages
 
@@ -233,6 +234,85 @@ def plot_components(
     lines.set_xlabel("step")
     lines.set_ylabel("LLC")
     lines.legend(fontsize="x-small", ncol=max(1, columns))
+    return _save(figure, path)
+
+
+def plot_loss_kernel(result: LLCResult, path: str | Path | None = None) -> Figure:
+    """The loss kernel: correlations between the losses of every observable's examples.
+
+    The observables' recorded values follow one another along both axes, in their order,
+    separated by lines; blocks of strong correlation are groups of examples (tasks) that the
+    same weight directions serve (Adam et al. 2025).
+
+    Args:
+        result: An estimate made with ``observables``.
+        path: Where to save the PNG.
+
+    Returns:
+        The figure.
+
+    Raises:
+        ValueError: If the estimate recorded no observables.
+    """
+    names = list(result.observables)
+    if not names:
+        raise ValueError("the estimate recorded no observables (pass observables=...)")
+    sizes = np.array([result.observables[name].shape[2] for name in names])
+    kernel = np.block(
+        [[loss_kernel(result, a, b, correlation=True).value for b in names] for a in names]
+    )
+    figure = _figure()
+    axes = figure.subplots()
+    image = axes.imshow(kernel, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+    for edge in np.cumsum(sizes)[:-1] - 0.5:
+        axes.axhline(edge, color="black", linewidth=0.8)
+        axes.axvline(edge, color="black", linewidth=0.8)
+    centers = np.cumsum(sizes) - sizes / 2 - 0.5
+    axes.set_xticks(centers, names, fontsize="small")
+    axes.set_yticks(centers, names, fontsize="small")
+    axes.set_title(f"loss kernel ({result.observables[names[0]].shape[1]} records per chain)")
+    figure.colorbar(image, ax=axes, label="correlation of losses")
+    return _save(figure, path)
+
+
+def plot_susceptibilities(
+    history: list[dict[str, float]], prefix: str = "llc", path: str | Path | None = None
+) -> Figure:
+    """Susceptibilities over training: a panel per data source, a curve per component.
+
+    Args:
+        history: Rows with ``step`` and the metrics (a monitor's or callback's history, or
+            ``llc_callbacks.history.read_rows`` of a run), holding
+            ``{prefix}[/<component>]/susceptibility/<source>``.
+        prefix: The metric prefix.
+        path: Where to save the PNG.
+
+    Returns:
+        The figure; one axes per source, the x axis shared.
+
+    Raises:
+        ValueError: If the history holds no susceptibility.
+    """
+    found: dict[str, dict[str, str]] = {}  # source -> component -> key
+    for row in history:
+        for key in row:
+            parsed = parse_key(key, prefix)
+            if parsed and parsed.field.startswith(SUSCEPTIBILITY + "/"):
+                source = parsed.field.removeprefix(SUSCEPTIBILITY + "/")
+                found.setdefault(source, {})[parsed.restriction or "full"] = key
+    if not found:
+        raise ValueError(f"the history holds no susceptibility ({prefix}/susceptibility/...)")
+    figure = _figure(rows=len(found))
+    panels = figure.subplots(len(found), 1, sharex=True, squeeze=False)[:, 0]
+    for axes, (source, keys) in zip(panels, sorted(found.items()), strict=True):
+        for component in sorted(keys, key=lambda name: (name != "full", _natural_key(name))):
+            curve = series(history, keys[component])
+            axes.plot(curve.steps, curve.values, marker="o", markersize=2, label=component)
+        axes.axhline(0, color="grey", linewidth=0.5)
+        axes.set_ylabel(f"toward {source}")
+        axes.legend(fontsize="x-small", ncol=max(1, len(keys) // 8))
+    panels[0].set_title("susceptibility of each component's loss")
+    panels[-1].set_xlabel("step")
     return _save(figure, path)
 
 

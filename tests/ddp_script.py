@@ -3,9 +3,9 @@
 Usage: python ddp_script.py OUT_DIR MODE, MODE "ok", "one_in_flight" (as "ok", one chain held in
 memory at a time), "fail_on_rank_1" or "budget" (estimates spaced by max_overhead over 40
 steps, the ranks' clocks made to differ).
-Writes each rank's history and the warnings it showed to OUT_DIR/history_<rank>.json and
-OUT_DIR/warnings_<rank>.json, rank 0's weights at the scheduled
-steps to OUT_DIR/weights_<step>.pt, and a CSVLogger run under OUT_DIR.
+Modes but "budget" record observables. Writes each rank's history and the warnings it showed
+to OUT_DIR/history_<rank>.json and OUT_DIR/warnings_<rank>.json, rank 0's weights at the
+scheduled steps to OUT_DIR/weights_<step>.pt, and a CSVLogger run under OUT_DIR.
 """
 
 import json
@@ -19,18 +19,23 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning_helpers import Classifier, dataset
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from llc_callbacks import LLCConfig
 from llc_callbacks.integrations.lightning import LLCCallback
 
 MODE = "ok"  # set from the command line
-CONFIG = LLCConfig(num_chains=3, num_burnin=10, num_draws=10, init_loss_batches=2)
+CONFIG = LLCConfig(num_chains=3, num_burnin=10, num_draws=10, init_loss_batches=2, observe_every=2)
 STEPS = [4, 8]
 
 
 def estimate_loader() -> DataLoader:
     return DataLoader(dataset(), batch_size=32, shuffle=True)
+
+
+def observables() -> dict[str, DataLoader]:
+    """A probe set whose per-example losses every chain records, on whichever rank."""
+    return {"probe": DataLoader(Subset(dataset(), range(8)), batch_size=8)}
 
 
 def loss_fn(module, batch):
@@ -61,7 +66,13 @@ if __name__ == "__main__":
     budget = MODE == "budget"
     schedule = {"max_overhead": 0.3} if budget else {"steps": STEPS}
     config = replace(CONFIG, chains_in_flight=1) if MODE == "one_in_flight" else CONFIG
-    callback = LLCCallback(config, **schedule, loss_fn=loss_fn, dataloader=estimate_loader())
+    callback = LLCCallback(
+        config,
+        **schedule,
+        loss_fn=loss_fn,
+        dataloader=estimate_loader(),
+        observables=None if budget else observables(),
+    )
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,

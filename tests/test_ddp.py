@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ddp_script import CONFIG, STEPS, estimate_loader, loss_fn
+from ddp_script import CONFIG, STEPS, estimate_loader, loss_fn, observables
 from lightning_helpers import Classifier
 
 from llc_callbacks import LLCMonitor
@@ -53,7 +53,7 @@ def test_ddp_splits_chains_logs_once_and_matches_a_single_process(tmp_path, mode
 
     # One process, the same weights, batches and seeds: 3 chains in one vmap instead of 2 + 1
     # (or, with one in flight, 1 + 1 + 1).
-    single = LLCMonitor(CONFIG, steps=STEPS, distributed=False)
+    single = LLCMonitor(CONFIG, steps=STEPS, distributed=False, observables=observables())
     for step, row in zip(STEPS, histories[0], strict=True):
         module = Classifier(dropout=0.0)
         module.load_state_dict(torch.load(tmp_path / f"weights_{step}.pt"))
@@ -63,6 +63,10 @@ def test_ddp_splits_chains_logs_once_and_matches_a_single_process(tmp_path, mode
         np.testing.assert_allclose(
             [row[k] for k in chains], [metrics[k] for k in chains], rtol=1e-4, atol=1e-6
         )
+        # The observables recorded on each rank travel with its chains: the kernel of all
+        # 3 chains' records is the single process's, up to the same rounding.
+        kernel = "llc/kernel/probe:probe"
+        np.testing.assert_allclose(row[kernel], metrics[kernel], rtol=1e-3, atol=1e-5)
 
 
 def test_a_failure_on_one_rank_is_reported_on_all_without_deadlock(tmp_path):

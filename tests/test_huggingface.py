@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import wandb
 from compare import assert_same_history
 from hf_helpers import (
+    LENGTH,
     BowlForTrainer,
     FollowSharpness,
     TokenData,
@@ -24,7 +25,7 @@ from models import BOWL_CONFIG, BOWL_TURNS, TINY, fails_in_chains
 from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader, Subset
 
-from llc_callbacks import EssentialDynamics
+from llc_callbacks import EssentialDynamics, Probe, Restrictions, token_losses
 from llc_callbacks.forked import ForkedModel
 from llc_callbacks.integrations.huggingface import LLCTrainerCallback
 
@@ -326,7 +327,13 @@ def test_observables_reach_log_history_wandb_and_files_and_training_is_untouched
     config = dataclasses.replace(TINY, observe_every=1)
     watched, callback = train(
         tmp_path / "watched",
-        {"config": config, "steps": [4, 8], "observables": {"probe": probe}},
+        {
+            "config": config,
+            "steps": [4, 8],
+            "observables": {"probe": probe, "tokens": Probe(probe, token_losses)},
+            "restrictions": Restrictions(weights={"h0": "transformer.h.0.*"}),
+            "susceptibility_base": "probe",
+        },
         report_to="wandb",
     )
     wandb.finish()
@@ -335,11 +342,18 @@ def test_observables_reach_log_history_wandb_and_files_and_training_is_untouched
     ):
         assert torch.equal(a, b), name
     assert losses(watched) == losses(plain)
-    kernel = llc_rows(watched, "llc/kernel/probe:probe")
-    assert [step for step, _ in kernel] == [4, 8]
-    assert all(-1 <= value <= 1 for _, value in kernel)
-    tables = [row for row in wandb_rows() if "train/llc/influence/_type" in row]
-    assert [row["train/global_step"] for row in tables] == [4, 8]
-    assert len(callback.monitor.influences) == 5  # the top 5 of one pair
+    for pair in ("probe:probe", "probe:tokens", "tokens:tokens"):
+        kernel = llc_rows(watched, f"llc/kernel/{pair}")
+        assert [step for step, _ in kernel] == [4, 8]
+        assert all(-1 <= value <= 1 for _, value in kernel)
+    for key in ("llc/susceptibility/tokens", "llc/h0/susceptibility/tokens"):
+        found = llc_rows(watched, key)
+        assert [step for step, _ in found] == [4, 8] and all(math.isfinite(v) for _, v in found)
+    rows = wandb_rows()
+    for table in ("influence", "susceptibility", "loss_kernel"):
+        logged = [row["train/global_step"] for row in rows if f"train/llc/{table}/_type" in row]
+        assert logged == [4, 8], table
+    assert len(callback.monitor.influences) == 4 * 5  # the top 5 of each ordered pair
     saved = np.load(Path(watched.args.output_dir) / "observables" / "step_4.npz")
     assert saved["probe"].shape == (config.num_chains, config.num_draws, 8)
+    assert saved["tokens"].shape == (config.num_chains, config.num_draws, 8 * (LENGTH - 1))

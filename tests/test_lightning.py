@@ -20,7 +20,7 @@ from models import BOWL_CONFIG, BOWL_TURNS, TINY, fails_in_chains
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, TensorDataset
 
-from llc_callbacks import EssentialDynamics
+from llc_callbacks import EssentialDynamics, Restrictions
 from llc_callbacks.integrations.lightning import LLCCallback, training_step_loss
 from llc_callbacks.integrations.wandb import offline_run_dir
 
@@ -456,7 +456,13 @@ def test_observables_reach_csv_wandb_and_files_and_training_is_untouched(
         "query": DataLoader(torch.utils.data.Subset(dataset(), range(12, 18)), batch_size=6),
     }
     config = dataclasses.replace(TINY, observe_every=1)
-    callback = LLCCallback(config, steps=[4, 8], observables=probes)
+    callback = LLCCallback(
+        config,
+        steps=[4, 8],
+        observables=probes,
+        restrictions=Restrictions(weights={"first": "net.net.0.*"}),
+        susceptibility_base="train",
+    )
     csv_logger = CSVLogger(tmp_path / "watched")
     wandb_logger = WandbLogger(project="llc-callbacks-test", offline=True, save_dir=str(wandb_dir))
     watched, _ = fit(tmp_path / "watched", [callback], logger=[csv_logger, wandb_logger])
@@ -485,3 +491,19 @@ def test_observables_reach_csv_wandb_and_files_and_training_is_untouched(
     saved = np.load(Path(csv_logger.log_dir) / "observables" / "step_8.npz")
     assert saved["train"].shape == (TINY.num_chains, TINY.num_draws, 12)
     assert saved["query"].shape == (TINY.num_chains, TINY.num_draws, 6)
+    assert saved["first/query"].shape == (TINY.num_chains, TINY.num_draws, 6)  # the component's
+    for key in ("llc/susceptibility/query", "llc/first/susceptibility/query"):
+        logged = [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+        assert [step for step, _ in logged] == [4, 8] and all(np.isfinite(v) for _, v in logged)
+    tables = [row for row in wandb_rows() if "llc/susceptibility/_type" in row]
+    assert [row["trainer/global_step"] for row in tables] == [4, 8]
+    table = json.loads(
+        (offline_run_dir(wandb_dir) / "files" / tables[-1]["llc/susceptibility/path"]).read_text()
+    )
+    assert table["columns"] == ["step", "component", "source", "susceptibility", "stderr"]
+    assert [row[:3] for row in table["data"]] == [[8, "full", "query"], [8, "first", "query"]]
+    figures = {
+        name: [row["trainer/global_step"] for row in wandb_rows() if f"llc/{name}/_type" in row]
+        for name in ("loss_kernel", "susceptibilities")
+    }
+    assert figures == {"loss_kernel": [4, 8], "susceptibilities": [12]}
