@@ -14,7 +14,9 @@ anything failed:
    time of a chain step, for 1 to 16 chains and ``chains_in_flight`` 1, 4 and ``"auto"``, and
    64 chains of GPT-2 124M under ``"auto"`` (more than the card holds at once);
 6. a bfloat16 model's estimate against the float32 model's (the same weights);
-7. a LoRA adapter on a bfloat16 base: the base is read in place; the extra peak memory.
+7. a LoRA adapter on a bfloat16 base: the base is read in place; the extra peak memory;
+8. with 2 GPUs, the sharded checks of ``gpu_sharded.py`` under torchrun (FSDP2 chains against
+   one process; a transformers Trainer with accelerate FSDP2); skipped on one GPU.
 
 Each check runs on its own: an exception fails that check, prints its traceback, and the
 script goes on to the next.
@@ -25,11 +27,13 @@ off), so the vmap and loop paths compare at float32 rounding.
 """
 
 import argparse
+import subprocess
 import sys
 import time
 import traceback
 from copy import deepcopy
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -240,6 +244,23 @@ def lora_on_half_base(device: torch.device, quick: bool) -> None:
     check("LoRA on a bfloat16 base estimates", finite, f"llc {result.llc_mean:.3f}")
 
 
+def sharded_on_two_gpus(device: torch.device) -> None:
+    if device.type != "cuda" or torch.cuda.device_count() < 2:
+        print(
+            "        sharded: needs 2 GPUs, skipped (`torchrun --nproc_per_node=2"
+            " gpu_sharded.py --device cpu` checks the chains on CPU)"
+        )
+        return
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node=2", str(Path(__file__).with_name("gpu_sharded.py"))]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    for line in done.stdout.splitlines():
+        if line.startswith(("ok", "FAILED")):
+            print(f"  {line}")
+    detail = f"exit {done.returncode}" + ("" if done.returncode == 0 else done.stderr[-2000:])
+    check("sharded on 2 GPUs (gpu_sharded.py)", done.returncode == 0, detail)
+
+
 def _extra_peak(model, data, config: LLCConfig, device: torch.device) -> tuple[float, float]:
     """The extra peak CUDA memory of one estimate, in bytes, and its seconds."""
     torch.cuda.synchronize()
@@ -294,6 +315,7 @@ def main() -> None:
         lambda: peak_memory(device, args.quick),
         lambda: half_precision(device, args.quick),
         lambda: lora_on_half_base(device, args.quick),
+        lambda: sharded_on_two_gpus(device),
     ):
         try:
             run()

@@ -14,7 +14,12 @@ from typing import Any, Literal
 import numpy as np
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+)
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 from typing_extensions import override
@@ -96,7 +101,7 @@ class LLCCallback(Callback):
 
     Raises:
         ValueError: At construction for a bad argument, naming it; in ``setup`` for an
-            unsupported strategy (FSDP, DeepSpeed, model parallel) or manual optimization
+            unsupported strategy (FSDPStrategy, DeepSpeed) or manual optimization
             without ``loss_fn``.
     """
 
@@ -144,14 +149,15 @@ class LLCCallback(Callback):
         if stage != "fit":
             return
         strategy = trainer.strategy
-        supported = isinstance(strategy, SingleDeviceStrategy) or (
+        supported = isinstance(strategy, (SingleDeviceStrategy, ModelParallelStrategy)) or (
             isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
         )
         if not supported:
             raise ValueError(
-                f"LLCCallback does not support the {type(strategy).__name__} yet: sharded"
-                " weights (FSDP, DeepSpeed, model parallel) cannot be forked. Use a single"
-                " device or strategy='ddp'."
+                f"LLCCallback does not support the {type(strategy).__name__}: its weights"
+                " (FSDP's flat parameters, DeepSpeed's partitions) cannot be sampled. Use a"
+                " single device, strategy='ddp', or ModelParallelStrategy with fully_shard"
+                " in configure_model."
             )
         if not pl_module.automatic_optimization and self.loss_fn is None:
             raise ValueError(

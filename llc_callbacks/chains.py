@@ -111,7 +111,7 @@ class _Running:
         rmsprop = config.sampler == "rmsprop_sgld"
         self.state = SamplerState(weights, torch.zeros_like(weights) if rmsprop else None)
         self.grads = torch.empty_like(weights)
-        generators = [_chain_generator(config.seed, i, device) for i in group.noise_ids]
+        generators = [chain_generator(config.seed, i, device) for i in group.noise_ids]
         self.noise = _Noise(generators, self.movable)
 
 
@@ -430,7 +430,7 @@ def _sampler_step(config: LLCConfig, nbeta: float):
     return functools.partial(sgld_step, **common)
 
 
-def _chain_generator(seed: int, chain: int, device: torch.device) -> torch.Generator:
+def chain_generator(seed: int, chain: int, device: torch.device) -> torch.Generator:
     """A noise generator that depends only on the seed and the chain's index."""
     chain_seed = int(np.random.SeedSequence([seed, chain]).generate_state(1, np.uint64)[0])
     return torch.Generator(device=device).manual_seed(chain_seed)

@@ -30,6 +30,7 @@ from llc_callbacks.isolation import isolated
 from llc_callbacks.observables import Probe, probe_sets
 from llc_callbacks.restrictions import Restrictions
 from llc_callbacks.result import LLCResult, restricted_problems
+from llc_callbacks.sharded import is_sharded, refuse_unsupported, sample_sharded
 
 
 class _Pass(NamedTuple):
@@ -270,6 +271,34 @@ def _estimate(
     device = torch.device(device) if device is not None else model_device(model)
     rank, world_size = rank_and_world() if distributed else (0, 1)
     restrictions = restrictions or Restrictions()
+    if is_sharded(model):
+        refuse_unsupported(
+            config,
+            distributed,
+            restricted=restrictions.weights or restrictions.sources or not include_full,
+            observed=bool(observables),
+        )
+        with sampling(model, config, device):
+            traces, init_loss, nbeta = on_every_rank(
+                lambda: sample_sharded(model, loss_fn, data, config, progress and rank == 0)
+            )
+        chains = list(range(config.num_chains))
+        part = _ChainPart(
+            chains,
+            traces.trace,
+            traces.diverged,
+            traces.reference,
+            traces.distance,
+            None,
+            init_loss,
+            nbeta,
+            False,
+            "float32",
+            {},
+        )
+        elapsed = time.perf_counter() - start
+        unmeasured = dataclasses.replace(config, mala=False)
+        return _summaries(_Pass(data, [None], [None]), [part], unmeasured, elapsed), elapsed
     failures: dict[str, str] = {}
     results: dict[str | None, LLCResult] = {}
     with sampling(model, config, device):

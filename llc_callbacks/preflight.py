@@ -21,6 +21,7 @@ from llc_callbacks.distributed import on_every_rank, rank_and_world
 from llc_callbacks.estimator import check_inputs, fork, model_device, sampling
 from llc_callbacks.forked import ForkedModel, LossFn
 from llc_callbacks.restrictions import Restrictions
+from llc_callbacks.sharded import check_first_loss, is_sharded, refuse_unsupported
 
 
 class Preflight(NamedTuple):
@@ -77,6 +78,13 @@ def preflight(
     restrictions = restrictions or Restrictions()
     device = torch.device(device) if device is not None else model_device(model)
     distributed = distributed and rank_and_world()[1] > 1
+    if is_sharded(model):
+        refuse_unsupported(
+            config, distributed, restricted=bool(restrictions.weights or restrictions.sources)
+        )
+        with sampling(model, config, device):
+            total = on_every_rank(lambda: check_first_loss(model, loss_fn, data, config))
+        return Preflight(total, {}, time.perf_counter() - start)
     with sampling(model, config, device):
         forked = fork(model, loss_fn, config, device, distributed)
 
