@@ -25,28 +25,33 @@ def main(repeats: int = 3) -> None:
     dataset = make_data()
     model, data = trained_model(dataset), make_loader(dataset)
     probe = DataLoader(Subset(dataset, range(256)), batch_size=256)
-    plain = best_of(
-        repeats, lambda: estimate_llc(model, loss_fn, data, LLCConfig.fast(), warn=False)
-    )
-    print(f"plain estimate: {plain:.2f} s")
+    compare("MLP", model, loss_fn, data, probe, "256 examples", repeats)
+    model, data, probe = small_gpt2()
+    compare("GPT-2", model, lm_loss, data, probe, f"32 x {LENGTH - 1} tokens", repeats)
+
+
+def compare(
+    name: str, model: torch.nn.Module, loss, data, probe, values: str, repeats: int
+) -> None:
+    """Print the plain estimate's time and the cost of observing on every draw and every tenth."""
+    plain = best_of(repeats, lambda: estimate_llc(model, loss, data, LLCConfig.fast(), warn=False))
+    print(f"{name} plain estimate: {plain:.2f} s")
     for every in (1, 10):
         config = LLCConfig.fast(observe_every=every)
         seconds = best_of(
             repeats,
             lambda c=config: estimate_llc(
-                model, loss_fn, data, c, warn=False, observables={"probe": probe}
+                model, loss, data, c, warn=False, observables={"probe": probe}
             ),
         )
-        records = config.observed_draws
         print(
-            f"observables on every {every:2d} draw(s) ({records} records of 256 examples):"
-            f" {seconds:.2f} s, {seconds / plain:.2f}x the plain estimate"
+            f"{name} observables on every {every:2d} draw(s) ({config.observed_draws} records of"
+            f" {values}): {seconds:.2f} s, {seconds / plain:.2f}x the plain estimate"
         )
-    per_token(repeats)
 
 
-def per_token(repeats: int) -> None:
-    """Per-token losses of a small GPT-2 on every draw and every tenth."""
+def small_gpt2() -> tuple[GPT2LMHeadModel, DataLoader, Probe]:
+    """A 2-layer GPT-2 (random init), its batches of 8 sequences, 32 sequences per token."""
     torch.manual_seed(0)
     config = GPT2Config(
         n_layer=2,
@@ -61,26 +66,11 @@ def per_token(repeats: int) -> None:
     ids = torch.randint(0, VOCAB, (64, LENGTH))
     data = DataLoader([{"input_ids": i, "labels": i} for i in ids], batch_size=8)
     probe = Probe(DataLoader([{"input_ids": i} for i in ids[:32]], batch_size=32), token_losses)
+    return model, data, probe
 
-    def lm_loss(m: GPT2LMHeadModel, batch: dict) -> torch.Tensor:
-        return m(**batch).loss
 
-    plain = best_of(
-        repeats, lambda: estimate_llc(model, lm_loss, data, LLCConfig.fast(), warn=False)
-    )
-    print(f"GPT-2 plain estimate: {plain:.2f} s")
-    for every in (1, 10):
-        config = LLCConfig.fast(observe_every=every)
-        seconds = best_of(
-            repeats,
-            lambda c=config: estimate_llc(
-                model, lm_loss, data, c, warn=False, observables={"tokens": probe}
-            ),
-        )
-        print(
-            f"GPT-2 per-token losses on every {every:2d} draw(s) ({config.observed_draws} records"
-            f" of 32 x {LENGTH - 1} tokens): {seconds:.2f} s, {seconds / plain:.2f}x"
-        )
+def lm_loss(model: GPT2LMHeadModel, batch: dict) -> torch.Tensor:
+    return model(**batch).loss
 
 
 if __name__ == "__main__":

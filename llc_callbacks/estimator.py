@@ -95,7 +95,9 @@ def estimate_llc(
             process group and gather them, so that every rank returns the same result. Every
             rank must call it with the same data and config; all sample around rank zero's
             weights and buffers. Chain ``i`` depends only on the seed, ``i``, the weights and
-            the batches, so the result equals a single-process run's.
+            the batches, so the result equals a single-process run's. A model sharded with
+            FSDP2 (``fully_shard``) needs it: every rank runs every chain through its shards
+            (``llc_callbacks.sharded``).
         warn: Warn about every failed health check (``LLCResult.problems``); a monitor turns
             this off and warns once per check and run instead.
         strict: Raise when a restriction fails (a selection that matches nothing, a data
@@ -275,27 +277,11 @@ def _estimate(
         refuse_unsupported(
             config,
             distributed,
-            restricted=restrictions.weights or restrictions.sources or not include_full,
+            restricted=bool(restrictions.weights or restrictions.sources) or not include_full,
             observed=bool(observables),
         )
         with sampling(model, config, device):
-            traces, init_loss, nbeta = on_every_rank(
-                lambda: sample_sharded(model, loss_fn, data, config, progress and rank == 0)
-            )
-        chains = list(range(config.num_chains))
-        part = _ChainPart(
-            chains,
-            traces.trace,
-            traces.diverged,
-            traces.reference,
-            traces.distance,
-            None,
-            init_loss,
-            nbeta,
-            False,
-            "float32",
-            {},
-        )
+            part = on_every_rank(lambda: _sample_sharded(model, loss_fn, data, config, progress))
         elapsed = time.perf_counter() - start
         unmeasured = dataclasses.replace(config, mala=False)
         return _summaries(_Pass(data, [None], [None]), [part], unmeasured, elapsed), elapsed
@@ -412,6 +398,27 @@ def _probes(
             " or observe fewer examples"
         )
     return probes
+
+
+def _sample_sharded(
+    model: nn.Module, loss_fn: LossFn, data: Iterable[Any], config: LLCConfig, progress: bool
+) -> _ChainPart:
+    """Run every chain through a sharded model (``sharded.sample_sharded``), on every rank."""
+    progress = progress and rank_and_world()[0] == 0
+    traces, init_loss, nbeta = sample_sharded(model, loss_fn, data, config, progress)
+    return _ChainPart(
+        list(range(config.num_chains)),
+        traces.trace,
+        traces.diverged,
+        traces.reference,
+        traces.distance,
+        None,
+        init_loss,
+        nbeta,
+        False,
+        "float32",
+        {},
+    )
 
 
 def _sample(
