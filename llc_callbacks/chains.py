@@ -84,8 +84,8 @@ class ChainTraces(NamedTuple):
         diverged: Which chains' loss went NaN or infinite, ``(chains,)``.
         mala: Each chain's mean MALA acceptance over every ``MALA_EVERY``-th draw, or
             ``None`` unless ``config.mala``.
-        observed: Per observable, each chain's per-example losses on every
-            ``config.observe_every``-th draw, ``(chains, records, examples)``.
+        observed: Per observable, each chain's recorded values on every
+            ``config.observe_every``-th draw, ``(chains, records, values)``.
     """
 
     trace: np.ndarray

@@ -54,7 +54,7 @@ class _ChainPart(NamedTuple):
     nbeta: float
     vectorized: bool
     precision: str  # the dtype of the forward passes, as LLCResult.precision names it
-    observed: dict[str, np.ndarray]  # per observable, (len(chains), records, examples)
+    observed: dict[str, np.ndarray]  # per observable, (len(chains), records, values)
 
 
 def estimate_llc(

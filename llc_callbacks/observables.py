@@ -265,11 +265,13 @@ def summarize(result: LLCResult, top: int = 5, base: str | None = None) -> Summa
     for i, a in enumerate(names):
         for b in names:
             same = a == b
-            found = loss_kernel(result, a, b, correlation=True).value
+            x, y = (s.reshape(-1, s.shape[2]) for s in _samples(result, a, b))
+            covariance = _cov(x, y, correlation=False)  # pooled only: no spread is logged
+            found = _correlated(covariance, x, y)
             off = ~np.eye(*found.shape, dtype=bool) if same else np.ones_like(found, bool)
             if names.index(b) >= i and off.any():
                 kernel[f"{a}:{b}"] = float(np.nanmean(found[off]))
-            influence = bif(result, a, b).value
+            influence = -covariance
             if same:
                 np.fill_diagonal(influence, np.nan)
             if influence.shape[1] <= same:
@@ -327,9 +329,14 @@ def _covariance(x: np.ndarray, y: np.ndarray, correlation: bool) -> Covariance:
 
 def _cov(x: np.ndarray, y: np.ndarray, correlation: bool) -> np.ndarray:
     """The covariance (or correlation) of the columns of ``x`` and ``y``; rows are draws."""
-    dx, dy = x - x.mean(axis=0), y - y.mean(axis=0)
-    cov = dx.T @ dy / (len(x) - 1)
-    if correlation:  # NaN for a constant value (a padding token's zero loss)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            cov = cov / np.outer(dx.std(axis=0, ddof=1), dy.std(axis=0, ddof=1))
-    return cov
+    cov = (x - x.mean(axis=0)).T @ (y - y.mean(axis=0)) / (len(x) - 1)
+    return _correlated(cov, x, y) if correlation else cov
+
+
+def _correlated(cov: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """A covariance of the columns of ``x`` and ``y`` as correlations.
+
+    NaN for a constant value (a padding token's zero loss).
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return cov / np.outer(x.std(axis=0, ddof=1), y.std(axis=0, ddof=1))

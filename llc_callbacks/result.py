@@ -35,8 +35,9 @@ class LLCResult:
         precision: The dtype the chains' forward passes ran in (``"bfloat16"`` for a model held
             in bfloat16); their weights, updates and losses are float32 whatever it is.
         observables: Per observable (``estimate_llc(observables=...)``), each chain's
-            per-example losses on every ``config.observe_every``-th draw, shape
-            ``(chains, records, examples)``; NaN after a chain diverged.
+            per-example losses (or what its ``Probe.losses`` returns, flattened) on every
+            ``config.observe_every``-th draw, shape ``(chains, records, values)``; NaN after
+            a chain diverged.
         restricted: The weight- and data-restricted estimates, by name (see
             ``Restrictions``); empty when none were asked for.
         error: Why the estimate failed (``LLCResult.failed``), or ``None``.
