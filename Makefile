@@ -35,6 +35,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 bench: $(STAMP)
+	$(PY) benchmarks/first_contact.py
 	$(PY) benchmarks/step_cost.py
 	$(PY) benchmarks/vs_devinterp.py
 	$(PY) benchmarks/restrictions.py

@@ -153,6 +153,7 @@ def run(
         at_start=True,
         curvature=CURVATURES,
         dynamics=dynamics,
+        extra_metrics=("chains", "free_energy"),  # each chain's curve, and F next to it
     )
     csv = CSVLogger(out, name="csv")
     wandb_logger = WandbLogger(

@@ -6,7 +6,6 @@ here; the trainer-specific parts (hooks, loss, data, logging calls) stay in its 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
@@ -85,21 +84,30 @@ def dataset_size(dataset: object) -> int | None:
     return size if size >= 2 else None
 
 
-def state_key(
-    owner: str, monitor: LLCMonitor, every_n_steps: int | None, log_spaced: int | None
-) -> str:
-    """The key a callback's state is saved under: its class, prefix, schedule and config.
+def state_key(owner: str, prefix: str) -> str:
+    """The key a callback's state is saved under: its class and prefix, as Lightning writes one.
 
-    Two differently configured callbacks in one run keep separate states.
+    Two callbacks in one run have different prefixes (``refuse_same_prefix``), so they keep
+    separate states.
     """
-    fields = {
-        "prefix": monitor.prefix,
-        "every_n_steps": every_n_steps,
-        "steps": monitor.schedule.steps,
-        "log_spaced": log_spaced,
-        "config": repr(monitor.config),
-    }
-    return owner + json.dumps(fields, sort_keys=True)
+    return f"{owner}{ {'prefix': prefix}!r}"
+
+
+def refuse_same_prefix(callback: object, callbacks: Iterable[object]) -> None:
+    """Refuse a second LLC callback of the trainer with the same prefix.
+
+    Raises:
+        ValueError: If another of ``callbacks`` has a monitor with ``callback``'s prefix.
+    """
+    prefix = callback.monitor.prefix  # type: ignore[attr-defined]
+    for other in callbacks:
+        monitor = getattr(other, "monitor", None)
+        if other is not callback and isinstance(monitor, LLCMonitor) and monitor.prefix == prefix:
+            raise ValueError(
+                f"two LLC callbacks log under prefix={prefix!r} ({type(callback).__name__} and"
+                f" {type(other).__name__}): their metrics would share one column. Give each its"
+                " own prefix=..."
+            )
 
 
 def warn_if_state_is_stale(
@@ -107,16 +115,16 @@ def warn_if_state_is_stale(
 ) -> None:
     """Warn when a checkpoint holds this kind of callback's state, but not under ``key``.
 
-    A resumed run whose prefix, schedule or config changed would otherwise start a new LLC
-    history without a word.
+    A resumed run whose prefix changed would otherwise start a new LLC history without a
+    word (a changed schedule or config is ``LLCMonitor.load_state_dict``'s to tell).
     """
     others = sorted(k for k in saved_keys if k.startswith(owner + "{") and k != key)
     if others and key not in saved_keys:
         monitor.warn_once(
             "stale_state",
-            f"the checkpoint holds the state of a {owner} with another prefix, schedule or"
-            f" config ({others[0][len(owner) :]}), not of this one ({key[len(owner) :]}): this"
-            " run starts a new LLC history. Pass the same arguments to continue the saved one.",
+            f"the checkpoint holds the LLC state of a {owner} saved as {others[0]!r}, not of"
+            f" this one, {key!r}: this run starts a new LLC history. Pass the saved prefix to"
+            " continue it.",
         )
 
 

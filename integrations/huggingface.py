@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -26,18 +27,22 @@ class LLCTrainerCallback(TrainerCallback):
 
     Usage::
 
-        trainer.add_callback(LLCTrainerCallback(trainer, every_n_steps=500))
+        trainer = Trainer(model, args, train_dataset=data, callbacks=[LLCTrainerCallback()])
 
-    Metrics go through ``trainer.log``, so ``state.log_history`` and every ``report_to``
-    integration get them at ``state.global_step`` (W&B shows ``train/llc/mean`` on the
-    ``train/global_step`` axis, next to ``train/loss``), and the loss log of the same step is
-    kept. Under ``torchrun`` the chains are split over the processes and gathered.
+    or ``trainer.add_callback(LLCTrainerCallback(...))``. The callback finds the Trainer
+    that runs it when the Trainer is built (``on_init_end``) or when training starts, and
+    uses its loss, data and logging. Metrics go through ``trainer.log``, so
+    ``state.log_history`` and every ``report_to`` integration get them at
+    ``state.global_step`` (W&B shows ``train/llc/mean`` on the ``train/global_step`` axis,
+    next to ``train/loss``), and the loss log of the same step is kept. Each estimate logs
+    ``{prefix}/mean``, ``{prefix}/std`` and ``{prefix}/healthy`` (and ``extra_metrics``).
+    Under ``torchrun`` the chains are split over the processes and gathered.
 
     When training starts, the callback checks the loss, the data and the restrictions once
-    and logs ``{prefix}/num_sampled``, as ``LLCCallback`` does.
+    and logs ``{prefix}/num_sampled``, as ``LLCCallback`` does: a mistake it finds raises
+    from ``trainer.train()`` before the first step (``strict``).
 
     Args:
-        trainer: The Trainer whose loss, data and logging the callback uses.
         config: Sampling hyperparameters, fixed for the run.
         every_n_steps: Estimate after every ``n``-th optimizer step (the default, with 100,
             when no schedule is given).
@@ -51,10 +56,16 @@ class LLCTrainerCallback(TrainerCallback):
         dataloader: Where batches come from; by default a loader over the Trainer's training
             set, owned by the callback (same dataset, per-device batch size and collator,
             shuffled, no workers, not split across processes).
-        prefix: First part of every metric key.
-        on_error: What a failure does, be it the check at the start, an estimate, a figure
-            or a log call: ``"warn"``: one warning, NaN metrics for a failed estimate, and
-            training goes on; ``"raise"``: training stops with the error.
+        prefix: First part of every metric key (``"llc"``, ``"probe/llc"``); two LLC
+            callbacks of one Trainer need different ones.
+        on_error: What a failure during training does, be it an estimate, a figure or a log
+            call: ``"warn"``: one warning, NaN metrics for a failed estimate, and training
+            goes on; ``"raise"``: training stops with the error.
+        strict: Whether a mistake found when training starts (the check of the loss, data
+            and restrictions, the choice of data) raises, naming the argument and the fix;
+            ``False`` warns instead (see ``LLCMonitor``).
+        extra_metrics: More keys per estimate: ``"chains"``, ``"diagnostics"``,
+            ``"free_energy"`` (see ``LLCMonitor``).
         log_trace_plot: Also log each estimate's chain traces (``plot_traces``) to W&B as an
             image ``train/{prefix}/trace`` when the Trainer reports to wandb (needs
             matplotlib; without it, one warning and no images).
@@ -64,8 +75,8 @@ class LLCTrainerCallback(TrainerCallback):
         curvature: Curvature to measure at every estimate's weights too
             (``"hessian_trace"``, ``"fisher_trace"``, ``"top_eigenvalue"``), logged as
             ``{prefix}/curvature/<name>`` (see ``LLCMonitor``).
-        dataset_size: ``n`` of the local free energy ``{prefix}/free_energy``; by default the
-            length of the Trainer's training set, when it has one.
+        dataset_size: ``n`` of the local free energy (``extra_metrics=("free_energy",)``);
+            by default the length of the Trainer's training set, when it has one.
         max_overhead: Keep the estimates' time within this share of the training time,
             spacing them by how fast the LLC moves (see ``LLCMonitor``).
         dynamics: Record the essential dynamics on its own schedule (its default loss is
@@ -88,13 +99,18 @@ class LLCTrainerCallback(TrainerCallback):
     Stage boundaries that the monitor confirms (``{prefix}/stage``) also go to W&B as the
     table ``train/{prefix}/stages``.
 
+    Attributes:
+        monitor: The ``LLCMonitor`` that schedules the estimates and keeps their history.
+        trainer: The Trainer that runs the callback, once found (``None`` before).
+
     Raises:
-        ValueError: For a bad argument, naming it.
+        ValueError: For a bad argument, naming it; when training starts, for another LLC
+            callback with the same prefix.
+        RuntimeError: When training starts, if no Trainer runs the callback.
     """
 
     def __init__(
         self,
-        trainer: Trainer,
         config: LLCConfig | None = None,
         *,
         every_n_steps: int | None = None,
@@ -106,6 +122,8 @@ class LLCTrainerCallback(TrainerCallback):
         dataloader: Iterable[Any] | None = None,
         prefix: str = "llc",
         on_error: Literal["warn", "raise"] = "warn",
+        strict: bool = True,
+        extra_metrics: Sequence[str] = (),
         log_trace_plot: bool = False,
         restrictions: Restrictions | None = None,
         curvature: Sequence[str] = (),
@@ -115,23 +133,32 @@ class LLCTrainerCallback(TrainerCallback):
         observables: Mapping[str, Iterable[Any] | Probe] | None = None,
         susceptibility_base: str | None = None,
     ) -> None:
-        if not isinstance(trainer, Trainer):
+        if isinstance(config, Trainer):
             raise ValueError(
-                f"trainer must be a transformers.Trainer, got {type(trainer).__name__}"
+                "LLCTrainerCallback takes no trainer: pass it to Trainer(callbacks=[...]) or"
+                " trainer.add_callback(...), and it finds the Trainer itself"
             )
         arguments = dict(locals())  # the signature's arguments, by name
-        del arguments["self"], arguments["trainer"]
+        del arguments["self"]
         self.monitor = common.build_monitor(arguments)
         self.dynamics = dynamics
-        self.trainer = trainer
+        self.trainer: Trainer | None = None
         self.loss_fn = loss_fn
         self.dataloader = dataloader
         self.log_trace_plot = log_trace_plot
         # The monitor's state travels in TrainerState.stateful_callbacks under this key.
-        self.state_key = common.state_key(
-            "LLCTrainerCallback", self.monitor, every_n_steps, log_spaced
-        )
+        self.state_key = common.state_key("LLCTrainerCallback", self.monitor.prefix)
         self._data: Iterable[Any] | None = None
+
+    def on_init_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        **kwargs: Any,
+    ) -> None:
+        """Find the Trainer being built with ``callbacks=[...]``."""
+        self.trainer = self.trainer or _running_trainer()
 
     def on_train_begin(
         self,
@@ -142,7 +169,19 @@ class LLCTrainerCallback(TrainerCallback):
         train_dataloader: DataLoader | None = None,
         **kwargs: Any,
     ) -> None:
-        """Restore a resumed run's history, check the inputs, and estimate if ``at_start``."""
+        """Restore a resumed run's history, check the inputs, and estimate if ``at_start``.
+
+        Raises:
+            RuntimeError: If no Trainer runs the callback.
+            ValueError: If another LLC callback of the Trainer has the same prefix.
+        """
+        self.trainer = self.trainer or _running_trainer()
+        if self.trainer is None:
+            raise RuntimeError(
+                "LLCTrainerCallback found no transformers.Trainer running it: pass it to"
+                " Trainer(callbacks=[...]) or trainer.add_callback(...)"
+            )
+        common.refuse_same_prefix(self, self.trainer.callback_handler.callbacks)
         saved = state.stateful_callbacks or {}
         common.warn_if_state_is_stale(self.monitor, "LLCTrainerCallback", self.state_key, saved)
         if self.state_key in saved:
@@ -154,7 +193,7 @@ class LLCTrainerCallback(TrainerCallback):
         size = common.dataset_size(self.trainer.train_dataset)
         if size is not None:
             self.monitor.set_dataset_size(size)
-        with self.monitor.reporting("choosing the LLC estimates' data", disable=True):
+        with self.monitor.checking("choosing the LLC estimates' data"):
             own = self.dataloader is None
             self._data = _own_loader(train_dataloader, args) if own else self.dataloader
         if self.monitor.enabled:
@@ -264,6 +303,22 @@ class LLCTrainerCallback(TrainerCallback):
 
     def _trainer_loss(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
         return self.trainer.compute_loss(model, batch)
+
+
+def _running_trainer() -> Trainer | None:
+    """The Trainer whose method is on the calling stack (it calls its callbacks' events).
+
+    Events receive the model, optimizer and data but not the Trainer; ``Trainer.__init__``
+    (for ``on_init_end``) and ``Trainer.train`` (for ``on_train_begin``) are on the stack
+    when the callback handler calls them.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, Trainer):
+            return owner
+        frame = frame.f_back
+    return None
 
 
 def _reports_to_wandb(args: TrainingArguments, state: TrainerState) -> bool:

@@ -35,16 +35,17 @@ from llc_callbacks.restrictions import Restrictions
 class LLCCallback(Callback):
     """Estimate the LLC of the LightningModule on a schedule and log it to every logger.
 
-    Metrics (``llc/mean``, ``llc/std``, ``llc/chain_<i>``, ``llc/init_loss``,
-    ``llc/diag/<name>``) are logged with ``step=trainer.global_step``, the number of optimizer
-    steps behind the weights, which is also the step Lightning logs the loss of those weights
-    under. Under DDP the chains are split over the ranks and gathered, and rank zero logs.
+    Each estimate logs ``llc/mean``, ``llc/std`` and ``llc/healthy`` (1 when every health
+    check passed; a failed one is also a warning saying what to change), and ``extra_metrics``
+    adds per-chain values, diagnostics and the free energy. They are logged with
+    ``step=trainer.global_step``, the number of optimizer steps behind the weights, which is
+    also the step Lightning logs the loss of those weights under. Under DDP the chains are
+    split over the ranks and gathered, and rank zero logs.
 
     When training starts, the callback checks the loss, the data and the restrictions once
     (one forward pass per data source on the forked weights) and logs
-    ``{prefix}/num_sampled``, the number of weights each chain samples: under
-    ``on_error="raise"`` a mistake stops the run before its first step, under ``"warn"`` it is
-    one warning and the callback is off for the run.
+    ``{prefix}/num_sampled``, the number of weights each chain samples: a mistake it finds
+    stops the run before its first step, naming the argument and the fix (``strict``).
 
     Args:
         config: Sampling hyperparameters, fixed for the run.
@@ -62,10 +63,17 @@ class LLCCallback(Callback):
             set, owned by the callback (same dataset, batch size, collate function and
             shuffling, no workers, not split across ranks). Either way batches go through
             the module's batch-transfer hooks.
-        prefix: First part of every metric key.
-        on_error: What a failure does, be it the check at the start, an estimate, a figure
-            or a log call: ``"warn"``: one warning, NaN metrics for a failed estimate, and
-            training goes on; ``"raise"``: training stops with the error.
+        prefix: First part of every metric key (``"llc"``, ``"probe/llc"``); two
+            ``LLCCallback``s of one trainer need different ones (Lightning refuses two
+            callbacks with the same ``state_key``).
+        on_error: What a failure during training does, be it an estimate, a figure or a log
+            call: ``"warn"``: one warning, NaN metrics for a failed estimate, and training
+            goes on; ``"raise"``: training stops with the error.
+        strict: Whether a mistake found when training starts (the check of the loss, data
+            and restrictions, the choice of data) raises, naming the argument and the fix;
+            ``False`` warns instead (see ``LLCMonitor``).
+        extra_metrics: More keys per estimate: ``"chains"``, ``"diagnostics"``,
+            ``"free_energy"`` (see ``LLCMonitor``).
         log_trace_plot: Also log each estimate's chain traces (``plot_traces``) as an image
             ``{prefix}/trace`` to every ``WandbLogger`` (needs matplotlib; without it, one
             warning and no images).
@@ -76,8 +84,8 @@ class LLCCallback(Callback):
         curvature: Curvature to measure at every estimate's weights too
             (``"hessian_trace"``, ``"fisher_trace"``, ``"top_eigenvalue"``), logged as
             ``{prefix}/curvature/<name>`` (see ``LLCMonitor``).
-        dataset_size: ``n`` of the local free energy ``{prefix}/free_energy``; by default the
-            length of the trainer's training set, when it has one.
+        dataset_size: ``n`` of the local free energy (``extra_metrics=("free_energy",)``);
+            by default the length of the trainer's training set, when it has one.
         max_overhead: Keep the estimates' time within this share of the training time,
             spacing them by how fast the LLC moves (see ``LLCMonitor``).
         dynamics: Record the essential dynamics on its own schedule (its probe batches go
@@ -101,8 +109,8 @@ class LLCCallback(Callback):
 
     Raises:
         ValueError: At construction for a bad argument, naming it; in ``setup`` for an
-            unsupported strategy (FSDPStrategy, DeepSpeed) or manual optimization
-            without ``loss_fn``.
+            unsupported strategy (FSDPStrategy, DeepSpeed), manual optimization without
+            ``loss_fn``, or another LLC callback with the same prefix.
     """
 
     def __init__(
@@ -118,6 +126,8 @@ class LLCCallback(Callback):
         dataloader: Iterable[Any] | None = None,
         prefix: str = "llc",
         on_error: Literal["warn", "raise"] = "warn",
+        strict: bool = True,
+        extra_metrics: Sequence[str] = (),
         log_trace_plot: bool = False,
         restrictions: Restrictions | None = None,
         curvature: Sequence[str] = (),
@@ -136,7 +146,7 @@ class LLCCallback(Callback):
         self.dataloader = dataloader
         self.restrictions = restrictions
         self.log_trace_plot = log_trace_plot
-        self._state_key = common.state_key("LLCCallback", self.monitor, every_n_steps, log_spaced)
+        self._state_key = common.state_key("LLCCallback", self.monitor.prefix)
         self._data: Iterable[Any] | None = None
 
     @property
@@ -164,6 +174,7 @@ class LLCCallback(Callback):
                 "LLCCallback needs loss_fn=... with manual optimization: training_step steps"
                 " the optimizer itself, so it cannot serve as the loss."
             )
+        common.refuse_same_prefix(self, trainer.callbacks)
 
     @override
     def on_load_checkpoint(
@@ -185,7 +196,7 @@ class LLCCallback(Callback):
         size = common.dataset_size(getattr(trainer.train_dataloader, "dataset", None))
         if size is not None:
             self.monitor.set_dataset_size(size)
-        with self.monitor.reporting("choosing the LLC estimates' data", disable=True):
+        with self.monitor.checking("choosing the LLC estimates' data"):
             loader = self.dataloader if self.dataloader is not None else _own_loader(trainer)
             self._data = _ModuleBatches(loader, pl_module)
         if self.restrictions is not None:

@@ -197,21 +197,27 @@ def run_chains(
         total=steps * len(waves), desc="LLC chains", disable=None if progress else True, leave=False
     )
     first_row = 0
-    for number, wave in enumerate(waves):
-        wave_batches = kept.replay() if kept is not None else batches
-        _run_wave(
-            wave,
-            first_row,
-            wave_batches,
-            config,
-            nbeta,
-            traces,
-            paired=number == 0,
-            bar=bar,
-            observables=observables or {},
-        )
-        first_row += sum(len(group.noise_ids) for group in wave)
-    bar.close()
+    try:
+        for number, wave in enumerate(waves):
+            wave_batches = kept.replay() if kept is not None else batches
+            _run_wave(
+                wave,
+                first_row,
+                wave_batches,
+                config,
+                nbeta,
+                traces,
+                paired=number == 0,
+                bar=bar,
+                observables=observables or {},
+            )
+            first_row += sum(len(group.noise_ids) for group in wave)
+    except RuntimeError as error:  # torch.OutOfMemoryError is one
+        if not _out_of_memory(error):
+            raise
+        raise _explained(error, groups, config, in_flight) from error
+    finally:
+        bar.close()
     return ChainTraces(
         traces.trace.cpu().numpy(),
         traces.reference.cpu().numpy(),
@@ -277,9 +283,34 @@ def _chain_bytes(forked: ForkedModel, config: LLCConfig, batch: Any) -> int:
     largest parameter's gradient while backward makes it, and the activations one chain's
     forward pass keeps for its backward, measured on ``batch``.
     """
+    return _weight_bytes(forked, config) + forked.saved_bytes(batch)
+
+
+def _weight_bytes(forked: ForkedModel, config: LLCConfig) -> int:
+    """The float32 weights, gradients and sampler state one chain in flight holds, in bytes."""
     copies = 2 + 3 * (config.sampler == "rmsprop_sgld") + 2 * config.mala
-    weights = 4 * (copies * forked.anchor.numel() + max(forked.layout.numels))
-    return weights + forked.saved_bytes(batch)
+    return 4 * (copies * forked.anchor.numel() + max(forked.layout.numels))
+
+
+def _out_of_memory(error: RuntimeError) -> bool:
+    """Whether ``error`` is an allocator's: CUDA's ``OutOfMemoryError`` or the CPU's."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
+def _explained(
+    error: RuntimeError, groups: Sequence[ChainGroup], config: LLCConfig, in_flight: int
+) -> RuntimeError:
+    """``error`` again, with what each chain in flight holds and how to hold fewer."""
+    per_chain = max(_weight_bytes(group.forked, config) for group in groups)
+    first_line = str(error).strip().splitlines()[0]
+    return type(error)(
+        f"out of memory with {in_flight} chains in flight (chains_in_flight="
+        f"{config.chains_in_flight!r}): each holds {per_chain / 1e6:.3g} MB of float32"
+        " weights, gradients and sampler state plus one forward and backward pass's"
+        " activations. Pass LLCConfig(chains_in_flight=k) with a smaller k (1 holds one"
+        " chain at a time; the numbers stay the same), or sample with smaller batches."
+        f" {type(error).__name__}: {first_line}"
+    )
 
 
 def _waves(groups: Sequence[ChainGroup], size: int) -> list[list[ChainGroup]]:

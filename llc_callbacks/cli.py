@@ -1,12 +1,7 @@
-"""The ``llc-callbacks`` console script.
+"""The ``llc-callbacks`` console script: figures and stage tables of a run's logged LLC.
 
-``llc-callbacks stages RUN [--restriction NAME]`` prints the developmental stages of a run's
-LLC curve (``llc_callbacks.stages``) as a table.
-
-``llc-callbacks plot RUN [RUN ...] [-o OUT.png] [--loss KEY]`` draws the LLC (with its chain
-spread) and the loss of one run or several (a curve each) to a PNG, from a Lightning
-``metrics.csv``, a transformers ``trainer_state.json`` or a W&B offline run folder; with the
-curvature a run logged, in a panel below.
+``main`` is the entry point. Its help, and each command's (``llc-callbacks plot --help``), is
+built from the ``*_DESCRIPTION`` and ``*_EXAMPLES`` constants below.
 """
 
 from __future__ import annotations
@@ -20,36 +15,138 @@ from pathlib import Path
 from llc_callbacks.curvature import CURVATURES
 from llc_callbacks.history import llc_prefix, loss_key, read_rows, series
 from llc_callbacks.keys import CURVATURE, metric_key
-from llc_callbacks.plotting import Curves, plot_llc_curve
+from llc_callbacks.plotting import Curves, component_names, plot_components, plot_llc_curve
 from llc_callbacks.stages import detect_stages
+
+PROG = "llc-callbacks"
+# Default file names of the figures, in the folder the runs share.
+CURVE_PNG, COMPONENTS_PNG = "llc_curve.png", "llc_components.png"
+RUN_HELP = "a metrics.csv, a trainer_state.json, a folder holding either, or a W&B run folder"
+
+DESCRIPTION = """\
+Figures and tables of the local learning coefficient (LLC) that llc_callbacks logged
+during training. Each command reads a run's logged history: a Lightning CSVLogger
+metrics.csv, a transformers trainer_state.json, a folder holding either, or a W&B
+offline run folder (wandb/offline-run-*, read with wandb). See
+'llc-callbacks COMMAND --help' for what each command does and its options."""
+EXAMPLES = """\
+examples:
+  llc-callbacks plot lightning_logs/version_0/metrics.csv
+  llc-callbacks plot output/trainer_state.json --components
+  llc-callbacks stages wandb/offline-run-20250101_120000-abc123"""
+
+PLOT_DESCRIPTION = """\
+Draw the LLC over training to a PNG, from a Lightning metrics.csv, a transformers
+trainer_state.json or a W&B offline run folder: the LLC with its chain spread (+/- std)
+as a band, the loss dashed on a second axis, a curve per run when given several, and
+the curvature a run logged in a panel below; a single run's rising and falling stages
+are shaded. --restriction NAME draws the restricted LLC NAME (a layer's or a head's,
+with its own spread where logged) of each run beside its full LLC, in the same axes.
+--components draws every restricted LLC of one run instead: a heatmap (component x
+step) marking each one's stage boundaries, above their curves. Prints the path of the
+PNG it wrote."""
+PLOT_EXAMPLES = """\
+examples:
+  llc-callbacks plot lightning_logs/version_0/metrics.csv
+  llc-callbacks plot wandb/offline-run-* -o runs.png
+  llc-callbacks plot output/trainer_state.json --restriction layer0 --restriction layer1
+  llc-callbacks plot lightning_logs/version_0 --components"""
+
+STAGES_DESCRIPTION = """\
+Print the developmental stages of a run's LLC curve as a table, from a Lightning
+metrics.csv, a transformers trainer_state.json or a W&B offline run folder. The
+estimates are fitted with a piecewise-linear curve, in units of their chain spread
+(llc_callbacks.stages.detect_stages); each stage is rising, falling or flat, and its
+row gives its first and last step, the LLC's change and the loss's relative change
+over it. A stage is flagged where the LLC moves while the loss stays flat.
+--restriction NAME reads the restricted LLC NAME (a layer's or a head's) instead of
+the full LLC."""
+STAGES_EXAMPLES = """\
+examples:
+  llc-callbacks stages lightning_logs/version_0/metrics.csv
+  llc-callbacks stages output/trainer_state.json --restriction layer0.head1"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the console script; return its exit status (0 on success, 2 on bad input)."""
-    parser = argparse.ArgumentParser(prog="llc-callbacks", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    plot = commands.add_parser("plot", help="draw the LLC and loss curves of runs to PNG")
-    plot.add_argument(
-        "runs", type=Path, nargs="+", help="metrics.csv, trainer_state.json or W&B run folders"
-    )
-    plot.add_argument(
-        "-o", "--output", type=Path, help="PNG to write (default: llc_curve.png beside the run)"
-    )
-    plot.add_argument("--loss", help="the loss key to draw (default: the trainer's loss)")
-    stages = commands.add_parser("stages", help="print the stages of a run's LLC curve")
-    stages.add_argument("run", type=Path, help="metrics.csv, trainer_state.json or W&B run folder")
-    stages.add_argument("--restriction", help="a restricted LLC's name (default: the full LLC)")
-    args = parser.parse_args(argv)
+    """Run the console script.
+
+    Args:
+        argv: The arguments after the program name; ``None`` for ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0 on success and after ``--help``, 2 on bad arguments or input
+        (with a message on stderr).
+    """
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as stop:  # argparse exits after --help and on bad arguments
+        return int(stop.code or 0)
     try:
         if args.command == "stages":
             _print_stages(args.run, args.restriction)
             return 0
-        output = _plot(args.runs, args.output, args.loss)
+        if args.components:
+            output = _plot_components(args.runs, args.output, args.loss)
+        else:
+            output = _plot(args.runs, args.output, args.loss, args.restrictions)
     except (FileNotFoundError, ValueError) as error:
-        print(f"llc-callbacks: error: {error}", file=sys.stderr)
+        print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     print(output)
     return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=DESCRIPTION, epilog=EXAMPLES, formatter_class=raw
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    plot = commands.add_parser(
+        "plot",
+        help="draw the LLC and loss curves of runs to a PNG",
+        description=PLOT_DESCRIPTION,
+        epilog=PLOT_EXAMPLES,
+        formatter_class=raw,
+    )
+    plot.add_argument("runs", type=Path, nargs="+", metavar="RUN", help=RUN_HELP)
+    plot.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        metavar="PNG",
+        help=f"the PNG to write (default: {CURVE_PNG}, or {COMPONENTS_PNG} with"
+        " --components, in the folder the runs share)",
+    )
+    plot.add_argument(
+        "--loss", metavar="KEY", help="the loss key to draw (default: the trainer's loss)"
+    )
+    drawn = plot.add_mutually_exclusive_group()
+    drawn.add_argument(
+        "--restriction",
+        action="append",
+        default=[],
+        dest="restrictions",
+        metavar="NAME",
+        help="also draw the restricted LLC NAME, beside the full LLC (repeat for several)",
+    )
+    drawn.add_argument(
+        "--components",
+        action="store_true",
+        help="draw all of one run's restricted LLCs as a heatmap above their curves",
+    )
+    stages = commands.add_parser(
+        "stages",
+        help="print the stages of a run's LLC curve",
+        description=STAGES_DESCRIPTION,
+        epilog=STAGES_EXAMPLES,
+        formatter_class=raw,
+    )
+    stages.add_argument("run", type=Path, metavar="RUN", help=RUN_HELP)
+    stages.add_argument(
+        "--restriction", metavar="NAME", help="a restricted LLC's name (default: the full LLC)"
+    )
+    return parser
 
 
 def _llc_rows(run: Path) -> tuple[list[dict[str, float]], str]:
@@ -61,8 +158,22 @@ def _llc_rows(run: Path) -> tuple[list[dict[str, float]], str]:
     return rows, prefix
 
 
+def _check_restrictions(
+    run: Path, rows: list[dict[str, float]], prefix: str, names: Sequence[str]
+) -> None:
+    """Raise ``ValueError`` naming those of ``names`` that the run logged no LLC of."""
+    known = component_names(rows, prefix)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        logged = f"it logged {', '.join(known)}" if known else "it logged none"
+        missing = ", ".join(f"'{name}'" for name in unknown)
+        raise ValueError(f"{run} logged no restricted LLC {missing} ({logged})")
+
+
 def _print_stages(run: Path, restriction: str | None) -> None:
     rows, prefix = _llc_rows(run)
+    if restriction is not None:
+        _check_restrictions(run, rows, prefix, [restriction])
     print(f"{'start':>8} {'end':>8} {'kind':8} {'LLC change':>11} {'loss change':>12} flagged")
     for stage in detect_stages(rows, prefix, restriction, loss=loss_key(rows)):
         loss = "-" if stage.loss_change is None else f"{stage.loss_change:+.1%}"
@@ -73,18 +184,31 @@ def _print_stages(run: Path, restriction: str | None) -> None:
         )
 
 
-def _plot(runs: list[Path], output: Path | None, loss: str | None) -> Path:
-    folders = [run if run.is_dir() else run.parent for run in runs]
-    # A run is named by its folder (the W&B run, Lightning's version_N, the output_dir).
+def _folder(run: Path) -> Path:
+    """The folder that names a run (the W&B run, Lightning's version_N, the output_dir)."""
+    return run if run.is_dir() else run.parent
+
+
+def _plot(
+    runs: list[Path], output: Path | None, loss: str | None, restrictions: Sequence[str]
+) -> Path:
+    folders = [_folder(run) for run in runs]
     labels = [folder.name for folder in folders] if len(runs) > 1 else [None]
-    curves = [_curves(run, loss, label) for run, label in zip(runs, labels, strict=True)]
-    output = output or Path(os.path.commonpath(folders)) / "llc_curve.png"
+    names = list(dict.fromkeys(restrictions))
+    curves = [
+        curve
+        for run, label in zip(runs, labels, strict=True)
+        for curve in _curves(run, loss, label, names)
+    ]
+    output = output or Path(os.path.commonpath(folders)) / CURVE_PNG
     plot_llc_curve(*curves, path=output)
     return output
 
 
-def _curves(run: Path, loss: str | None, label: str | None) -> Curves:
+def _curves(run: Path, loss: str | None, label: str | None, names: list[str]) -> list[Curves]:
+    """A run's full LLC (with its loss and curvature), then its restricted LLCs ``names``."""
     rows, prefix = _llc_rows(run)
+    _check_restrictions(run, rows, prefix, names)
     loss = loss or loss_key(rows)
     if loss is not None and not any(loss in row for row in rows):
         raise ValueError(f"{run} has no '{loss}' values")
@@ -93,13 +217,38 @@ def _curves(run: Path, loss: str | None, label: str | None) -> Curves:
         for name in CURVATURES
         if any(metric_key(prefix, f"{CURVATURE}/{name}") in row for row in rows)
     }
-    return Curves(
+    full = Curves(
         series(rows, metric_key(prefix, "mean")),
         series(rows, metric_key(prefix, "std")),
         series(rows, loss) if loss else None,
-        label,
+        label or ("full LLC" if names else None),
         curvature,
     )
+    restricted = [
+        Curves(
+            series(rows, metric_key(prefix, "mean", name)),
+            series(rows, metric_key(prefix, "std", name)),
+            label=name if label is None else f"{label}: {name}",
+        )
+        for name in names
+    ]
+    return [full, *restricted]
+
+
+def _plot_components(runs: list[Path], output: Path | None, loss: str | None) -> Path:
+    if len(runs) > 1:
+        raise ValueError(f"--components draws one run, got {len(runs)}")
+    if loss is not None:
+        raise ValueError("--components draws no loss (it flags stages by the logged init_loss)")
+    (run,) = runs
+    rows, prefix = _llc_rows(run)
+    if not component_names(rows, prefix):
+        raise ValueError(
+            f"{run} logged no restricted LLC ({prefix}/<name>/mean) for --components to draw"
+        )
+    output = output or _folder(run) / COMPONENTS_PNG
+    plot_components(rows, prefix, output)
+    return output
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from llc_callbacks.attribution import Site, reattributed
+
 
 @contextmanager
 def isolated(model: nn.Module, seed: int) -> Iterator[None]:
@@ -54,7 +56,9 @@ def isolated(model: nn.Module, seed: int) -> Iterator[None]:
 
 
 @contextmanager
-def warnings_once(shown: set[tuple[str, type[Warning]]]) -> Iterator[None]:
+def warnings_once(
+    shown: set[tuple[str, type[Warning]]], origin: Site | None = None
+) -> Iterator[None]:
     """Show each distinct warning raised in the block once, however often the block runs.
 
     Some libraries warn on every call (torch's notice that ``vmap`` has no batching rule for
@@ -64,6 +68,8 @@ def warnings_once(shown: set[tuple[str, type[Warning]]]) -> Iterator[None]:
     Args:
         shown: The warnings already shown, by message and category; updated in place (a
             monitor keeps one set per run).
+        origin: Where the callback or monitor was built: a warning that points into this
+            package or a trainer is shown there (``attribution.reattributed``).
     """
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -75,9 +81,8 @@ def warnings_once(shown: set[tuple[str, type[Warning]]]) -> Iterator[None]:
             key = (str(warning.message), warning.category)
             if key not in shown:
                 shown.add(key)
-                warnings.warn_explicit(
-                    warning.message, warning.category, warning.filename, warning.lineno
-                )
+                filename, lineno = reattributed(warning, origin)
+                warnings.warn_explicit(warning.message, warning.category, filename, lineno)
 
 
 @contextmanager

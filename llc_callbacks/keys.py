@@ -3,7 +3,8 @@
 A key is ``{prefix}/{field}`` for the full LLC and ``{prefix}/{name}/{field}`` for the
 restricted LLC ``name``.
 
-Fields are ``mean``, ``std``, ``chain_<i>``, ``init_loss``, ``num_sampled``, ``step_size``,
+Fields are ``mean``, ``std``, ``healthy`` (1 when every health check passed, else 0),
+``chain_<i>``, ``init_loss``, ``num_sampled``, ``num_chains``, ``step_size``,
 ``free_energy``, ``free_energy_std``, ``stage`` (a confirmed stage boundary's step),
 ``diag/<diagnostic>``, ``curvature/<quantity>``, ``kernel/<a>:<b>`` (the loss kernel's
 mean correlation between observables ``a`` and ``b``) and ``susceptibility/<source>``.
@@ -14,6 +15,7 @@ field is the last part of a key, or the last two after ``diag``, ``curvature``, 
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 DIAGNOSTICS = "diag"
@@ -22,6 +24,10 @@ KERNEL = "kernel"
 SUSCEPTIBILITY = "susceptibility"
 # Fields of two parts: ``<kind>/<name>``.
 PAIRED = (DIAGNOSTICS, CURVATURE, KERNEL, SUSCEPTIBILITY)
+# The groups of per-estimate metrics logged only when asked for (``extra_metrics``).
+EXTRA_METRICS = ("chains", "diagnostics", "free_energy")
+# A prefix: parts of letters, digits, ``_``, ``-`` and ``.``, joined by single ``/``.
+PREFIX = re.compile(r"[\w.-]+(/[\w.-]+)*")
 
 
 class Key(NamedTuple):
@@ -59,6 +65,36 @@ def parse_key(key: str, prefix: str) -> Key | None:
     width = 2 if len(parts) >= 2 and parts[-2] in PAIRED else 1
     restriction = "/".join(parts[:-width]) or None
     return Key(prefix, restriction, "/".join(parts[-width:]))
+
+
+def check_prefix(prefix: object) -> None:
+    """Accept a metric prefix such as ``llc`` or ``probe/llc``.
+
+    Raises:
+        ValueError: If ``prefix`` is not a string of parts made of letters, digits, ``_``,
+            ``-`` and ``.``, joined by single ``/`` (no leading, trailing or doubled ``/``).
+    """
+    if not isinstance(prefix, str) or not PREFIX.fullmatch(prefix):
+        raise ValueError(
+            "prefix must be one or more parts of letters, digits, '_', '-' or '.' joined by"
+            f" single '/' (such as 'llc' or 'probe/llc'), got {prefix!r}"
+        )
+
+
+def extra_group(key: Key) -> str | None:
+    """The group of ``EXTRA_METRICS`` a key belongs to, or ``None`` if it is always logged.
+
+    ``chains``: ``chain_<i>``; ``diagnostics``: ``init_loss``, ``diag/<name>`` and a
+    restricted LLC's ``healthy``; ``free_energy``: ``free_energy`` and ``free_energy_std``.
+    """
+    if key.field.startswith("chain_"):
+        return "chains"
+    restricted_health = key.field == "healthy" and key.restriction is not None
+    if key.field == "init_loss" or key.field.startswith(f"{DIAGNOSTICS}/") or restricted_health:
+        return "diagnostics"
+    if key.field.startswith("free_energy"):
+        return "free_energy"
+    return None
 
 
 def find_prefix(keys: set[str], prefix: str = "llc") -> str | None:

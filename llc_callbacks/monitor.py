@@ -9,10 +9,9 @@ returns flat metrics for the caller to log.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
-import sys
-import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from llc_callbacks.attribution import construction_site, warn
 from llc_callbacks.budget import Budget, pace
 from llc_callbacks.calibration import Calibration, calibrate
 from llc_callbacks.config import LLCConfig
@@ -30,20 +30,27 @@ from llc_callbacks.distributed import rank_and_world
 from llc_callbacks.estimator import estimate_llc
 from llc_callbacks.forked import LossFn
 from llc_callbacks.isolation import warnings_once
-from llc_callbacks.keys import CURVATURE, KERNEL, SUSCEPTIBILITY, metric_key, parse_key
+from llc_callbacks.keys import (
+    CURVATURE,
+    EXTRA_METRICS,
+    KERNEL,
+    SUSCEPTIBILITY,
+    check_prefix,
+    extra_group,
+    metric_key,
+    parse_key,
+)
 from llc_callbacks.observables import Probe, probe_sets, summarize
 from llc_callbacks.preflight import preflight
 from llc_callbacks.restrictions import Restrictions
 from llc_callbacks.result import LLCResult
 from llc_callbacks.schedule import Schedule
 from llc_callbacks.stages import Boundary, StageTracker
-from llc_callbacks.validation import check_choice, check_int
+from llc_callbacks.validation import check_bool, check_choice, check_int
 
 ON_ERROR = ("warn", "raise")
 # With observables, how many of the most influential examples each estimate lists per pair.
 OBSERVED_TOP = 5
-# Modules whose frames a warning skips to reach the caller.
-INTERNAL = ("llc_callbacks", "contextlib")
 logger = logging.getLogger(__name__)
 
 
@@ -58,7 +65,15 @@ class LLCMonitor:
     resume too, uses that value (``self.config`` holds it).
 
     Before the first estimate, ``start`` checks the loss, the data and the restrictions once
-    (``llc_callbacks.preflight``), so that a mistake surfaces when training starts.
+    (``llc_callbacks.preflight``), so that a mistake surfaces when training starts: by
+    default it raises there (``strict``). What fails later, during training, follows
+    ``on_error``.
+
+    Each estimate returns (for the caller to log) ``{prefix}/mean``, ``{prefix}/std`` and
+    ``{prefix}/healthy`` (1 when every health check passed; a failed check is also one
+    warning per run saying what to change), and ``{prefix}/<name>/mean`` and ``std`` per
+    restriction; ``extra_metrics`` adds groups of keys. ``history`` keeps every metric of
+    every estimate, logged or not.
 
     Example, in a hand-written loop::
 
@@ -76,12 +91,22 @@ class LLCMonitor:
         total_steps: The length of training (needed by ``log_spaced``).
         at_start: Also estimate at step 0, before training.
         at_end: Also estimate when training ends.
-        prefix: First part of every metric key.
-        on_error: What happens when something the monitor runs fails (the check at the
-            start, an estimate, or a side effect an adapter runs through ``reporting``):
-            ``"warn"`` reports it with one warning and training goes on (a failed estimate
-            logs NaN; a failed check at the start turns the estimates off for the run);
+        prefix: First part of every metric key: parts of letters, digits, ``_``, ``-`` and
+            ``.`` joined by single ``/`` (``"llc"``, ``"probe/llc"``).
+        on_error: What a failure during training does (an estimate, or a side effect an
+            adapter runs through ``reporting``): ``"warn"`` reports it with one warning and
+            training goes on (a failed estimate logs NaN, a failed restriction is NaN alone);
             ``"raise"``: the exception propagates.
+        strict: Whether a mistake found before training raises (the check at the start, and
+            what an adapter checks then through ``checking``), naming the argument and the
+            fix. ``False`` (with ``on_error="warn"``) warns instead: a restriction that fails
+            the check is left out for the run while the full LLC and the other restrictions
+            go on, and any other failed check turns the estimates off for the run.
+        extra_metrics: Groups of keys to return next to the default ones, any of
+            ``"chains"`` (``{prefix}/chain_<i>``, each chain's estimate), ``"diagnostics"``
+            (``{prefix}/init_loss``, ``{prefix}/diag/<name>`` and the restrictions'
+            ``healthy``) and ``"free_energy"`` (``{prefix}/free_energy`` and
+            ``free_energy_std``, see ``dataset_size``); for restrictions too.
         distributed: Split chains over the ranks of the initialized process group (every
             rank must then call the monitor at the same steps); ``None`` does so whenever a
             process group with more than one rank is initialized.
@@ -92,11 +117,11 @@ class LLCMonitor:
             ``"hessian_trace"``, ``"fisher_trace"`` and ``"top_eigenvalue"`` (see
             ``llc_callbacks.curvature``), logged as ``{prefix}/curvature/<name>`` with the
             traces' ``<name>_stderr``.
-        dataset_size: The training set's size ``n``: every estimate then also logs the local
-            free energy ``{prefix}/free_energy = n L(w*) + LLC log n`` (Watanabe's asymptotic
-            expansion, with ``L(w*)`` the mean loss of the estimate's minibatches) and its
-            spread over chains, ``{prefix}/free_energy_std = std log n``. The callbacks set it
-            from their training set when it has a length.
+        dataset_size: The training set's size ``n``, for ``extra_metrics=("free_energy",)``:
+            the local free energy ``{prefix}/free_energy = n L(w*) + LLC log n`` (Watanabe's
+            asymptotic expansion, with ``L(w*)`` the mean loss of the estimate's minibatches)
+            and its spread over chains, ``{prefix}/free_energy_std = std log n``. The
+            callbacks take it from their training set when it has a length.
         max_overhead: Keep the estimates' time within this share of the training time
             (0.1: training takes at most 10% longer), measured as training runs; estimates
             come sooner where the LLC moves and later where it is flat (``Budget``). Alone it
@@ -117,7 +142,7 @@ class LLCMonitor:
         history: One row per estimate: ``step`` and the metrics.
         stages: The online stage detection; ``boundaries`` lists what it confirmed.
         budget: The ``max_overhead`` accounts (``Budget``), or ``None``.
-        enabled: Whether estimates run (``False`` after a failed check under ``"warn"``).
+        enabled: Whether estimates run (``False`` after a failed check with ``strict=False``).
         influences: The last estimate's rows ``[step, source, target, rank, example,
             influence]`` (with ``observables``).
         susceptibilities: The last estimate's rows ``[step, component, source,
@@ -145,6 +170,8 @@ class LLCMonitor:
         at_end: bool = False,
         prefix: str = "llc",
         on_error: Literal["warn", "raise"] = "warn",
+        strict: bool = True,
+        extra_metrics: Sequence[str] = (),
         distributed: bool | None = None,
         restrictions: Restrictions | None = None,
         curvature: Sequence[str] = (),
@@ -160,9 +187,13 @@ class LLCMonitor:
         check_int("dataset_size", dataset_size, minimum=2, optional=True)
         if config is not None and not isinstance(config, LLCConfig):
             raise ValueError(f"config must be an LLCConfig, got {type(config).__name__}")
-        if not isinstance(prefix, str) or not prefix:
-            raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
+        check_prefix(prefix)
         check_choice("on_error", on_error, ON_ERROR)
+        check_bool("strict", strict)
+        if isinstance(extra_metrics, str):
+            raise ValueError(f"extra_metrics must be a sequence of names, got {extra_metrics!r}")
+        for name in extra_metrics:
+            check_choice("extra_metrics", name, EXTRA_METRICS)
         check_choice("distributed", distributed, (None, True, False))
         if restrictions is not None and not isinstance(restrictions, Restrictions):
             raise ValueError(
@@ -192,6 +223,8 @@ class LLCMonitor:
             )
         self.prefix = prefix
         self.on_error = on_error
+        self.strict = strict
+        self.extra_metrics = tuple(extra_metrics)
         self.distributed = distributed
         self.restrictions = restrictions
         self.curvature = tuple(curvature)
@@ -205,6 +238,11 @@ class LLCMonitor:
         self._last_step = -1
         self._warned: set[str] = set()
         self._shown: set[tuple[str, type[Warning]]] = set()
+        # Where warnings point from inside a trainer's hooks: the line that built this.
+        self.origin = construction_site()
+        # What makes estimates comparable along a run, kept with the state: a resume
+        # under other settings starts a new history (``load_state_dict``).
+        self.settings = _settings(self.schedule, self.config)
 
     def set_total_steps(self, total_steps: int) -> None:
         """Tell a ``log_spaced`` schedule how long training is, unless it was given already."""
@@ -256,19 +294,27 @@ class LLCMonitor:
             device: Where chains will run; defaults to the model's device.
 
         Returns:
-            ``{prefix}/num_sampled`` (the weights each chain samples) and
-            ``{prefix}/<name>/num_sampled`` per weight restriction, to log once; empty if the
-            check failed under ``on_error="warn"``, which turns the estimates off.
+            ``{prefix}/num_sampled`` (the weights each chain samples),
+            ``{prefix}/num_chains`` and ``{prefix}/<name>/num_sampled`` per weight
+            restriction, to log once; empty if the check failed with ``strict=False``, which
+            turns the estimates off.
 
         Raises:
-            Exception: What the check raised, with ``on_error="raise"``.
+            Exception: What the check raised, unless ``strict=False`` and
+                ``on_error="warn"``; the message names the argument and the fix.
         """
         self._started = True
+        failures: dict[str, str] | None = None if self._raises_at_start() else {}
         with (
-            self.reporting("the check before the first LLC estimate", disable=True),
-            warnings_once(self._shown),
+            self.checking("the check before the first LLC estimate"),
+            warnings_once(self._shown, self.origin),
         ):
             self.schedule.due_steps  # noqa: B018 (log_spaced needs total_steps by now)
+            if "free_energy" in self.extra_metrics and self.dataset_size is None:
+                raise ValueError(
+                    "extra_metrics includes 'free_energy', which needs the training set's"
+                    " size: pass dataset_size=n"
+                )
             found = preflight(
                 model,
                 loss_fn,
@@ -277,7 +323,16 @@ class LLCMonitor:
                 restrictions=self.restrictions,
                 device=device,
                 distributed=self._distributed(),
+                failures=failures,
             )
+            for name, message in (failures or {}).items():
+                self.warn_once(
+                    f"failed: restriction {name}",
+                    f"restriction {name!r} failed the check before training and is left out"
+                    f" for the run; the full LLC and the other restrictions go on. {message}",
+                )
+            if failures and self.restrictions is not None:
+                self.restrictions = self.restrictions.without(failures)
             if rank_and_world()[0] == 0:
                 logger.info(
                     "llc_callbacks: each estimate samples %d weights%s (checked in %.3f s)",
@@ -285,10 +340,10 @@ class LLCMonitor:
                     "".join(f", {name!r} {n}" for name, n in found.restricted.items()),
                     found.seconds,
                 )
+            counts = [(None, found.num_sampled), *found.restricted.items()]
             return {
-                metric_key(self.prefix, "num_sampled", name): float(count)
-                for name, count in [(None, found.num_sampled), *found.restricted.items()]
-            }
+                metric_key(self.prefix, "num_sampled", name): float(n) for name, n in counts
+            } | {metric_key(self.prefix, "num_chains"): float(self.config.num_chains)}
         return {}
 
     def maybe_estimate(
@@ -346,6 +401,10 @@ class LLCMonitor:
         ``{prefix}/stage`` (``{prefix}/<name>/stage``) with the boundary's step as its value,
         and told in a log line.
 
+        Returns:
+            The metrics to log: the default keys and the ``extra_metrics`` groups asked for
+            (``history`` keeps them all).
+
         Raises:
             Exception: Whatever the estimate raised, with ``on_error="raise"``.
         """
@@ -369,7 +428,7 @@ class LLCMonitor:
         config = dataclasses.replace(self.config, seed=step_seed(self.config.seed, step))
         calibrated = config.step_size == "auto"
         try:
-            with warnings_once(self._shown):
+            with warnings_once(self._shown, self.origin):
                 if calibrated:
                     config = self._calibrate(model, loss_fn, data, config, device, progress)
                 self.last_result = estimate_llc(
@@ -394,15 +453,18 @@ class LLCMonitor:
         except Exception as error:
             if self.on_error == "raise":
                 raise
-            warnings.warn(
+            warn(
                 f"llc_callbacks: the LLC estimate at step {step} failed and is reported as NaN;"
                 f" training goes on. {type(error).__name__}: {error}",
-                stacklevel=_caller_level(),
+                self.origin,
             )
             self.last_result = None
             metrics = LLCResult.failed(config, str(error)).to_metrics(self.prefix)
         if self.curvature:
-            with self.reporting("measuring the curvature"), warnings_once(self._shown):
+            with (
+                self.reporting("measuring the curvature"),
+                warnings_once(self._shown, self.origin),
+            ):
                 found = estimate_curvature(
                     model, loss_fn, data, self.curvature, seed=config.seed, device=device
                 )
@@ -419,30 +481,54 @@ class LLCMonitor:
         if self.last_result is not None:
             for check, message in self.last_result.problems().items():
                 self.warn_once(check, f"at step {step}, {message}")
-        return metrics
+        return self._logged(metrics)
 
     @contextmanager
-    def reporting(self, action: str, *, disable: bool = False) -> Iterator[None]:
-        """Run a side effect (a figure, an image, a log call) under the error policy.
+    def reporting(self, action: str) -> Iterator[None]:
+        """Run a side effect during training (a figure, a log call) under ``on_error``.
 
         Under ``on_error="warn"`` an exception inside is one warning per ``action`` and run,
         and the block is left; under ``"raise"`` it propagates.
 
         Args:
             action: What the block does, for the warning ("logging the trace figure").
-            disable: Also turn the estimates off for the run when the block fails.
         """
         try:
             yield
         except Exception as error:
             if self.on_error == "raise":
                 raise
-            if disable:
-                self.enabled = False
-            consequence = "LLC estimates are off for this run" if disable else "training goes on"
             self.warn_once(
                 f"failed: {action}",
-                f"{action} failed; {consequence}. {type(error).__name__}: {error}",
+                f"{action} failed; training goes on. {type(error).__name__}: {error}",
+                every_rank=True,
+            )
+
+    @contextmanager
+    def checking(self, action: str) -> Iterator[None]:
+        """Run a check before training under ``strict``.
+
+        By default an exception inside propagates, with a note that ``strict=False`` warns
+        instead; with ``strict=False`` and ``on_error="warn"`` it is one warning, the block
+        is left and the estimates are off for the run.
+
+        Args:
+            action: What the block checks, for the warning ("choosing the estimates' data").
+        """
+        try:
+            yield
+        except Exception as error:
+            if self._raises_at_start():
+                error.add_note(
+                    f"llc_callbacks: found before training, by {action}; pass strict=False"
+                    " to warn instead and train without the LLC"
+                )
+                raise
+            self.enabled = False
+            self.warn_once(
+                f"failed: {action}",
+                f"{action} failed; LLC estimates are off for this run."
+                f" {type(error).__name__}: {error}",
                 every_rank=True,
             )
 
@@ -459,13 +545,16 @@ class LLCMonitor:
             return
         self._warned.add(key)
         if every_rank or rank_and_world()[0] == 0:
-            warnings.warn(
-                f"llc_callbacks: {message} (warned once per run)", stacklevel=_caller_level()
-            )
+            warn(f"llc_callbacks: {message} (warned once per run)", self.origin)
 
     def state_dict(self) -> dict[str, Any]:
-        """History, schedule position, warnings, step size, stages and budget, for a checkpoint."""
+        """History, schedule position, warnings, step size, stages and budget, for a checkpoint.
+
+        It also holds ``settings`` (the schedule and the config), which ``load_state_dict``
+        compares with its own.
+        """
         return {
+            "settings": self.settings,
             "history": [dict(row) for row in self.history],
             "last_step": self._last_step,
             "total_steps": self.schedule.total_steps,
@@ -476,7 +565,20 @@ class LLCMonitor:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a checkpoint: no estimate is repeated, none is skipped."""
+        """Continue from a checkpoint: no estimate is repeated, none is skipped.
+
+        A state saved under other settings (another schedule or config: estimates that do
+        not compare) is not loaded: one warning names each field that differs, and the run
+        starts a new history.
+        """
+        changed = _changes(state.get("settings", {}), self.settings)
+        if changed:
+            self.warn_once(
+                "stale_state",
+                f"the checkpoint's LLC state was saved with other settings ({changed}): this"
+                " run starts a new LLC history. Pass the saved values to continue it.",
+            )
+            return
         self.history = [dict(row) for row in state["history"]]
         self._last_step = int(state["last_step"])
         self._warned = set(state.get("warned", ()))
@@ -527,8 +629,8 @@ class LLCMonitor:
         return dataclasses.replace(config, step_size=step_size)
 
     def _free_energy(self, result: LLCResult) -> dict[str, float]:
-        """``n L(w*) + LLC log n`` and its spread, when the training set's size is known."""
-        if self.dataset_size is None:
+        """``n L(w*) + LLC log n`` and its spread, when asked for (``extra_metrics``)."""
+        if "free_energy" not in self.extra_metrics or self.dataset_size is None:
             return {}
         n, log_n = self.dataset_size, math.log(self.dataset_size)
         return {
@@ -561,21 +663,44 @@ class LLCMonitor:
             found[metric_key(self.prefix, "stage", boundary.curve)] = float(boundary.step)
         return found
 
+    def _logged(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The metrics to log: the default ones and the ``extra_metrics`` groups asked for."""
+        return {
+            key: value
+            for key, value in metrics.items()
+            if (group := extra_group(parse_key(key, self.prefix))) is None
+            or group in self.extra_metrics
+        }
+
     def _distributed(self) -> bool:
         if self.distributed is not None:
             return self.distributed
         return rank_and_world()[1] > 1
 
+    def _raises_at_start(self) -> bool:
+        return self.strict or self.on_error == "raise"
 
-def _caller_level() -> int:
-    """The ``stacklevel`` of the first caller outside this package and ``contextlib``.
 
-    A warning then points at the user's training loop or trainer, not at our internals.
-    """
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").startswith(INTERNAL):
-        frame, level = frame.f_back, level + 1
-    return level
+def _settings(schedule: Schedule, config: LLCConfig) -> dict[str, Any]:
+    """The schedule and config as plain values (JSON, as transformers saves states)."""
+    fields = {
+        "every_n_steps": schedule.every_n_steps,
+        "steps": schedule.steps,
+        "log_spaced": schedule.log_spaced,
+        **{f"config.{name}": value for name, value in dataclasses.asdict(config).items()},
+    }
+    return json.loads(json.dumps(fields))
+
+
+def _changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str:
+    """Each field that differs, ``"name: saved -> current"``; empty if none (or none saved)."""
+    if not saved:
+        return ""
+    return "; ".join(
+        f"{name}: {saved.get(name)!r} in the checkpoint, {current.get(name)!r} now"
+        for name in sorted(set(saved) | set(current))
+        if saved.get(name) != current.get(name)
+    )
 
 
 def step_seed(seed: int, step: int) -> int:

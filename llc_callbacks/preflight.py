@@ -47,6 +47,7 @@ def preflight(
     restrictions: Restrictions | None = None,
     device: torch.device | str | None = None,
     distributed: bool = False,
+    failures: dict[str, str] | None = None,
 ) -> Preflight:
     """Run, on the forked weights, the first step of every estimate's work.
 
@@ -62,9 +63,12 @@ def preflight(
         restrictions: The restricted LLCs to check too.
         device: Where chains will run; defaults to the model's device.
         distributed: Check on every rank of the process group and fail on all if any fails.
+        failures: Where to record, by name, a weight or data restriction whose check fails,
+            instead of raising; the others are still checked. ``None``: raise.
 
     Returns:
-        The numbers of sampled weights and the check's wall time.
+        The numbers of sampled weights (of the restrictions that passed) and the check's
+        wall time.
 
     Raises:
         ValueError: For what ``estimate_llc`` would refuse: an argument of the wrong type, a
@@ -88,13 +92,22 @@ def preflight(
     with sampling(model, config, device):
         forked = fork(model, loss_fn, config, device, distributed)
 
-        def check() -> dict[str, int]:
+        def check() -> tuple[dict[str, int], dict[str, str]]:
             _first_loss(forked, data, config, "data")
+            failed: dict[str, str] = {}
             for name, source in restrictions.sources.items():
-                _first_loss(forked, source, config, f"sources[{name!r}]")
-            return {name: int(mask.sum()) for name, mask in restrictions.masks(forked).items()}
+                try:
+                    _first_loss(forked, source, config, f"sources[{name!r}]")
+                except Exception as error:
+                    if failures is None:
+                        raise
+                    failed[name] = f"{type(error).__name__}: {error}"
+            masks = restrictions.masks(forked, failures=None if failures is None else failed)
+            return {name: int(mask.sum()) for name, mask in masks.items()}, failed
 
-        restricted = on_every_rank(check) if distributed else check()
+        restricted, failed = on_every_rank(check) if distributed else check()
+    if failures is not None:
+        failures.update(failed)
     return Preflight(forked.anchor.numel(), restricted, time.perf_counter() - start)
 
 

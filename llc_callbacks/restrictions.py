@@ -25,7 +25,16 @@ from llc_callbacks.validation import check_bool
 # fused QKV weight, say).
 Selection = Union[str, Sequence[str], nn.Module, Mapping[str, Tensor]]  # noqa: UP007
 # Names that would read as a field of the full LLC's metrics (see ``llc_callbacks.keys``).
-RESERVED = ("diag", "mean", "std", "init_loss", "num_sampled", "step_size")
+RESERVED = (
+    "diag",
+    "mean",
+    "std",
+    "healthy",
+    "init_loss",
+    "num_sampled",
+    "num_chains",
+    "step_size",
+)
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,18 @@ class Restrictions:
         if len(set(self.combinations)) != len(self.combinations):
             raise ValueError("combinations lists a pair twice")
         check_bool("partition", self.partition)
+
+    def without(self, names: Iterable[str]) -> Restrictions:
+        """These restrictions less the named selections and sources, and their combinations."""
+        left_out = set(names)
+        return Restrictions(
+            weights={k: v for k, v in self.weights.items() if k not in left_out},
+            sources={k: v for k, v in self.sources.items() if k not in left_out},
+            combinations=[
+                (w, s) for w, s in self.combinations if w not in left_out and s not in left_out
+            ],
+            partition=self.partition,
+        )
 
     def masks(
         self, forked: ForkedModel, *, failures: dict[str, str] | None = None

@@ -100,10 +100,12 @@ class LLCResult:
             prefix: First part of every key.
 
         Returns:
-            ``{prefix}/mean``, ``{prefix}/std``, ``{prefix}/chain_<i>``, ``{prefix}/init_loss``
-            and ``{prefix}/diag/<name>`` for each diagnostic, as floats (only ``mean`` and
-            ``std``, NaN, for a failed estimate); and the same under ``{prefix}/<name>/`` for
-            each restricted estimate (see ``llc_callbacks.keys``).
+            ``{prefix}/mean``, ``{prefix}/std``, ``{prefix}/healthy`` (1.0 when every
+            health check of ``problems`` passes, else 0.0), ``{prefix}/chain_<i>``,
+            ``{prefix}/init_loss`` and ``{prefix}/diag/<name>`` for each diagnostic, as floats
+            (only ``mean`` and ``std``, NaN, and ``healthy`` 0.0 for a failed estimate); and
+            the same under ``{prefix}/<name>/`` for each restricted estimate (see
+            ``llc_callbacks.keys``).
         """
         return {
             metric_key(prefix, field, restriction): value
@@ -114,7 +116,9 @@ class LLCResult:
     def _fields(self) -> dict[str, float]:
         fields = {"mean": self.llc_mean, "std": self.llc_std}
         if self.error is not None:
-            return fields
+            return {**fields, "healthy": 0.0}
+        own = problems(self.llc_mean, self.init_loss, self.diagnostics, self.config)
+        fields["healthy"] = float(not own)
         fields.update({f"chain_{i}": float(v) for i, v in enumerate(self.llc_per_chain)})
         fields["init_loss"] = self.init_loss
         fields.update({f"{DIAGNOSTICS}/{k}": float(v) for k, v in self.diagnostics.items()})

@@ -180,7 +180,8 @@ def detect_stages(
     """The stages of an LLC curve, from a monitor's history or a run's logged rows.
 
     Each estimate's standard error is its chain spread over the square root of the number
-    of chains (the ``chain_<i>`` keys); without a spread, the noise is estimated from the
+    of chains (the ``chain_<i>`` keys, or the ``num_chains`` logged when training started);
+    without a spread, the noise is estimated from the
     curve's second differences.
 
     Args:
@@ -227,9 +228,15 @@ def _curve(
 ) -> tuple[list[int], np.ndarray, np.ndarray]:
     """Steps, means and standard errors of the finite estimates, in step order."""
     mean, std = metric_key(prefix, "mean", restriction), metric_key(prefix, "std", restriction)
-    chain = metric_key(prefix, "chain_", restriction)
+    chain, count = metric_key(prefix, "chain_", restriction), metric_key(prefix, "num_chains")
+    logged = next((int(row[count]) for row in rows if count in row), 0)
     points = sorted(
-        (int(row["step"]), row[mean], row.get(std, math.nan), sum(k.startswith(chain) for k in row))
+        (
+            int(row["step"]),
+            row[mean],
+            row.get(std, math.nan),
+            sum(k.startswith(chain) for k in row) or logged,
+        )
         for row in rows
         if mean in row and math.isfinite(row[mean])
     )

@@ -160,7 +160,7 @@ def test_a_monitor_warns_about_each_failed_check_once_per_run():
 def test_auto_step_size_is_calibrated_once_logged_once_and_kept_across_resume(rrr):
     model, data = rrr
     config = dataclasses.replace(SWEEP, step_size="auto")
-    monitor = LLCMonitor(config, steps=[1, 2])
+    monitor = LLCMonitor(config, steps=[1, 2, 3])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the default sweep finds a passing step size
         first = monitor.maybe_estimate(1, model, mse_loss, data)

@@ -108,7 +108,7 @@ def test_lightning_logs_curvature_and_free_energy_at_the_llc_steps_without_chang
         return module
 
     plain = fit([], CSVLogger(tmp_path / "plain"))
-    callback = LLCCallback(TINY, steps=[4, 8], curvature=CURVATURES)
+    callback = LLCCallback(TINY, steps=[4, 8], curvature=CURVATURES, extra_metrics=("free_energy",))
     csv_logger = CSVLogger(tmp_path / "watched")
     wandb_logger = WandbLogger(project="llc-callbacks-test", offline=True, save_dir=str(wandb_dir))
     watched = fit([callback], [csv_logger, wandb_logger])
@@ -145,12 +145,19 @@ def test_transformers_log_history_holds_curvature_and_free_energy_at_the_llc_ste
     def run(callback_kwargs):
         trainer = make_trainer(tmp_path)
         if callback_kwargs is not None:
-            trainer.add_callback(LLCTrainerCallback(trainer, TINY, **callback_kwargs))
+            trainer.add_callback(LLCTrainerCallback(TINY, **callback_kwargs))
         trainer.train()
         return trainer
 
     plain = run(None)
-    watched = run({"steps": [3, 6], "curvature": ["hessian_trace"], "dataset_size": 1000})
+    watched = run(
+        {
+            "steps": [3, 6],
+            "curvature": ["hessian_trace"],
+            "dataset_size": 1000,
+            "extra_metrics": ("diagnostics", "free_energy"),
+        }
+    )
     assert all(
         torch.equal(a, b)
         for a, b in zip(plain.model.parameters(), watched.model.parameters(), strict=True)

@@ -302,6 +302,7 @@ def test_result_shapes_nbeta_and_metrics():
     assert set(metrics) == {
         "train/llc/mean",
         "train/llc/std",
+        "train/llc/healthy",
         "train/llc/chain_0",
         "train/llc/chain_1",
         "train/llc/init_loss",
@@ -315,6 +316,7 @@ def test_result_shapes_nbeta_and_metrics():
         "train/llc/diag/mala_acceptance",
     }
     assert metrics["train/llc/mean"] == result.llc_mean
+    assert metrics["train/llc/healthy"] == float(not result.problems())
     assert all(isinstance(v, float) for v in metrics.values())
     assert set(result.to_metrics()) == {k.replace("train/llc", "llc") for k in metrics}
 

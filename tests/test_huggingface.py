@@ -35,7 +35,7 @@ def train(tmp_path, callback_kwargs=None, resume=None, **changes):
     trainer = make_trainer(tmp_path, **changes)
     callback = None
     if callback_kwargs is not None:
-        callback = LLCTrainerCallback(trainer, **{"config": TINY, **callback_kwargs})
+        callback = LLCTrainerCallback(**{"config": TINY, **callback_kwargs})
         trainer.add_callback(callback)
     trainer.train(resume_from_checkpoint=resume)
     return trainer, callback
@@ -84,8 +84,10 @@ def test_wandb_run_file_holds_the_llc_next_to_the_loss(tmp_path, wandb_dir, wand
         llc == llc_rows(trainer) == [(r["step"], r["llc/mean"]) for r in callback.monitor.history]
     )
     assert [step for step, _ in llc] == [3, 7, 12]
+    # The default keys of an estimate, and nothing else of the LLC's.
     assert all(
-        {"train/llc/std", "train/llc/chain_1", "train/llc/diag/rhat"} <= set(row)
+        {key for key in row if key.startswith("train/llc/")}
+        == {"train/llc/mean", "train/llc/std", "train/llc/healthy"}
         for row in rows
         if "train/llc/mean" in row
     )
@@ -213,14 +215,19 @@ def test_progress_bar_follows_disable_tqdm_on_a_terminal(tmp_path, capsys, monke
         ({"loss_fn": 1}, "loss_fn must be callable"),
         ({"dataloader": 1.5}, "dataloader must be an iterable"),
         ({"on_error": "ignore"}, "on_error must be one of"),
+        ({"strict": "yes"}, "strict must be True or False"),
+        ({"extra_metrics": ("chain",)}, "extra_metrics must be one of 'chains'"),
+        ({"prefix": "llc/"}, "prefix must be one or more parts"),
     ],
 )
-def test_bad_arguments_raise_naming_them(tmp_path, kwargs, message):
-    trainer = make_trainer(tmp_path)
+def test_bad_arguments_raise_naming_them(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        LLCTrainerCallback(trainer, **kwargs)
-    with pytest.raises(ValueError, match=r"trainer must be a transformers\.Trainer"):
-        LLCTrainerCallback(trainer.args)
+        LLCTrainerCallback(**kwargs)
+
+
+def test_the_trainer_is_not_an_argument(tmp_path):
+    with pytest.raises(ValueError, match=r"takes no trainer: pass it to Trainer\(callbacks="):
+        LLCTrainerCallback(make_trainer(tmp_path))
 
 
 def test_trace_plots_go_to_wandb_as_images(tmp_path, wandb_dir, wandb_rows):
@@ -245,7 +252,7 @@ def test_stage_boundaries_reach_log_history_once_each_across_a_resume(tmp_path):
             save_steps=20,
         )
         trainer.add_callback(FollowSharpness())
-        callback = LLCTrainerCallback(trainer, BOWL_CONFIG, every_n_steps=1)
+        callback = LLCTrainerCallback(BOWL_CONFIG, every_n_steps=1)
         trainer.add_callback(callback)
         trainer.train(resume_from_checkpoint=resume)
         return trainer, callback

@@ -24,6 +24,9 @@ from llc_callbacks import EssentialDynamics, Restrictions
 from llc_callbacks.integrations.lightning import LLCCallback, training_step_loss
 from llc_callbacks.integrations.wandb import offline_run_dir
 
+# What each estimate logs unless extra_metrics asks for more.
+DEFAULT_KEYS = {"llc/mean", "llc/std", "llc/healthy"}
+
 
 def fit(tmp_path, callbacks=(), make_module=Classifier, data=None, ckpt_path=None, **kwargs):
     """Seed, build the module, and fit it; return the module and the trainer."""
@@ -57,7 +60,7 @@ def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
 
 
 def test_csv_logger_gets_the_llc_at_exactly_the_scheduled_steps(tmp_path):
-    callback = LLCCallback(TINY, every_n_steps=4)
+    callback = LLCCallback(TINY, every_n_steps=4, extra_metrics=("chains", "diagnostics"))
     _, run = fit(tmp_path, [callback], logger=CSVLogger(tmp_path))
     rows = csv_rows(run.logger)
     llc_steps = [int(r["step"]) for r in rows if r["llc/mean"]]
@@ -80,7 +83,8 @@ def test_wandb_run_file_holds_the_llc_at_the_scheduled_steps(tmp_path, wandb_dir
     llc = [row for row in rows if "llc/mean" in row]
     assert [row["trainer/global_step"] for row in llc] == [2, 5, 11, 12]
     assert [row["llc/mean"] for row in llc] == [h["llc/mean"] for h in callback.monitor.history]
-    assert all({"llc/std", "llc/chain_1", "llc/diag/rhat"} <= set(row) for row in llc)
+    # The default keys of an estimate, and nothing else of the LLC's.
+    assert all({k for k in row if k.startswith("llc/")} == DEFAULT_KEYS for row in llc)
     loss_steps = [row["trainer/global_step"] for row in rows if "train_loss" in row]
     assert loss_steps == list(range(12))
 
@@ -119,7 +123,7 @@ def test_log_spaced_needs_a_run_of_known_length(tmp_path):
         def on_train_batch_end(self, trainer, *args):
             trainer.should_stop = trainer.global_step >= 8
 
-    lenient = LLCCallback(TINY, log_spaced=4)
+    lenient = LLCCallback(TINY, log_spaced=4, strict=False)
     with pytest.warns(UserWarning, match=r"estimates are off.*log_spaced needs total_steps"):
         _, run = fit(tmp_path, [lenient, StopAtStep8()], **endless)
     assert run.global_step == 8 and lenient.monitor.history == []
@@ -248,7 +252,10 @@ def test_on_error_raise_stops_training(tmp_path):
         ({"log_spaced": 1}, "log_spaced must be an integer >= 2"),
         ({"at_start": "yes"}, "at_start must be True or False"),
         ({"on_error": "ignore"}, "on_error must be one of 'warn', 'raise'"),
-        ({"prefix": ""}, "prefix must be a non-empty string"),
+        ({"prefix": ""}, "prefix must be one or more parts"),
+        ({"prefix": "llc//x"}, "prefix must be one or more parts"),
+        ({"strict": None}, "strict must be True or False"),
+        ({"extra_metrics": ["diag"]}, "extra_metrics must be one of"),
         ({"loss_fn": "mse"}, "loss_fn must be callable"),
         ({"dataloader": 3}, "dataloader must be an iterable of batches"),
         ({"config": {"num_chains": 2}}, "config must be an LLCConfig"),

@@ -46,7 +46,9 @@ def test_each_estimate_is_seeded_by_its_step():
     monitor = LLCMonitor(TINY, steps=[7])
     metrics = monitor.maybe_estimate(7, model, cross_entropy, data)
     config = dataclasses.replace(TINY, seed=step_seed(TINY.seed, 7))
-    assert metrics == estimate_llc(model, cross_entropy, data, config).to_metrics()
+    every = estimate_llc(model, cross_entropy, data, config).to_metrics()
+    assert monitor.history == [{"step": 7, **every}]  # the history keeps every metric
+    assert metrics == {key: every[key] for key in ("llc/mean", "llc/std", "llc/healthy")}
     assert monitor.last_result.config.seed == step_seed(0, 7) != step_seed(0, 8)
 
 
@@ -72,8 +74,9 @@ def test_errors_warn_and_report_nan_or_raise():
     monitor = LLCMonitor(TINY, steps=[1])
     with pytest.warns(UserWarning, match="at step 1 failed.*ValueError: bad batch"):
         metrics = monitor.estimate(1, model, broken, data)
-    assert metrics.keys() == {"llc/mean", "llc/std"}
+    assert metrics.keys() == {"llc/mean", "llc/std", "llc/healthy"}
     assert math.isnan(metrics["llc/mean"]) and math.isnan(metrics["llc/std"])
+    assert metrics["llc/healthy"] == 0.0
     assert monitor.history == [{"step": 1, **metrics}]
     with pytest.raises(ValueError, match="bad batch"):
         LLCMonitor(TINY, steps=[1], on_error="raise").estimate(1, model, broken, data)
@@ -120,7 +123,14 @@ def test_monitor_takes_the_total_steps_later_and_keeps_it_in_its_state():
         ({"at_end": 1}, "at_end must be True or False"),
         ({"on_error": "skip"}, "on_error must be one of"),
         ({"distributed": "yes"}, "distributed must be one of"),
-        ({"prefix": 3}, "prefix must be a non-empty string"),
+        ({"prefix": 3}, "prefix must be one or more parts"),
+        ({"prefix": ""}, "prefix must be one or more parts"),
+        ({"prefix": "llc/"}, r"joined by single '/' .*got 'llc/'"),
+        ({"prefix": "a//b"}, "prefix must be one or more parts"),
+        ({"prefix": "my llc"}, "prefix must be one or more parts"),
+        ({"strict": 0}, "strict must be True or False"),
+        ({"extra_metrics": "chains"}, "extra_metrics must be a sequence of names"),
+        ({"extra_metrics": ["chains", "traces"]}, "extra_metrics must be one of"),
     ],
 )
 def test_bad_arguments_raise_naming_them(kwargs, message):
@@ -147,25 +157,60 @@ MISTAKES = {
 
 
 @pytest.mark.parametrize("mistake", MISTAKES)
-def test_mistakes_surface_at_the_first_call_before_any_estimate(mistake):
+def test_mistakes_raise_at_the_first_call_or_warn_when_asked(mistake):
     changes, message = MISTAKES[mistake]
     model = DropoutBatchNormNet()
     inputs = {"loss_fn": cross_entropy, "data": classification_batches(), **changes}
     restrictions = inputs.pop("restrictions", None)
 
-    strict = LLCMonitor(TINY, steps=[5], on_error="raise", restrictions=restrictions)
-    with pytest.raises(ValueError, match=message):
-        strict.maybe_estimate(0, model, inputs["loss_fn"], inputs["data"])
+    for raising in ({}, {"strict": False, "on_error": "raise"}):  # the default raises
+        monitor = LLCMonitor(TINY, steps=[5], restrictions=restrictions, **raising)
+        with pytest.raises(ValueError, match=message) as raised:
+            monitor.maybe_estimate(0, model, inputs["loss_fn"], inputs["data"])
+        assert any("pass strict=False to warn instead" in note for note in raised.value.__notes__)
+        assert monitor.history == []
 
-    lenient = LLCMonitor(TINY, every_n_steps=1, restrictions=restrictions)
+    lenient = LLCMonitor(TINY, every_n_steps=1, restrictions=restrictions, strict=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for step in range(4):
-            assert lenient.maybe_estimate(step, model, inputs["loss_fn"], inputs["data"]) is None
-    (warning,) = [w for w in caught if "llc_callbacks" in str(w.message)]
-    assert "LLC estimates are off for this run" in str(warning.message)
-    assert message.split("(")[0] in str(warning.message)
-    assert not lenient.enabled and lenient.history == []
+        for step in range(3):
+            lenient.maybe_estimate(step, model, inputs["loss_fn"], inputs["data"])
+    (warning,) = [str(w.message) for w in caught if "the check before" in str(w.message)]
+    assert message.split("(")[0] in warning
+    if restrictions is None:
+        assert "LLC estimates are off for this run" in warning
+        assert not lenient.enabled and lenient.history == []
+    else:  # the restriction alone is left out; the full LLC goes on
+        assert "restriction 'first' failed the check before training and is left out" in warning
+        assert [row["step"] for row in lenient.history] == [1, 2]
+        assert all(math.isfinite(row["llc/mean"]) for row in lenient.history)
+        assert not any(key.startswith("llc/first/") for key in lenient.history[-1])
+
+
+def test_a_restriction_that_fails_the_check_is_left_out_and_the_others_go_on():
+    model, data = DropoutBatchNormNet(), classification_batches()
+    restrictions = Restrictions(
+        weights={"good": "net.0.*", "missing": "nothing.*"},
+        sources={"empty": [], "fine": classification_batches(seed=1)},
+        combinations=[("missing", "fine"), ("good", "empty"), ("good", "fine")],
+    )
+    monitor = LLCMonitor(TINY, steps=[1], restrictions=restrictions, strict=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        started = monitor.start(model, cross_entropy, data)
+        metrics = monitor.maybe_estimate(1, model, cross_entropy, data)
+    left_out = sorted(m for m in map(str, (w.message for w in caught)) if "left out" in m)
+    assert len(left_out) == 2
+    assert "restriction 'empty'" in left_out[0] and "yielded no batches" in left_out[0]
+    assert "restriction 'missing'" in left_out[1] and "matches no sampled" in left_out[1]
+    assert set(started) == {"llc/num_sampled", "llc/num_chains", "llc/good/num_sampled"}
+    assert {key.rsplit("/", 1)[0] for key in metrics} == {
+        "llc",
+        "llc/good",
+        "llc/fine",
+        "llc/good/fine",
+    }
+    assert all(math.isfinite(value) for value in metrics.values())
 
 
 def test_the_start_reports_how_many_weights_each_estimate_samples():
@@ -175,6 +220,7 @@ def test_the_start_reports_how_many_weights_each_estimate_samples():
     metrics = monitor.start(model, cross_entropy, classification_batches())
     assert metrics == {
         "llc/num_sampled": sum(p.numel() for p in model.parameters()),
+        "llc/num_chains": TINY.num_chains,
         "llc/first/num_sampled": 6 * 16 + 16,
         "llc/last/num_sampled": 16 * 3,
     }

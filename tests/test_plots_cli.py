@@ -36,7 +36,7 @@ def csv_run(tmp_path) -> Path:
 @pytest.fixture
 def trainer_state(tmp_path) -> Path:
     hf = make_trainer(tmp_path)
-    hf.add_callback(LLCTrainerCallback(hf, TINY, every_n_steps=3))
+    hf.add_callback(LLCTrainerCallback(TINY, every_n_steps=3))
     hf.train()
     hf.save_state()
     return tmp_path / "trainer_state.json"

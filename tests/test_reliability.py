@@ -64,7 +64,7 @@ def test_transformers_reaches_its_end_when_every_estimate_fails(tmp_path):
     hf = make_trainer(tmp_path, save_strategy="steps", save_steps=12)
     restrictions = Restrictions(weights={"embeddings": "transformer.w*e.*"})
     hf.add_callback(
-        LLCTrainerCallback(hf, TINY, every_n_steps=4, loss_fn=broken, restrictions=restrictions)
+        LLCTrainerCallback(TINY, every_n_steps=4, loss_fn=broken, restrictions=restrictions)
     )
     with pytest.warns(UserWarning, match="estimate at step 4 failed"):
         hf.train()
@@ -99,9 +99,7 @@ def test_without_matplotlib_figures_are_built_only_for_a_receiver(
     hf = make_trainer(tmp_path, report_to=report_to)
     restrictions = Restrictions(weights={"embeddings": "transformer.w*e.*"})
     hf.add_callback(
-        LLCTrainerCallback(
-            hf, TINY, every_n_steps=4, log_trace_plot=True, restrictions=restrictions
-        )
+        LLCTrainerCallback(TINY, every_n_steps=4, log_trace_plot=True, restrictions=restrictions)
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -140,32 +138,6 @@ def test_a_failing_restriction_fails_alone_in_lightning(tmp_path):
         assert math.isnan(float(row["llc/flaky/mean"]))
 
 
-class SkipsEveryBatch(Classifier):
-    """A ``training_step`` that returns ``None``: Lightning's way to skip a batch."""
-
-    def training_step(self, batch, batch_idx):
-        return None
-
-
-def test_a_mistake_stops_the_run_before_its_first_step_or_turns_the_callback_off(tmp_path):
-    L.seed_everything(0, verbose=False)
-    module = SkipsEveryBatch()
-    strict = LLCCallback(TINY, every_n_steps=4, on_error="raise")
-    run = trainer(tmp_path, callbacks=[strict])
-    with pytest.raises(ValueError, match=r"training_step returned NoneType \(Lightning's way"):
-        run.fit(module, loader())
-    assert run.global_step == 0
-
-    lenient = LLCCallback(TINY, every_n_steps=4)
-    run = trainer(tmp_path, callbacks=[lenient])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        run.fit(SkipsEveryBatch(), loader())
-    (warning,) = llc_warnings(caught)
-    assert "LLC estimates are off for this run" in warning and "pass loss_fn=" in warning
-    assert lenient.monitor.history == []
-
-
 def test_each_trainer_logs_once_how_many_weights_are_sampled(tmp_path):
     class Frozen(Classifier):  # only the last layer trains, as with an adapter
         def __init__(self) -> None:
@@ -186,7 +158,7 @@ def test_each_trainer_logs_once_how_many_weights_are_sampled(tmp_path):
     hf = make_trainer(tmp_path / "hf")
     for name, parameter in hf.model.named_parameters():
         parameter.requires_grad_(name.startswith("transformer.h.1.mlp"))
-    hf.add_callback(LLCTrainerCallback(hf, TINY, every_n_steps=6))
+    hf.add_callback(LLCTrainerCallback(TINY, every_n_steps=6))
     hf.train()
     logged = [
         (row["step"], row["llc/num_sampled"])
@@ -225,14 +197,22 @@ def test_a_resume_with_another_config_warns_that_the_history_starts_anew(tmp_pat
     other = LLCCallback(LLCConfig(num_chains=3, num_burnin=5, num_draws=5), every_n_steps=3)
     L.seed_everything(0, verbose=False)
     resumed = trainer(tmp_path / "resumed", callbacks=[other])
-    with pytest.warns(UserWarning, match="another prefix, schedule or config.*starts a new"):
+    changed = r"saved with other settings \(.*config\.num_chains: 2 in the checkpoint, 3 now\)"
+    with pytest.warns(UserWarning, match=changed + ".*starts a new LLC history"):
         resumed.fit(Classifier(), loader(), ckpt_path=checkpoint)
     assert [row["step"] for row in other.monitor.history] == [6, 9, 12]
+
+    renamed = LLCCallback(TINY, every_n_steps=3, prefix="probe")
+    resumed = trainer(tmp_path / "renamed", callbacks=[renamed])
+    saved_as = r"saved as \"LLCCallback\{'prefix': 'llc'\}\", not of this one"
+    with pytest.warns(UserWarning, match=saved_as + ".*Pass the saved prefix"):
+        resumed.fit(Classifier(), loader(), ckpt_path=checkpoint)
+    assert [row["step"] for row in renamed.monitor.history] == [6, 9, 12]
 
     same = LLCCallback(TINY, every_n_steps=3)
     resumed = trainer(tmp_path / "same", callbacks=[same])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         resumed.fit(Classifier(), loader(), ckpt_path=checkpoint)
-    assert not [m for m in llc_warnings(caught) if "another prefix" in m]
+    assert not [m for m in llc_warnings(caught) if "new LLC history" in m]
     assert [row["step"] for row in same.monitor.history] == [3, 6, 9, 12]

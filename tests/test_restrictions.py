@@ -169,7 +169,7 @@ def test_one_curve_per_attention_head_through_lightning(tmp_path, wandb_rows):
 def test_the_transformers_callback_takes_restrictions_too(tmp_path):
     hf = make_trainer(tmp_path)
     restrictions = Restrictions(weights={"embeddings": "transformer.w*e.*"})
-    hf.add_callback(LLCTrainerCallback(hf, TINY, steps=[4], restrictions=restrictions))
+    hf.add_callback(LLCTrainerCallback(TINY, steps=[4], restrictions=restrictions))
     hf.train()
     logged = [row for row in hf.state.log_history if "llc/embeddings/mean" in row]
     assert [row["step"] for row in logged] == [4]

@@ -55,6 +55,17 @@ def test_pure_noise_is_one_flat_stage(seed):
     assert [(stage.kind, stage.start, stage.end) for stage in stages] == [("flat", 0, 390)]
 
 
+def test_a_logged_run_without_per_chain_keys_reads_the_chain_count_logged_at_the_start():
+    curve = rise_fall_flat(3)
+    full = rows(curve, chains=16)
+    logged = [{k: v for k, v in row.items() if "chain_" not in k} for row in full]
+    start = {"step": 0, "llc/num_sampled": 100.0, "llc/num_chains": 16.0}
+    assert detect_stages([start, *logged]) == detect_stages(full)
+    # Without the count each estimate's spread would be taken for its standard error, 4x
+    # too large: the stages would differ.
+    assert detect_stages(logged) != detect_stages(full)
+
+
 def test_a_stage_where_the_loss_stays_flat_is_flagged_and_restricted_curves_work_too():
     history = rows(rise_fall_flat(0), prefix="llc/head0")
     for row in history:

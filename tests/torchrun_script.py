@@ -40,7 +40,7 @@ if __name__ == "__main__":
         calls.append(1)
         return trainer.compute_loss(model, batch)
 
-    callback = LLCTrainerCallback(trainer, CONFIG, steps=STEPS, loss_fn=loss_fn)
+    callback = LLCTrainerCallback(CONFIG, steps=STEPS, loss_fn=loss_fn)
     trainer.add_callback(callback)
     trainer.train()
     rank = torch.distributed.get_rank()

@@ -1,0 +1,117 @@
+"""What the README's first two examples cost: each trainer's run with and without the callback.
+
+Usage: ``OMP_NUM_THREADS=1 python benchmarks/first_contact.py``
+
+Lightning: a 6-32-32-3 MLP classifier (1,379 weights), batches of 32, 200 steps,
+``LLCCallback(every_n_steps=100)``. transformers: a 2-layer GPT-2 of width 32 (28,032
+weights), batches of 16 x 16 tokens, 100 steps, ``LLCTrainerCallback(every_n_steps=50)``.
+Both with the default ``LLCConfig()``. Each run is timed without the callback, then with it,
+in the same process; an estimate's cost is the extra time over the number of estimates, in
+training steps of the run without the callback (its wall time over its steps).
+"""
+
+import time
+
+import lightning.pytorch as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+from llc_callbacks.integrations.huggingface import LLCTrainerCallback
+from llc_callbacks.integrations.lightning import LLCCallback
+
+LIGHTNING_STEPS, HF_STEPS = 200, 100
+
+
+class Classifier(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(6, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU()
+        )
+        self.head = torch.nn.Linear(32, 3)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.head(self.net(x)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def lightning_run(callbacks) -> float:
+    L.seed_everything(0, verbose=False)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 6, generator=generator)
+    y = (x[:, :3] @ torch.randn(3, 3, generator=generator)).argmax(dim=1)
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=LIGHTNING_STEPS,
+        logger=False,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    start = time.perf_counter()
+    trainer.fit(Classifier(), loader)
+    return time.perf_counter() - start
+
+
+class Counting(Dataset):
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(0)
+        starts = torch.randint(0, 64, (512, 1), generator=generator)
+        self.ids = (starts + torch.arange(16)) % 64
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[index], "labels": self.ids[index]}
+
+
+def hf_run(callbacks, folder: str) -> float:
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=16)
+    args = TrainingArguments(
+        output_dir=folder,
+        max_steps=HF_STEPS,
+        per_device_train_batch_size=16,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=HF_STEPS,
+    )
+    trainer = Trainer(
+        model=GPT2LMHeadModel(config), args=args, train_dataset=Counting(), callbacks=callbacks
+    )
+    start = time.perf_counter()
+    trainer.train()
+    return time.perf_counter() - start
+
+
+def report(name: str, steps: int, plain: float, watched: float, estimates: int) -> None:
+    step = plain / steps
+    print(
+        f"{name}: {steps} steps {plain:.1f} s without, {watched:.1f} s with {estimates}"
+        f" estimates: {watched / plain:.1f}x; one estimate = {(watched - plain) / estimates:.1f} s"
+        f" = {(watched - plain) / estimates / step:,.0f} training steps"
+    )
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    plain = lightning_run([])
+    watched = lightning_run([LLCCallback(every_n_steps=100)])
+    report("Lightning MLP", LIGHTNING_STEPS, plain, watched, LIGHTNING_STEPS // 100)
+    plain = hf_run([], "/tmp/first_contact_plain")
+    watched = hf_run([LLCTrainerCallback(every_n_steps=50)], "/tmp/first_contact_watched")
+    report("transformers GPT-2", HF_STEPS, plain, watched, HF_STEPS // 50)
+
+
+if __name__ == "__main__":
+    main()
