@@ -162,12 +162,12 @@ def calibrate(
 
 def _row(setting: LLCConfig, result: LLCResult) -> dict[str, Any]:
     row = {
+        **result.diagnostics,
         "step_size": setting.step_size,
         "nbeta": setting.nbeta,
         "localization": setting.localization,
         "llc_mean": result.llc_mean,
         "llc_std": result.llc_std,
-        **result.diagnostics,
         "problems": list(result.problems()),
     }
     row["ok"] = _healthy(row) and row.get("mala_acceptance", math.nan) >= MALA_TARGET

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -24,6 +25,19 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from llc_callbacks.adaptation import (
+    CHECK_EVERY,
+    COLD_MARGIN,
+    HEAT_CHECKS,
+    HEAT_MARGIN,
+    MAX_RESTARTS,
+    MIN_BURNIN_COLD,
+    MIN_BURNIN_WARM,
+    MIN_DRAWS,
+    StepSizes,
+    precise,
+    settled,
+)
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.forked import ForkedModel, ObserveFn
 from llc_callbacks.samplers import (
@@ -35,11 +49,15 @@ from llc_callbacks.samplers import (
     sgld_step,
 )
 
-# How often (in steps) the loop asks the device whether every chain has diverged.
-DIVERGENCE_CHECK_EVERY = 32
 # With config.mala, the MALA acceptance is measured on every this-many-th draw: one more
-# gradient each: 100 per chain at 1,000 draws, about 5% of an estimate's cost.
+# gradient each: about 5% of the draws' cost.
 MALA_EVERY = 10
+# An adapting chain's step size follows its MALA acceptance measured on every this-many-th
+# step (one more gradient each), and starts here when it has no earlier estimate's; a cold
+# chain adapts for ADAPT_STEPS before its burn-in.
+ADAPT_EVERY = 2
+INITIAL_STEP_SIZE = 1e-4
+ADAPT_STEPS = 400
 # chains_in_flight="auto" on CUDA fills at most this share of the free memory with chains.
 AUTO_MEMORY_SHARE = 0.8
 
@@ -58,34 +76,59 @@ class ProbeBatches(NamedTuple):
     size: int
 
 
+class ChainStart(NamedTuple):
+    """Where one chain starts: a previous estimate's end, carried over to new weights.
+
+    Attributes:
+        offset: The chain's ``w - w*`` at the end of the previous estimate, over the weights
+            it moves (its mask's, in order), on the CPU; ``None``: start at ``w*``.
+        step_size: The step size it drew with.
+    """
+
+    offset: Tensor | None
+    step_size: float
+
+
 class ChainGroup(NamedTuple):
     """Chains that run as one vectorized batch: they sample the same parameters.
 
     Attributes:
-        forked: The fork whose flat weights these chains move (narrowed to the parameters
-            their restrictions touch).
+        forked: Where the chains' weights live and how their losses and gradients are taken:
+            the fork whose flat weights these chains move (narrowed to the parameters their
+            restrictions touch), or a sharded model's chain (``sharded.ShardedChains``).
         noise_ids: Per chain, the index whose generator (seeded by ``config.seed`` and it)
             draws the chain's noise; chain ``i`` of any restriction uses ``i``.
         masks: Per chain, the flat weights it may move (``None``: all of ``forked``'s).
+        starts: Per chain, where it starts (``None``: at ``w*``, with ``config.step_size``,
+            or ``INITIAL_STEP_SIZE`` when it adapts).
     """
 
-    forked: ForkedModel
+    forked: Any
     noise_ids: Sequence[int]
     masks: Sequence[Tensor | None]
+    starts: Sequence[ChainStart | None]
 
 
 class ChainTraces(NamedTuple):
     """What the chains recorded, one row per chain in group order.
 
+    Each chain draws after its own burn-in, until its own end: the draw arrays are
+    ``(chains, config.num_draws)``, NaN past a chain's draws or after it diverged.
+
     Attributes:
-        trace: Minibatch loss at each draw, ``(chains, draws)``; NaN after a divergence.
-        reference: ``L_m(w*)`` on each draw's batch, ``(draws,)``; NaN unless paired.
-        distance: ``||w_t - w*||^2 / 2`` at each draw, ``(chains, draws)``.
+        trace: Minibatch loss at each draw.
+        reference: ``L_m(w*)`` on each draw's batch.
+        distance: ``||w_t - w*||^2 / 2`` at each draw.
         diverged: Which chains' loss went NaN or infinite, ``(chains,)``.
         mala: Each chain's mean MALA acceptance over every ``MALA_EVERY``-th draw, or
             ``None`` unless ``config.mala``.
         observed: Per observable, each chain's recorded values on every
             ``config.observe_every``-th draw, ``(chains, records, values)``.
+        burnin: Each chain's burn-in steps, ``(chains,)``.
+        draws: Each chain's draws, ``(chains,)``.
+        step_size: Each chain's step size during its draws, ``(chains,)``.
+        warm: Which chains started from an earlier estimate's offset, ``(chains,)``.
+        ends: Where each chain ended, to start a later estimate from (``ChainStart``).
     """
 
     trace: np.ndarray
@@ -94,15 +137,22 @@ class ChainTraces(NamedTuple):
     diverged: np.ndarray
     mala: np.ndarray | None
     observed: dict[str, np.ndarray]
+    burnin: np.ndarray
+    draws: np.ndarray
+    step_size: np.ndarray
+    warm: np.ndarray
+    ends: list[ChainStart]
 
 
 class _Running:
-    """One group's chains in flight: their state, gradient buffer and noise."""
+    """One group's chains in flight: their state, gradient buffer, noise and step sizes."""
 
     def __init__(self, group: ChainGroup, config: LLCConfig, rows: slice) -> None:
         device = group.forked.anchor.device
         self.forked = group.forked
         self.rows = rows
+        self.masks = list(group.masks)
+        self.starts = list(group.starts)
         self.movable = None
         if any(mask is not None and not bool(mask.all()) for mask in group.masks):
             everything = torch.ones_like(self.forked.anchor, dtype=torch.bool)
@@ -110,9 +160,48 @@ class _Running:
         weights = self.forked.anchor.expand(len(group.noise_ids), -1).clone()
         rmsprop = config.sampler == "rmsprop_sgld"
         self.state = SamplerState(weights, torch.zeros_like(weights) if rmsprop else None)
+        for row in range(len(weights)):
+            self.place(row)
         self.grads = torch.empty_like(weights)
         generators = [chain_generator(config.seed, i, device) for i in group.noise_ids]
-        self.noise = _Noise(generators, self.movable)
+        make_noise = getattr(self.forked, "noise", _Noise)
+        self.noise = make_noise(generators, self.movable)
+        adapt = config.step_size == "adapt"
+        fixed = INITIAL_STEP_SIZE if adapt else float(config.step_size)
+        initial = [fixed if s is None or not adapt else s.step_size for s in self.starts]
+        warm = torch.tensor([s is not None for s in self.starts], device=device)
+        self.steps = StepSizes(
+            torch.tensor(initial, dtype=torch.float64, device=device),
+            adapt,
+            config.target_acceptance,
+            warm,
+        )
+
+    def place(self, row: int) -> None:
+        """Put chain ``row`` where it starts: ``w*``, plus its offset if it has one."""
+        weights = self.state.weights[row]
+        weights.copy_(self.forked.anchor)
+        start = self.starts[row]
+        if start is not None and start.offset is not None:
+            offset = start.offset.to(weights.device, weights.dtype)
+            mask = self.masks[row]
+            if mask is None:
+                weights.add_(offset)
+            else:
+                weights[mask] += offset
+        if self.state.square_avg is not None:
+            self.state.square_avg[row].zero_()
+
+    def end(self, row: int, step_size: float) -> ChainStart:
+        """Where chain ``row`` ended, on the CPU, to start a later estimate from."""
+        offset = self.state.weights[row] - self.forked.anchor
+        mask = self.masks[row]
+        return ChainStart((offset if mask is None else offset[mask]).cpu(), step_size)
+
+    def total(self, sums: Tensor) -> Tensor:
+        """Per-chain sums over these weights, completed over every rank's (sharded models)."""
+        total = getattr(self.forked, "total", None)
+        return sums if total is None else total(sums)
 
 
 class _Noise:
@@ -126,7 +215,7 @@ class _Noise:
         self.generators = generators
         self.movable = movable
 
-    def __call__(self, weights: Tensor, scale: float, factor: Tensor | None) -> None:
+    def __call__(self, weights: Tensor, scale: Tensor, factor: Tensor | None) -> None:
         for row, generator in enumerate(self.generators):
             for start in range(0, weights.shape[1], PIECE):
                 piece = slice(start, start + PIECE)
@@ -136,10 +225,11 @@ class _Noise:
                 )
                 if self.movable is not None:
                     xi.mul_(self.movable[row, piece])
+                xi.mul_(scale[row])
                 if factor is None:
-                    target.add_(xi, alpha=scale)
+                    target.add_(xi)
                 else:
-                    target.addcmul_(factor[row, piece], xi, value=scale)
+                    target.addcmul_(factor[row, piece], xi)
 
 
 def run_chains(
@@ -149,13 +239,16 @@ def run_chains(
     nbeta: float,
     progress: bool,
     observables: Mapping[str, ProbeBatches] | None = None,
+    keep_ends: bool = False,
 ) -> ChainTraces:
-    """Run groups of chains from ``w*``, all on the same minibatches.
+    """Run groups of chains, all on the same minibatches.
 
     At most ``config.chains_in_flight`` chains (``"auto"``: see ``_in_flight``) are held in
     memory and step together (a wave); later waves replay the first one's minibatches, kept
-    for them. Chain ``i`` depends only on the seed, ``i``, ``w*`` and the minibatches, so the
-    numbers do not depend on how the chains are split into waves, but for float rounding.
+    for them. Every chain tunes itself (``llc_callbacks.adaptation``): its step size, the end
+    of its burn-in and of its draws depend only on the seed, its index, its start, ``w*``
+    and the minibatches, so the numbers do not depend on how the chains are split into waves
+    or ranks, but for float rounding.
 
     Args:
         groups: The chains, each group one vectorized batch.
@@ -164,7 +257,9 @@ def run_chains(
         nbeta: The resolved inverse temperature.
         progress: Show a progress bar, when the output is a terminal.
         observables: Probe sets whose losses every chain records on every
-            ``config.observe_every``-th draw.
+            ``config.observe_every``-th draw (the chains then draw ``num_draws`` each).
+        keep_ends: Keep each chain's offset from ``w*`` in ``ends`` (a CPU copy of the
+            weights it moves); otherwise ``ends`` holds the step sizes only.
 
     Returns:
         The traces, one row per chain, group after group.
@@ -173,9 +268,10 @@ def run_chains(
     device = groups[0].forked.anchor.device if groups else torch.device("cpu")
     traces = _Traces(
         trace=torch.full((chains, draws), float("nan"), device=device),
-        reference=torch.full((draws,), float("nan"), device=device),
+        reference=torch.full((chains, draws), float("nan"), device=device),
         distance=torch.full((chains, draws), float("nan"), device=device),
         acceptance=torch.zeros(chains, device=device),
+        measured=torch.zeros(chains, device=device),
         healthy=torch.ones(chains, dtype=torch.bool, device=device),
         observed={
             name: torch.full(
@@ -183,6 +279,11 @@ def run_chains(
             )
             for name, probe in (observables or {}).items()
         },
+        burnin=np.zeros(chains, dtype=int),
+        draws=np.zeros(chains, dtype=int),
+        step_size=np.full(chains, math.nan),
+        warm=np.zeros(chains, dtype=bool),
+        ends=[],
     )
     in_flight = 1
     if chains:
@@ -198,7 +299,7 @@ def run_chains(
     )
     first_row = 0
     try:
-        for number, wave in enumerate(waves):
+        for wave in waves:
             wave_batches = kept.replay() if kept is not None else batches
             _run_wave(
                 wave,
@@ -207,9 +308,9 @@ def run_chains(
                 config,
                 nbeta,
                 traces,
-                paired=number == 0,
-                bar=bar,
-                observables=observables or {},
+                bar,
+                observables or {},
+                keep_ends,
             )
             first_row += sum(len(group.noise_ids) for group in wave)
     except RuntimeError as error:  # torch.OutOfMemoryError is one
@@ -223,10 +324,13 @@ def run_chains(
         traces.reference.cpu().numpy(),
         traces.distance.cpu().numpy(),
         (~traces.healthy).cpu().numpy(),
-        (traces.acceptance / len(range(0, draws, MALA_EVERY))).cpu().numpy()
-        if config.mala
-        else None,
+        (traces.acceptance / traces.measured.clamp(min=1)).cpu().numpy() if config.mala else None,
         {name: losses.cpu().numpy() for name, losses in traces.observed.items()},
+        traces.burnin,
+        traces.draws,
+        traces.step_size,
+        traces.warm,
+        traces.ends,
     )
 
 
@@ -237,8 +341,14 @@ class _Traces(NamedTuple):
     reference: Tensor
     distance: Tensor
     acceptance: Tensor
+    measured: Tensor
     healthy: Tensor
     observed: dict[str, Tensor]
+    burnin: np.ndarray
+    draws: np.ndarray
+    step_size: np.ndarray
+    warm: np.ndarray
+    ends: list[ChainStart]
 
 
 class _Kept:
@@ -324,8 +434,11 @@ def _waves(groups: Sequence[ChainGroup], size: int) -> list[list[ChainGroup]]:
                 waves.append([])
                 room = size
             end = min(start + room, len(group.noise_ids))
+            part = slice(start, end)
             waves[-1].append(
-                ChainGroup(group.forked, group.noise_ids[start:end], group.masks[start:end])
+                ChainGroup(
+                    group.forked, group.noise_ids[part], group.masks[part], group.starts[part]
+                )
             )
             room -= end - start
             start = end
@@ -339,15 +452,15 @@ def _run_wave(
     config: LLCConfig,
     nbeta: float,
     traces: _Traces,
-    *,
-    paired: bool,
     bar: tqdm,
     observables: Mapping[str, ProbeBatches],
+    keep_ends: bool,
 ) -> None:
-    """Step one wave of chains through burn-in and draws, writing into ``traces``.
+    """Step one wave of chains through their burn-ins and draws, writing into ``traces``.
 
-    The wave's weights and gradients live in this call only: they are freed before the next
-    wave's are made.
+    Every step evaluates the loss at ``w*`` on its batch once for the wave (the paired
+    reference, and each chain's excess loss for its checks). The wave's weights and
+    gradients live in this call only: they are freed before the next wave's are made.
 
     Args:
         wave: The wave's groups.
@@ -356,9 +469,9 @@ def _run_wave(
         config: Hyperparameters.
         nbeta: The resolved inverse temperature.
         traces: Where each chain writes its row.
-        paired: Record ``L_m(w*)`` on each draw's batch (the first wave does, for all).
         bar: The progress bar to advance.
         observables: The probe sets whose losses the draws record.
+        keep_ends: Keep each chain's end offset (see ``run_chains``).
     """
     sizes = [len(group.noise_ids) for group in wave]
     ends = [first_row + end for end in itertools.accumulate(sizes)]
@@ -366,48 +479,296 @@ def _run_wave(
         _Running(group, config, slice(end - size, end))
         for group, size, end in zip(wave, sizes, ends, strict=True)
     ]
-    step = _sampler_step(config, nbeta)
-    rows = slice(running[0].rows.start, running[-1].rows.stop)
-    for t in range(config.num_burnin + config.num_draws):
+    chains, device = sum(sizes), running[0].forked.anchor.device
+    steps = config.num_burnin + config.num_draws
+    phases = _Phases(running, config, chains, stop_early=not observables)
+    excess = torch.full((chains, steps), float("nan"), device=device)
+    step_rule = _sampler_step(config, nbeta)
+    local = [slice(g.rows.start - first_row, g.rows.stop - first_row) for g in running]
+    for t in range(steps):
+        if phases.all_done():
+            break
         bar.update()
         batch = next(batches)
-        drawing = t >= config.num_burnin
-        draw = t - config.num_burnin
-        if drawing and paired and config.paired:
-            traces.reference[draw] = running[0].forked.loss_at_anchor(batch)
-        for group in running:
+        reference = running[0].forked.loss_at_anchor(batch)
+        adapting = phases.masks(device)
+        draw = t - phases.began  # per chain; meaningful where drawing
+        for group, rows in zip(running, local, strict=True):
             forked, weights, own = group.forked, group.state.weights, group.rows
             losses, grads = forked.loss_and_grad(weights, batch, out=group.grads)
             traces.healthy[own] &= torch.isfinite(losses)
-            if drawing:
-                traces.trace[own, draw] = torch.where(traces.healthy[own], losses, float("nan"))
-                traces.distance[own, draw] = _half_square_distances(weights, forked.anchor)
-                if draw % config.observe_every == 0:
-                    for name, probe in observables.items():
-                        found = [forked.observed(weights, b, probe.losses) for b in probe.batches]
-                        traces.observed[name][own, draw // config.observe_every] = torch.cat(
-                            found, dim=1
-                        )
+            excess[rows, t] = nbeta * (losses - reference)
+            recording = phases.drawing_rows(rows)
+            if recording.size:
+                at = torch.as_tensor(draw[rows][recording], device=device)
+                chain = torch.as_tensor(recording + own.start, device=device)
+                kept = torch.where(traces.healthy[own], losses, float("nan"))[recording]
+                traces.trace[chain, at] = kept
+                traces.reference[chain, at] = reference
+                distance = group.total(_half_square_distances(weights, forked.anchor))
+                traces.distance[chain, at] = distance[recording]
+                observed = recording[draw[rows][recording] % config.observe_every == 0]
+                if observed.size:
+                    _observe(group, observed, draw[rows], config, traces, observables)
             if group.movable is not None:  # no drift outside a chain's mask (nor noise)
                 grads.mul_(group.movable)
-            measured = drawing and config.mala and draw % MALA_EVERY == 0
-            before = weights.clone() if measured else None
-            group.state, info = step(group.state, grads, forked.anchor, group.noise)
-            if before is not None:
-                traces.acceptance[own] += _mala_acceptance(
-                    forked,
-                    before,
-                    weights,
-                    info,
-                    losses,
-                    grads,
-                    batch,
-                    config,
-                    nbeta,
-                    group.movable,
+            measured = phases.measured(rows, t)
+            step_size = group.steps.current * phases.moving(rows, device)
+            before = weights.clone() if measured.any() else None
+            group.state, info = step_rule(group.state, grads, forked.anchor, group.noise, step_size)
+            if before is None:
+                continue
+            acceptance = _mala_acceptance(
+                group, before, info, losses, grads, batch, config, nbeta, step_size
+            )
+            searching = group.steps.searching
+            ended = group.steps.update(acceptance, adapting[rows] & phases.adapt_now(t))
+            if searching:  # a host read only while some chain searches (its first steps)
+                for member in np.flatnonzero(ended.cpu().numpy()):
+                    group.place(int(member))
+                    phases.since[rows.start + member] = t + 1
+            diagnostic = torch.as_tensor(measured & phases.drawing[rows], device=device)
+            traces.acceptance[own] += torch.where(diagnostic, acceptance, 0.0)
+            traces.measured[own] += diagnostic
+            phases.watch(rows, measured, acceptance)
+        phases.advance(t, running, local, excess, traces, first_row)
+    phases.finish(running, local, traces, first_row, keep_ends)
+
+
+# A chain's phase: a cold chain adapting its step size, any chain's burn-in (a warm chain
+# adapts in it), its draws, and done.
+ADAPTING, BURNIN, DRAWING, DONE = 0, 1, 2, 3
+
+
+class _Phases:
+    """Each chain's phase in its wave, and the decisions that move it on (host side).
+
+    A cold chain (no earlier estimate's offset) with ``step_size="adapt"`` first adapts its
+    step size for ``ADAPT_STEPS``, then goes back to its start for a burn-in at the frozen
+    step size: the adaptation's larger steps can drive a chain far out, and its acceptance
+    tells only once it is there (on a deep linear network of 52,500 weights, a chain that
+    had spent a few hundred steps above the right step size kept a MALA acceptance of 0.1
+    at the right one, and an estimate 50% high). A warm chain adapts during its burn-in,
+    from the step size it had.
+    """
+
+    def __init__(
+        self, running: list[_Running], config: LLCConfig, chains: int, *, stop_early: bool
+    ) -> None:
+        self.config = config
+        self.adapt = config.step_size == "adapt"
+        self.stop_early = stop_early and config.relative_error is not None
+        warm = np.array([s is not None and s.offset is not None for g in running for s in g.starts])
+        first = np.where(warm | (not self.adapt), BURNIN, ADAPTING)
+        self.phase = np.full(chains, DRAWING) if config.num_burnin == 0 else first
+        self.warm_adapting = warm & self.adapt
+        self.began = np.full(chains, config.num_burnin)
+        self.restarts = np.zeros(chains, dtype=int)
+        self.since = np.zeros(chains, dtype=int)  # where the current phase began
+        self.drawing = np.zeros(chains, dtype=bool)
+        self.min_burnin = np.where(warm, MIN_BURNIN_WARM, MIN_BURNIN_COLD)
+        self._watched: Tensor | None = None  # per chain: summed acceptances, and their count
+
+    def all_done(self) -> bool:
+        return bool((self.phase == DONE).all())
+
+    def adapting(self) -> np.ndarray:
+        return (self.phase == ADAPTING) | ((self.phase == BURNIN) & self.warm_adapting)
+
+    def masks(self, device: torch.device) -> Tensor:
+        """Note which chains draw at this step; which adapt, as a device mask."""
+        self.drawing = self.phase == DRAWING
+        return torch.as_tensor(self.adapting(), device=device)
+
+    def drawing_rows(self, rows: slice) -> np.ndarray:
+        """The group's rows (0-based in it) that draw at this step."""
+        return np.flatnonzero(self.drawing[rows])
+
+    def adapt_now(self, t: int) -> bool:
+        return self.adapt and t % ADAPT_EVERY == 0
+
+    def measured(self, rows: slice, t: int) -> np.ndarray:
+        """Which of the group's chains need a MALA acceptance of this step."""
+        adapting = self.adapting()[rows] & self.adapt_now(t)
+        draw = t - self.began[rows]
+        diagnostic = self.drawing[rows] & self.config.mala & (draw % MALA_EVERY == 0)
+        watched = self.watching()[rows] & (t % MALA_EVERY == 0)
+        return adapting | diagnostic | watched
+
+    def watching(self) -> np.ndarray:
+        """The chains whose burn-in at a frozen step size is watched for heating."""
+        return (self.phase == BURNIN) & ~self.warm_adapting & self.adapt
+
+    def watch(self, rows: slice, measured: np.ndarray, acceptance: Tensor) -> None:
+        """Add the acceptances of the watched chains to their burn-in's tally."""
+        watched = torch.as_tensor(measured & self.watching()[rows], device=acceptance.device)
+        if self._watched is None:
+            self._watched = torch.zeros(2, len(self.phase), device=acceptance.device)
+        self._watched[0, rows] += torch.where(watched, acceptance, 0.0)
+        self._watched[1, rows] += watched
+
+    def moving(self, rows: slice, device: torch.device) -> Tensor:
+        """1 for the chains still stepping, 0 for those done (their weights stay put)."""
+        return torch.as_tensor(self.phase[rows] != DONE, dtype=torch.float32, device=device)
+
+    def advance(
+        self,
+        t: int,
+        running: list[_Running],
+        local: list[slice],
+        excess: Tensor,
+        traces: _Traces,
+        first_row: int,
+    ) -> None:
+        """Move chains on after step ``t``.
+
+        Draws that are complete end at once; every ``CHECK_EVERY`` steps (one host read),
+        adaptations that are complete, burn-ins that have settled and draws that are
+        precise enough end too, and chains that diverged before their draws start over.
+        """
+        config, done = self.config, t + 1
+        self.phase[(self.phase == DRAWING) & (done - self.began >= config.num_draws)] = DONE
+        last = done == config.num_burnin + config.num_draws
+        if done % CHECK_EVERY and done != config.num_burnin and not last:
+            return
+        healthy = traces.healthy[first_row : first_row + len(self.phase)].cpu().numpy()
+        window = excess[:, :done].cpu().numpy()
+        watched = self._watched.cpu().numpy().copy() if self._watched is not None else None
+        for group, part in zip(running, local, strict=True):
+            for row in range(part.start, part.stop):
+                member = row - part.start
+                if self.phase[row] in (ADAPTING, BURNIN) and not healthy[row]:
+                    self._restart(row, member, group, done, traces, first_row)
+                elif watched is not None and watched[1, row] >= HEAT_CHECKS:
+                    self._watched[:, row] = 0  # windows of HEAT_CHECKS measurements
+                    heating = self.config.target_acceptance - HEAT_MARGIN
+                    if watched[0, row] / watched[1, row] < heating:
+                        self._cool(row, member, group, done)
+                elif self.phase[row] == ADAPTING:
+                    self._end_adaptation(row, member, group, done)
+                elif self.phase[row] == BURNIN:
+                    self._end_burnin(row, member, group, done, window[row, self.since[row] :])
+                elif self.phase[row] == DRAWING:
+                    self._end_draws(row, done, healthy[row], excess)
+
+    def _restart(
+        self, row: int, member: int, group: _Running, done: int, traces: _Traces, first_row: int
+    ) -> None:
+        """A chain that diverged before its draws adapts again from its start, or is done."""
+        if not self.adapt or self.restarts[row] >= MAX_RESTARTS:
+            self.phase[row] = DONE
+            return
+        self.restarts[row] += 1
+        group.place(member)
+        group.steps.restart(self._one(member, group))
+        traces.healthy[first_row + row] = True
+        self.phase[row], self.warm_adapting[row] = ADAPTING, False
+        self.min_burnin[row] = MIN_BURNIN_COLD
+        self.since[row] = done
+
+    def _cool(self, row: int, member: int, group: _Running, done: int) -> None:
+        """A chain heating up at its frozen step size burns in again, from its start, slower.
+
+        With weak localization a chain keeps spreading along directions the loss hardly
+        constrains, over ``1 / (eps gamma)`` steps, and may reach places where its step size
+        is unstable; its acceptance tells, and it starts over with ``COLD_MARGIN`` smaller
+        steps (on a deep linear network of 52,500 weights: acceptance 0.3 and an estimate
+        41% high after 600 steps at the adapted step size).
+        """
+        if self.restarts[row] >= MAX_RESTARTS:
+            return
+        self.restarts[row] += 1
+        group.steps.scale(self._one(member, group), COLD_MARGIN)
+        group.place(member)
+        self.since[row] = done
+        self.min_burnin[row] = done + MIN_BURNIN_COLD
+
+    def _end_adaptation(self, row: int, member: int, group: _Running, done: int) -> None:
+        """After ``ADAPT_STEPS``: freeze the step size, and burn in again from the start."""
+        if done >= self.config.num_burnin:  # no room for a second burn-in
+            group.steps.freeze(self._one(member, group))
+            self.phase[row], self.began[row] = DRAWING, done
+        elif done - self.since[row] >= ADAPT_STEPS:
+            group.steps.freeze(self._one(member, group))
+            group.place(member)
+            self.phase[row], self.since[row] = BURNIN, done
+            self.min_burnin[row] = done + MIN_BURNIN_COLD
+
+    def _end_burnin(
+        self, row: int, member: int, group: _Running, done: int, window: np.ndarray
+    ) -> None:
+        """Begin a chain's draws at the most burn-in, or (adapting) once it has settled."""
+        long_enough = done >= self.min_burnin[row] and len(window) >= 2 * CHECK_EVERY
+        if done >= self.config.num_burnin or (self.adapt and long_enough and settled(window)):
+            if self.warm_adapting[row]:
+                group.steps.freeze(self._one(member, group))
+            self.phase[row] = DRAWING
+            self.began[row] = done
+
+    @staticmethod
+    def _one(member: int, group: _Running) -> Tensor:
+        return _one_hot(member, len(group.masks), group.forked.anchor.device)
+
+    def _end_draws(self, row: int, done: int, healthy: bool, excess: Tensor) -> None:
+        """End a chain's draws when it diverged or (``relative_error``) is precise enough."""
+        if not healthy:
+            self.phase[row] = DONE
+        elif self.stop_early and done - self.began[row] >= MIN_DRAWS:
+            draws = excess[row, self.began[row] : done].cpu().numpy()
+            if precise(draws, self.config.num_chains, self.config.relative_error):
+                self.phase[row] = DONE
+
+    def finish(
+        self,
+        running: list[_Running],
+        local: list[slice],
+        traces: _Traces,
+        first_row: int,
+        keep_ends: bool,
+    ) -> None:
+        """Record each chain's burn-in, draws, step size and end."""
+        steps = self.config.num_burnin + self.config.num_draws
+        for group, part in zip(running, local, strict=True):
+            sizes = group.steps.current.cpu().numpy()
+            for member, row in enumerate(range(part.start, part.stop)):
+                chain = first_row + row
+                began = min(self.began[row], steps)
+                drawn = int(np.isfinite(traces.trace[chain].cpu().numpy()).sum())
+                traces.burnin[chain] = began
+                traces.draws[chain] = drawn
+                traces.step_size[chain] = sizes[member]
+                start = group.starts[member]
+                traces.warm[chain] = start is not None and start.offset is not None
+                healthy = bool(traces.healthy[chain])
+                traces.ends.append(
+                    group.end(member, float(sizes[member]))
+                    if healthy and keep_ends
+                    else ChainStart(None, float(sizes[member]))
                 )
-        if (t + 1) % DIVERGENCE_CHECK_EVERY == 0 and not traces.healthy[rows].any():
-            break
+
+
+def _one_hot(index: int, size: int, device: torch.device) -> Tensor:
+    mask = torch.zeros(size, dtype=torch.bool, device=device)
+    mask[index] = True
+    return mask
+
+
+def _observe(
+    group: _Running,
+    rows: np.ndarray,
+    draw: np.ndarray,
+    config: LLCConfig,
+    traces: _Traces,
+    observables: Mapping[str, ProbeBatches],
+) -> None:
+    """Record the observables of the group's chains ``rows`` at their draws."""
+    weights, chain = group.state.weights, group.rows.start + rows
+    records = draw[rows] // config.observe_every
+    for name, probe in observables.items():
+        found = [group.forked.observed(weights, b, probe.losses) for b in probe.batches]
+        values = torch.cat(found, dim=1)[torch.as_tensor(rows, device=weights.device)]
+        device = values.device
+        traces.observed[name][torch.as_tensor(chain, device=device), records] = values
 
 
 def _half_square_distances(weights: Tensor, anchor: Tensor) -> Tensor:
@@ -422,43 +783,51 @@ def _half_square_distances(weights: Tensor, anchor: Tensor) -> Tensor:
 
 
 def _mala_acceptance(
-    forked: ForkedModel,
+    group: _Running,
     before: Tensor,
-    after: Tensor,
     info: StepInfo,
     losses: Tensor,
     grads: Tensor,
     batch: Any,
     config: LLCConfig,
     nbeta: float,
-    movable: Tensor | None,
+    step_size: Tensor,
 ) -> Tensor:
     """Per-chain MALA acceptance probability of one step (one more gradient, same batch)."""
-    new_losses, new_grads = forked.loss_and_grad(after, batch)
+    after = group.state.weights
+    new_losses, new_grads = group.forked.loss_and_grad(after, batch)
     log_acceptance = mala_log_acceptance(
         before,
         after,
-        forked.anchor,
+        group.forked.anchor,
         losses,
         new_losses,
         grads,
         new_grads,
-        step_size=config.step_size,
+        step_size=step_size,
         nbeta=nbeta,
         localization=config.localization,
         precond=info.precond,
-        mask=movable,
+        mask=group.movable,
+        total=group.total,
     )
     return torch.nan_to_num(log_acceptance.exp(), nan=0.0)
 
 
 def _sampler_step(config: LLCConfig, nbeta: float):
-    common = {"step_size": config.step_size, "nbeta": nbeta, "localization": config.localization}
+    """The update rule, ``rule(state, grads, anchor, noise, step_size)``."""
+    common = {"nbeta": nbeta, "localization": config.localization}
     if config.sampler == "rmsprop_sgld":
-        return functools.partial(
+        rule = functools.partial(
             rmsprop_sgld_step, alpha=config.rmsprop_alpha, eps=config.rmsprop_eps, **common
         )
-    return functools.partial(sgld_step, **common)
+    else:
+        rule = functools.partial(sgld_step, **common)
+
+    def step(state, grads, anchor, noise, step_size):
+        return rule(state, grads, anchor, noise, step_size=step_size)
+
+    return step
 
 
 def chain_generator(seed: int, chain: int, device: torch.device) -> torch.Generator:

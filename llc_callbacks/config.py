@@ -18,23 +18,34 @@ class LLCConfig:
     """Hyperparameters of one LLC estimate; keep them fixed through a training run.
 
     The defaults aim at the learning coefficient itself: a weak localization (``1``) that
-    leaves the posterior's shape to the loss, 1,000 burn-in steps and 1,000 draws per chain
-    (``4 x 2,000`` chain steps, plus a MALA check on every tenth draw), and ``nbeta = B /
-    log B``. On deep linear networks of 30 to 825 parameters whose learning coefficient is
-    known, they land within 12% of it (``benchmarks/README.md``); larger models need smaller
-    steps: use ``step_size="auto"`` (within 12% up to 100,000 parameters), which calibrates
-    the step size on the model, and read ``LLCResult.problems()``, which says when the steps
-    were too large. ``LLCConfig.fast()``
-    costs a sixth and measures a strongly localized quantity, about half the learning
-    coefficient: a curve's shape, not its level.
+    leaves the posterior's shape to the loss, ``nbeta = B / log B``, and 4 chains that tune
+    themselves (``llc_callbacks.adaptation``): each adapts its step size during burn-in
+    towards a MALA acceptance of 0.9, ends its burn-in once its loss has settled (at most
+    1,000 steps), and draws until the estimate's standard error is 5% of it (at most 1,000
+    draws). In a monitor or callback each estimate after the first starts its chains where
+    the previous one left them, with their step sizes. Checked against deep linear networks
+    whose learning coefficient is known, from 30 to 100,000 weights
+    (``benchmarks/accuracy.py``, figures in ``docs/accuracy.md``).
 
     Args:
         num_chains: Independent SGLD chains; the estimate is their mean, the spread their std.
-        num_burnin: Steps per chain before draws are recorded.
-        num_draws: Steps per chain whose minibatch losses enter the estimate.
-        step_size: SGLD step size epsilon; too large makes chains diverge or fall below the
-            initial loss. ``"auto"`` picks one with ``llc_callbacks.calibrate``: a monitor or
-            callback calibrates at its first estimate and keeps that value for the run.
+        num_burnin: The most steps per chain before draws are recorded: with
+            ``step_size="adapt"`` burn-in ends earlier, once the chain has settled; with a
+            number, it lasts exactly this long.
+        num_draws: The most steps per chain whose minibatch losses enter the estimate (all
+            of them with ``relative_error=None``, or with observables).
+        step_size: ``"adapt"``: each chain tunes its own SGLD step size during burn-in (from
+            1e-4, or from the previous estimate's) towards ``target_acceptance``, then keeps
+            it for its draws. A number: that step size epsilon for every chain and step; too
+            large makes chains diverge or fall below the initial loss, too small leaves them
+            climbing (``calibrate`` sweeps it).
+        target_acceptance: The MALA acceptance an adapting step size aims for.
+        relative_error: Each chain draws until the estimate's standard error (from its
+            effective sample size) is at most this fraction of the estimate; ``None``: every
+            chain draws ``num_draws``.
+        warm_start: In a monitor or callback, start each estimate's chains where the
+            previous estimate's ended (their offsets from its weights, and their step sizes;
+            see ``LLCMonitor``). ``estimate_llc`` takes the start as its own argument.
         localization: Strength gamma of the pull back towards the current weights; the
             estimate falls as it grows (``LLCResult.diagnostics["loc_sensitivity"]``).
         nbeta: Inverse temperature n*beta. ``"batch"`` uses ``B / log B`` with ``B`` the
@@ -71,7 +82,10 @@ class LLCConfig:
     num_chains: int = 4
     num_burnin: int = 1000
     num_draws: int = 1000
-    step_size: float | Literal["auto"] = 2e-4
+    step_size: float | Literal["adapt"] = "adapt"
+    target_acceptance: float = 0.9
+    relative_error: float | None = 0.05
+    warm_start: bool = True
     localization: float = 1.0
     nbeta: NBeta = "batch"
     dataset_size: int | None = None
@@ -91,13 +105,18 @@ class LLCConfig:
         check_int("num_chains", self.num_chains, minimum=1)
         check_int("num_burnin", self.num_burnin, minimum=0)
         check_int("num_draws", self.num_draws, minimum=1)
-        if self.step_size != "auto":
+        if self.step_size != "adapt":
             try:
                 check_float("step_size", self.step_size, positive=True)
             except ValueError:
                 raise ValueError(
-                    f"step_size must be a finite number > 0 or 'auto', got {self.step_size!r}"
+                    f"step_size must be a finite number > 0 or 'adapt', got {self.step_size!r}"
                 ) from None
+        check_float("target_acceptance", self.target_acceptance, positive=True)
+        if self.target_acceptance >= 1:
+            raise ValueError(f"target_acceptance must be in (0, 1), got {self.target_acceptance!r}")
+        if self.relative_error is not None:
+            check_float("relative_error", self.relative_error, positive=True)
         check_float("localization", self.localization, positive=False)
         if isinstance(self.nbeta, str):
             if self.nbeta not in ("batch", "dataset"):
@@ -120,6 +139,7 @@ class LLCConfig:
             raise ValueError(f"rmsprop_alpha must be in (0, 1), got {self.rmsprop_alpha!r}")
         check_float("rmsprop_eps", self.rmsprop_eps, positive=True)
         check_bool("paired", self.paired)
+        check_bool("warm_start", self.warm_start)
         check_int("seed", self.seed, minimum=0)
         check_choice("vectorize", self.vectorize, VECTORIZE)
         check_int("init_loss_batches", self.init_loss_batches, minimum=1)

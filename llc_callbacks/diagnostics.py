@@ -157,35 +157,40 @@ def problems(
     if not math.isfinite(init_loss):
         return {"init_loss": f"the loss at the current weights is {init_loss}; the LLC is NaN."}
     found = {}
-    step_size, chains = config.step_size, config.num_chains
+    chains, adapted = config.num_chains, config.step_size == "adapt"
+    step_size = diagnostics.get("step_size", config.step_size)
+    if adapted:  # the advice is about what steers the adaptation
+        smaller = f"raise target_acceptance (now {config.target_acceptance:g})"
+        larger = f"raise num_burnin (now {config.num_burnin}) so that chains can settle"
+    else:
+        smaller = f"lower step_size (now {step_size:g})"
+        larger = f"raise num_burnin (now {config.num_burnin}) or step_size (now {step_size:g})"
     diverged = int(diagnostics["num_diverged"])
     if diverged == chains:
         found["diverged"] = (
             f"all {chains} chains diverged (loss became NaN or infinite); the LLC is NaN."
-            f" Lower step_size (now {step_size:g}) or raise localization."
+            f" {smaller.capitalize()} or raise localization."
         )
         return found
     if diverged:
         found["diverged"] = (
-            f"{diverged} of {chains} chains diverged and are left out of the LLC; consider a"
-            f" smaller step_size (now {step_size:g})."
+            f"{diverged} of {chains} chains diverged and are left out of the LLC; {smaller}."
         )
     if llc_mean < 0:
         found["below_init"] = (
             f"the LLC is negative ({llc_mean:.3g}): sampled losses fall below the loss at the"
-            " current weights, which are not a local minimum or the step_size"
-            f" ({step_size:g}) is too large."
+            " current weights, which are not a local minimum or the step size"
+            f" ({step_size:.3g}) is too large."
         )
     if diagnostics["climb"] > CLIMB_MAX and diagnostics["trend_z"] > CLIMB_Z:
         found["under_mixed"] = (
             f"chains still climbing: the draws' last half lies {diagnostics['climb']:.0%} above"
-            " their mean, so the LLC is biased low. Raise num_burnin (now"
-            f" {config.num_burnin}) or step_size (now {step_size:g})."
+            f" their mean, so the LLC is biased low: {larger}."
         )
     elif abs(diagnostics["trend_z"]) > DRIFT_Z:
         found["drifting"] = (
             f"chains still drifting (the draws' last half differs from their first tenth by"
-            f" {diagnostics['trend_z']:.1f} standard errors): raise num_burnin or step_size."
+            f" {diagnostics['trend_z']:.1f} standard errors): {larger}."
         )
     if diagnostics["rhat"] > RHAT_MAX:
         found["rhat"] = (
@@ -201,8 +206,7 @@ def problems(
     if diagnostics.get("mala_acceptance", 1.0) < MALA_MIN:
         found["step_too_large"] = (
             f"MALA acceptance is {diagnostics['mala_acceptance']:.2f} (healthy near 0.9): the"
-            f" steps are too large for the curvature and the LLC is biased high. Lower"
-            f" step_size (now {step_size:g}) or use step_size='auto'."
+            f" steps are too large for the curvature and the LLC is biased high: {smaller}."
         )
     return found
 

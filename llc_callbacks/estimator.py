@@ -6,7 +6,7 @@ import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any, NamedTuple
 
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from llc_callbacks.chains import ChainGroup, ProbeBatches, run_chains
+from llc_callbacks.chains import ChainGroup, ChainStart, ChainTraces, ProbeBatches, run_chains
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.data import batch_size, cycle_batches, to_device
 from llc_callbacks.diagnostics import chain_diagnostics
@@ -41,20 +41,19 @@ class _Pass(NamedTuple):
     masks: list[Tensor | None]  # the weights each name's chains move; None: all
 
 
+# Where each name's chains start (``estimate_llc(start=...)``): one entry per chain.
+Starts = Mapping[str | None, Sequence[ChainStart | None]]
+
+
 class _ChainPart(NamedTuple):
     """What one process sampled of a pass: some chains, and what every process shares."""
 
     chains: list[int]  # indices into the pass's names x num_chains chains
-    trace: np.ndarray  # (len(chains), draws)
-    diverged: np.ndarray  # (len(chains),)
-    reference: np.ndarray  # (draws,): L_m(w*) at each draw, NaN when not paired
-    distance: np.ndarray  # (len(chains), draws): ||w_t - w*||^2 / 2
-    mala: np.ndarray | None  # (len(chains),): mean MALA acceptance, when measured
+    traces: ChainTraces  # one row per chain of ``chains``
     init_loss: float
     nbeta: float
     vectorized: bool
     precision: str  # the dtype of the forward passes, as LLCResult.precision names it
-    observed: dict[str, np.ndarray]  # per observable, (len(chains), records, values)
 
 
 def estimate_llc(
@@ -70,6 +69,8 @@ def estimate_llc(
     warn: bool = True,
     strict: bool = True,
     observables: Mapping[str, Iterable[Any] | Probe] | None = None,
+    start: Starts | None = None,
+    keep_ends: bool = False,
 ) -> LLCResult:
     """Estimate the local learning coefficient of a model at its current weights.
 
@@ -110,6 +111,15 @@ def estimate_llc(
             weight-restricted result's): the samples ``loss_kernel``, ``bif`` and
             ``susceptibility`` read. One batched forward pass per probe batch per recorded
             draw, without gradients. Names hold no ``/`` or ``:``.
+        start: Where each estimate's chains start, by name (``None``: the full LLC, a
+            restriction's name otherwise), one ``ChainStart`` per chain: a previous
+            estimate's ``result.ends`` (and its restrictions'), carried over to the new
+            weights as offsets from ``w*`` with their step sizes. A name or chain without
+            one (or whose offset does not fit its weights) starts at ``w*``. A monitor
+            passes it from one estimate to the next.
+        keep_ends: Keep where each chain ended, its offset from ``w*``, in ``result.ends``
+            (for a later ``start``): one CPU copy of the weights it moves, per chain.
+            Otherwise ``result.ends`` holds the chains' step sizes only.
 
     Returns:
         The estimate with its traces and diagnostics. Chains whose loss goes NaN or infinite
@@ -117,11 +127,9 @@ def estimate_llc(
         estimate is NaN.
 
     Raises:
-        ValueError: If an argument has the wrong type, ``config.step_size`` is ``"auto"``
-            (``calibrate`` chooses a step size; a monitor or callback does it once per run),
-            ``loss_fn`` returns something other than a scalar tensor, ``data`` yields no
-            batch, the model has nothing to sample, or (``strict``) a weight restriction
-            selects nothing (see ``Restrictions.masks``).
+        ValueError: If an argument has the wrong type, ``loss_fn`` returns something other
+            than a scalar tensor, ``data`` yields no batch, the model has nothing to sample,
+            or (``strict``) a weight restriction selects nothing (see ``Restrictions.masks``).
         RuntimeError: If ``config.vectorize=True`` and the model does not support ``vmap``,
             or, when distributed, if the estimate failed on any rank (raised on every rank).
     """
@@ -137,6 +145,8 @@ def estimate_llc(
         distributed,
         strict,
         observables or {},
+        start or {},
+        keep_ends,
     )
     full = results.pop(None)
     result = dataclasses.replace(full, restricted=results, elapsed_s=elapsed_s)
@@ -183,7 +193,19 @@ def estimate_restricted_llcs(
         Exception: As ``estimate_llc``.
     """
     results, _ = _estimate(
-        model, loss_fn, data, config, restrictions, False, device, progress, distributed, strict, {}
+        model,
+        loss_fn,
+        data,
+        config,
+        restrictions,
+        False,
+        device,
+        progress,
+        distributed,
+        strict,
+        {},
+        {},
+        False,
     )
     if warn:
         _warn(restricted_problems(results))
@@ -261,14 +283,11 @@ def _estimate(
     distributed: bool,
     strict: bool,
     observables: Mapping[str, Iterable[Any] | Probe],
+    starts: Starts,
+    keep_ends: bool,
 ) -> tuple[dict[str | None, LLCResult], float]:
     """Validate, fork the weights and run every pass of chains."""
     check_inputs(model, loss_fn, config, restrictions)
-    if config.step_size == "auto":
-        raise ValueError(
-            "step_size='auto' is resolved by calibrate(...).chosen_step_size(), or once per run"
-            " by LLCMonitor and the callbacks; estimate_llc needs a number"
-        )
     start = time.perf_counter()
     device = torch.device(device) if device is not None else model_device(model)
     rank, world_size = rank_and_world() if distributed else (0, 1)
@@ -281,10 +300,13 @@ def _estimate(
             observed=bool(observables),
         )
         with sampling(model, config, device):
-            part = on_every_rank(lambda: _sample_sharded(model, loss_fn, data, config, progress))
+            part = on_every_rank(
+                lambda: _sample_sharded(
+                    model, loss_fn, data, config, progress, starts.get(None, ()), keep_ends
+                )
+            )
         elapsed = time.perf_counter() - start
-        unmeasured = dataclasses.replace(config, mala=False)
-        return _summaries(_Pass(data, [None], [None]), [part], unmeasured, elapsed), elapsed
+        return _summaries(_Pass(data, [None], [None]), [part], config, elapsed), elapsed
     failures: dict[str, str] = {}
     results: dict[str | None, LLCResult] = {}
     with sampling(model, config, device):
@@ -302,10 +324,10 @@ def _estimate(
                 ids: list[int] = chains,
                 o: dict[str, ProbeBatches] = observed,
             ) -> _ChainPart:
-                return _sample(forked, p, config, ids, progress and rank == 0, o)
+                return _sample(forked, p, config, ids, progress and rank == 0, o, starts, keep_ends)
 
             try:
-                parts = [sample()] if world_size == 1 else gather_from_every_rank(sample)
+                parts = [sample()] if world_size == 1 else _gathered(sample, rank)
             except Exception as error:
                 if strict or None in sampling_pass.names:
                     raise
@@ -318,6 +340,25 @@ def _estimate(
     for name, message in failures.items():
         results[name] = LLCResult.failed(config, message)
     return results, time.perf_counter() - start
+
+
+def _gathered(sample: Callable[[], _ChainPart], rank: int) -> list[_ChainPart]:
+    """Every rank's part of a pass; the chains' end offsets stay on the rank that ran them.
+
+    The offsets are as large as the weights, once per chain: only the next estimate on the
+    same rank, which runs the same chains, needs them.
+    """
+    own: list[_ChainPart] = []
+
+    def light() -> _ChainPart:
+        part = sample()
+        own.append(part)
+        ends = [ChainStart(None, end.step_size) for end in part.traces.ends]
+        return part._replace(traces=part.traces._replace(ends=ends))
+
+    parts = gather_from_every_rank(light)
+    parts[rank] = own[0]
+    return parts
 
 
 def _describe(error: Exception) -> str:
@@ -401,24 +442,20 @@ def _probes(
 
 
 def _sample_sharded(
-    model: nn.Module, loss_fn: LossFn, data: Iterable[Any], config: LLCConfig, progress: bool
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Iterable[Any],
+    config: LLCConfig,
+    progress: bool,
+    starts: Sequence[ChainStart | None],
+    keep_ends: bool,
 ) -> _ChainPart:
     """Run every chain through a sharded model (``sharded.sample_sharded``), on every rank."""
     progress = progress and rank_and_world()[0] == 0
-    traces, init_loss, nbeta = sample_sharded(model, loss_fn, data, config, progress)
-    return _ChainPart(
-        list(range(config.num_chains)),
-        traces.trace,
-        traces.diverged,
-        traces.reference,
-        traces.distance,
-        None,
-        init_loss,
-        nbeta,
-        False,
-        "float32",
-        {},
+    traces, init_loss, nbeta = sample_sharded(
+        model, loss_fn, data, config, progress, starts, keep_ends
     )
+    return _ChainPart(list(range(config.num_chains)), traces, init_loss, nbeta, False, "float32")
 
 
 def _sample(
@@ -428,6 +465,8 @@ def _sample(
     chains: list[int],
     progress: bool,
     observables: dict[str, ProbeBatches],
+    starts: Starts,
+    keep_ends: bool,
 ) -> _ChainPart:
     """Measure ``L(w*)`` on the pass's data and run the given chains of the pass."""
     batches = cycle_batches(sampling_pass.data, forked.anchor.device, forked.precision)
@@ -435,31 +474,27 @@ def _sample(
     nbeta = config.resolve_nbeta(batch_size(first))
     init_batches = [first] + [next(batches) for _ in range(config.init_loss_batches - 1)]
     init_loss = torch.stack([forked.loss_at_anchor(b) for b in init_batches]).mean().item()
-    groups, order = _groups(forked, sampling_pass, chains, config.num_chains)
-    traces = run_chains(groups, batches, config, nbeta, progress, observables)
+    groups, order = _groups(forked, sampling_pass, chains, config.num_chains, starts)
+    traces = run_chains(groups, batches, config, nbeta, progress, observables, keep_ends)
     return _ChainPart(
         order,
-        traces.trace,
-        traces.diverged,
-        traces.reference,
-        traces.distance,
-        traces.mala,
+        traces,
         init_loss,
         nbeta,
         any(bool(group.forked.vectorized) for group in groups),
         str(forked.precision).removeprefix("torch."),
-        traces.observed,
     )
 
 
 def _groups(
-    forked: ForkedModel, sampling_pass: _Pass, chains: list[int], num_chains: int
+    forked: ForkedModel, sampling_pass: _Pass, chains: list[int], num_chains: int, starts: Starts
 ) -> tuple[list[ChainGroup], list[int]]:
     """Group the pass's chains by the parameters their restriction touches.
 
     Chains of restrictions that touch the same parameters run as one vectorized batch with a
     mask per chain, over those parameters only: a chain needs no gradient and no noise for
-    parameters it never moves, and no chain pays for another restriction's parameters.
+    parameters it never moves, and no chain pays for another restriction's parameters. Each
+    chain starts where ``starts`` says, if its offset fits the weights it moves.
 
     Returns:
         The groups, and the pass's chain indices in the order of the groups' rows.
@@ -487,54 +522,97 @@ def _groups(
         masks = [sampling_pass.masks[chain // num_chains] for chain in members]
         if index is not None:
             masks = [mask[index] for mask in masks]
-        groups.append(ChainGroup(narrow, [chain % num_chains for chain in members], masks))
+        sizes = [narrow.anchor.numel() if m is None else int(m.sum()) for m in masks]
+        chain_starts = [
+            _fitting(
+                starts.get(sampling_pass.names[chain // num_chains], ()), chain % num_chains, n
+            )
+            for chain, n in zip(members, sizes, strict=True)
+        ]
+        groups.append(
+            ChainGroup(narrow, [chain % num_chains for chain in members], masks, chain_starts)
+        )
         order.extend(members)
     return groups, order
+
+
+def _fitting(starts: Sequence[ChainStart | None], chain: int, size: int) -> ChainStart | None:
+    """Chain ``chain``'s start, if there is one; without its offset if that does not fit."""
+    start = starts[chain] if chain < len(starts) else None
+    if start is None or start.offset is None or start.offset.numel() == size:
+        return start
+    return ChainStart(None, start.step_size)
 
 
 def _summaries(
     sampling_pass: _Pass, parts: list[_ChainPart], config: LLCConfig, elapsed_s: float
 ) -> dict[str | None, LLCResult]:
-    """Put every process's chains back in order and summarize each name's chains."""
-    first = parts[0]  # rank 0 always runs chain 0, so it sampled the shared reference
+    """Put every process's chains back in order and summarize each name's chains.
+
+    Each chain's LLC is ``nbeta`` times the mean of its own draws' excess losses; the
+    diagnostics that compare chains (R-hat, ESS, trends) read the draws all healthy chains
+    share, the first ``min(draws)`` of each.
+    """
+    first = parts[0]
     total = len(sampling_pass.names) * config.num_chains
-    trace = np.empty((total, config.num_draws))
-    distance = np.empty((total, config.num_draws))
-    diverged = np.empty(total, dtype=bool)
-    mala = np.empty(total) if config.mala else None
-    observed = {n: np.empty((total, *v.shape[1:]), v.dtype) for n, v in first.observed.items()}
+    fields = ("trace", "reference", "distance", "burnin", "draws", "step_size")
+    gathered = {name: np.empty((total, *getattr(first.traces, name).shape[1:])) for name in fields}
+    gathered["diverged"] = np.empty(total, dtype=bool)
+    gathered["warm"] = np.empty(total, dtype=bool)
+    mala = np.empty(total) if first.traces.mala is not None else None
+    observed = {
+        n: np.empty((total, *v.shape[1:]), v.dtype) for n, v in first.traces.observed.items()
+    }
+    ends: list[ChainStart | None] = [None] * total
     for part in parts:
-        for name, values in part.observed.items():
+        for name in (*fields, "diverged", "warm"):
+            gathered[name][part.chains] = getattr(part.traces, name)
+        for name, values in part.traces.observed.items():
             observed[name][part.chains] = values
-        trace[part.chains] = part.trace
-        distance[part.chains] = part.distance
-        diverged[part.chains] = part.diverged
         if mala is not None:
-            mala[part.chains] = part.mala
-    excess = trace - (first.reference if config.paired else first.init_loss)
-    per_chain = np.where(diverged, np.nan, first.nbeta * excess.mean(axis=1))
+            mala[part.chains] = part.traces.mala
+        for chain, end in zip(part.chains, part.traces.ends, strict=True):
+            ends[chain] = end
+    trace, diverged = gathered["trace"], gathered["diverged"]
+    excess = trace - (gathered["reference"] if config.paired else first.init_loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: diverged at once
+        per_chain = np.where(diverged, np.nan, first.nbeta * np.nanmean(excess, axis=1))
     summaries = {}
     for index, name in enumerate(sampling_pass.names):
         rows = slice(index * config.num_chains, (index + 1) * config.num_chains)
         healthy = per_chain[rows][~diverged[rows]]
+        drawn = gathered["draws"][rows][~diverged[rows]]
+        shared = int(drawn.min()) if len(drawn) else 0
         summaries[name] = LLCResult(
             llc_mean=float(healthy.mean()) if len(healthy) else math.nan,
             llc_std=float(healthy.std(ddof=1)) if len(healthy) > 1 else math.nan,
             llc_per_chain=per_chain[rows],
             loss_trace=trace[rows],
             init_loss=first.init_loss,
-            diagnostics=chain_diagnostics(
-                first.nbeta * excess[rows],
-                diverged[rows],
-                distance[rows],
-                config.localization,
-                None if mala is None else mala[rows],
-            ),
+            diagnostics={
+                **chain_diagnostics(
+                    first.nbeta * excess[rows, :shared],
+                    diverged[rows],
+                    gathered["distance"][rows, :shared],
+                    config.localization,
+                    None if mala is None else mala[rows],
+                ),
+                "burnin": float(gathered["burnin"][rows].mean()),
+                "draws": float(gathered["draws"][rows].mean()),
+                "step_size": float(np.exp(np.log(gathered["step_size"][rows]).mean())),
+                "warm": float(gathered["warm"][rows].any()),
+            },
             config=config,
             nbeta=first.nbeta,
             vectorized=first.vectorized,
             precision=first.precision,
             observables={n: values[rows] for n, values in observed.items()},
             elapsed_s=elapsed_s,
+            burnin=gathered["burnin"][rows].astype(int),
+            draws=gathered["draws"][rows].astype(int),
+            step_sizes=gathered["step_size"][rows],
+            warm=bool(gathered["warm"][rows].any()),
+            ends=ends[rows],
         )
     return summaries

@@ -23,7 +23,7 @@ from torch import nn
 
 from llc_callbacks.attribution import construction_site, warn
 from llc_callbacks.budget import Budget, pace
-from llc_callbacks.calibration import Calibration, calibrate
+from llc_callbacks.chains import ChainStart
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.curvature import CURVATURES, estimate_curvature
 from llc_callbacks.distributed import rank_and_world
@@ -57,12 +57,15 @@ logger = logging.getLogger(__name__)
 class LLCMonitor:
     """Runs LLC estimates on a schedule and keeps their history.
 
-    Each estimate's seed is derived from ``config.seed`` and the step, so the same seed, step
-    and config give the same numbers, after a resume from a checkpoint too. With
-    ``config.step_size="auto"`` the first estimate runs ``calibrate`` (kept in
-    ``self.calibration``) at the weights of its step (with ``at_start``, the untrained
-    weights), logs the chosen ``{prefix}/step_size`` once, and every later estimate, after a
-    resume too, uses that value (``self.config`` holds it).
+    Each estimate's seed is derived from ``config.seed`` and the step. With
+    ``config.warm_start`` (the default) every estimate after the first starts its chains
+    where the previous estimate's ended: each chain's offset from the previous ``w*`` is added
+    to the new one, with its step size (``estimate_llc(start=...)``); a restriction that is
+    new starts cold. The same seed, steps and config give the same numbers in an
+    uninterrupted run. The offsets (as large as the sampled weights, once per chain) are kept
+    on the CPU between estimates but not in ``state_dict``, which keeps only the step sizes:
+    after a resume the first estimate starts its chains at ``w*`` with the saved step sizes,
+    so from then on the numbers differ from an uninterrupted run's by sampling noise.
 
     Before the first estimate, ``start`` checks the loss, the data and the restrictions once
     (``llc_callbacks.preflight``), so that a mistake surfaces when training starts: by
@@ -231,7 +234,8 @@ class LLCMonitor:
         self.dataset_size = dataset_size
         self.history: list[dict[str, float]] = []
         self.last_result: LLCResult | None = None
-        self.calibration: Calibration | None = None
+        # Where the next estimate's chains start, by restriction (None: the full LLC).
+        self._starts: dict[str | None, list[ChainStart | None]] = {}
         self.stages = StageTracker()
         self.enabled = True
         self._started = False
@@ -426,11 +430,8 @@ class LLCMonitor:
         progress: bool,
     ) -> dict[str, float]:
         config = dataclasses.replace(self.config, seed=step_seed(self.config.seed, step))
-        calibrated = config.step_size == "auto"
         try:
             with warnings_once(self._shown, self.origin):
-                if calibrated:
-                    config = self._calibrate(model, loss_fn, data, config, device, progress)
                 self.last_result = estimate_llc(
                     model,
                     loss_fn,
@@ -443,12 +444,14 @@ class LLCMonitor:
                     warn=False,
                     strict=self.on_error == "raise",
                     observables=self.observables,
+                    start=self._starts if config.warm_start else None,
+                    keep_ends=config.warm_start,
                 )
+            if config.warm_start:
+                self._starts = self.last_result.starts
             metrics = self.last_result.to_metrics(self.prefix)
             if self.observables:
                 metrics.update(self._observed(step))
-            if calibrated:
-                metrics[metric_key(self.prefix, "step_size")] = config.step_size
             metrics.update(self._free_energy(self.last_result))
         except Exception as error:
             if self.on_error == "raise":
@@ -548,7 +551,7 @@ class LLCMonitor:
             warn(f"llc_callbacks: {message} (warned once per run)", self.origin)
 
     def state_dict(self) -> dict[str, Any]:
-        """History, schedule position, warnings, step size, stages and budget, for a checkpoint.
+        """History, schedule position, warnings, step sizes, stages and budget, for a checkpoint.
 
         It also holds ``settings`` (the schedule and the config), which ``load_state_dict``
         compares with its own.
@@ -559,7 +562,10 @@ class LLCMonitor:
             "last_step": self._last_step,
             "total_steps": self.schedule.total_steps,
             "warned": sorted(self._warned),
-            "step_size": self.config.step_size,
+            "step_sizes": {
+                name or "": [None if s is None else s.step_size for s in starts]
+                for name, starts in self._starts.items()
+            },
             "stages": self.stages.state_dict(),
             **({"budget": self.budget.state_dict()} if self.budget is not None else {}),
         }
@@ -582,9 +588,10 @@ class LLCMonitor:
         self.history = [dict(row) for row in state["history"]]
         self._last_step = int(state["last_step"])
         self._warned = set(state.get("warned", ()))
-        saved_step_size = state.get("step_size", "auto")
-        if self.config.step_size == "auto" and saved_step_size != "auto":
-            self.config = dataclasses.replace(self.config, step_size=saved_step_size)
+        self._starts = {
+            name or None: [None if s is None else ChainStart(None, s) for s in sizes]
+            for name, sizes in state.get("step_sizes", {}).items()
+        }
         if state.get("total_steps") is not None:
             self.schedule = dataclasses.replace(self.schedule, total_steps=state["total_steps"])
         if "stages" in state:
@@ -603,30 +610,6 @@ class LLCMonitor:
         for component, source, value, _ in summary.susceptibilities:
             metrics[metric_key(self.prefix, f"{SUSCEPTIBILITY}/{source}", component)] = value
         return metrics
-
-    def _calibrate(
-        self,
-        model: nn.Module,
-        loss_fn: LossFn,
-        data: Iterable[Any],
-        config: LLCConfig,
-        device: torch.device | str | None,
-        progress: bool,
-    ) -> LLCConfig:
-        """Choose the step size for ``step_size="auto"`` and keep it for the rest of the run."""
-        self.calibration = calibrate(
-            model,
-            loss_fn,
-            data,
-            config,
-            device=device,
-            progress=progress,
-            distributed=self._distributed(),
-        )
-        step_size = self.calibration.chosen_step_size()
-        logger.info("llc_callbacks: step_size='auto' chose %g for this run", step_size)
-        self.config = dataclasses.replace(self.config, step_size=step_size)
-        return dataclasses.replace(config, step_size=step_size)
 
     def _free_energy(self, result: LLCResult) -> dict[str, float]:
         """``n L(w*) + LLC log n`` and its spread, when asked for (``extra_metrics``)."""

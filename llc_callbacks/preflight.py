@@ -59,7 +59,7 @@ def preflight(
         model: The model at its current weights.
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
         data: Re-iterable of batches.
-        config: Sampling hyperparameters (``step_size="auto"`` is accepted).
+        config: Sampling hyperparameters.
         restrictions: The restricted LLCs to check too.
         device: Where chains will run; defaults to the model's device.
         distributed: Check on every rank of the process group and fail on all if any fails.

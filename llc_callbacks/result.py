@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from llc_callbacks.chains import ChainStart
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.diagnostics import problems
 from llc_callbacks.keys import DIAGNOSTICS, metric_key
@@ -25,9 +26,12 @@ class LLCResult:
         loss_trace: Minibatch loss at each draw, shape ``(chains, draws)``; a diverged chain's
             row is NaN from the step it diverged.
         init_loss: ``L(w*)``, the mean loss over ``config.init_loss_batches`` minibatches.
-        diagnostics: ``num_diverged``, ``frac_below_init``, ``rhat``, ``ess``, ``trend_z``
-            and, when measured, ``mala_acceptance`` (see
-            ``llc_callbacks.diagnostics.chain_diagnostics``).
+        diagnostics: ``num_diverged``, ``frac_below_init``, ``rhat``, ``ess``, ``trend_z``,
+            ``climb``, ``loc_sensitivity`` and, when measured, ``mala_acceptance`` (see
+            ``llc_callbacks.diagnostics.chain_diagnostics``; those that compare chains read
+            the draws every healthy chain has); and the mean ``burnin`` and ``draws`` and
+            the geometric mean ``step_size`` of the chains, and ``warm`` (1 when they started
+            from an earlier estimate's ends).
         config: The hyperparameters used.
         nbeta: The inverse temperature used, resolved from ``config.nbeta``.
         vectorized: Whether the chains ran batched with ``vmap``.
@@ -41,6 +45,13 @@ class LLCResult:
         restricted: The weight- and data-restricted estimates, by name (see
             ``Restrictions``); empty when none were asked for.
         error: Why the estimate failed (``LLCResult.failed``), or ``None``.
+        burnin: Each chain's burn-in steps, shape ``(chains,)``.
+        draws: Each chain's draws, shape ``(chains,)``: its LLC is the mean of these.
+        step_sizes: The step size each chain drew with, shape ``(chains,)``.
+        warm: Whether its chains started where an earlier estimate's ended (``start``);
+            ``False``: at ``w*`` (a first estimate, a new restriction, after a resume).
+        ends: Where each chain ended (its offset from ``w*`` on the CPU, and its step size):
+            ``estimate_llc(start=...)`` of a later estimate starts from them. Not compared.
     """
 
     llc_mean: float
@@ -57,6 +68,16 @@ class LLCResult:
     observables: dict[str, np.ndarray] = field(default_factory=dict)
     restricted: dict[str, LLCResult] = field(default_factory=dict)
     error: str | None = None
+    burnin: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+    draws: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+    step_sizes: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    warm: bool = False
+    ends: list[ChainStart | None] = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def starts(self) -> dict[str | None, list[ChainStart | None]]:
+        """Where this estimate's chains ended, by name, as ``estimate_llc(start=...)`` takes."""
+        return {None: self.ends, **{name: r.ends for name, r in self.restricted.items()}}
 
     @classmethod
     def failed(cls, config: LLCConfig, error: str) -> LLCResult:

@@ -14,7 +14,6 @@ The step (Welling and Teh convention, as in Lau et al. 2023 and devinterp)::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -25,9 +24,10 @@ from torch import Tensor
 # (16 MB in float32), so that no temporary of the weights' size is needed.
 PIECE = 1 << 22
 
-AddNoise = Callable[[Tensor, float, Tensor | None], None]
+AddNoise = Callable[[Tensor, Tensor, Tensor | None], None]
 """``add_noise(weights, scale, factor)`` adds ``scale * factor * xi`` to ``weights`` in place,
-``xi`` standard normal of the weights' shape (``factor`` ``None``: 1)."""
+``xi`` standard normal of the weights' shape, ``scale`` one number per chain, shape
+``(chains,)`` (``factor`` ``None``: 1)."""
 
 
 class SamplerState(NamedTuple):
@@ -59,7 +59,7 @@ def sgld_step(
     anchor: Tensor,
     add_noise: AddNoise,
     *,
-    step_size: float,
+    step_size: Tensor,
     nbeta: float,
     localization: float,
 ) -> tuple[SamplerState, StepInfo]:
@@ -70,7 +70,7 @@ def sgld_step(
         grad: Gradient of the mean minibatch loss at ``state.weights``; only read.
         anchor: The weights ``w*`` the chains are localized around, shape ``(dim,)``.
         add_noise: Adds standard normal noise (see ``AddNoise``).
-        step_size: Step size epsilon.
+        step_size: Each chain's step size epsilon, shape ``(chains,)``.
         nbeta: Inverse temperature multiplying the loss gradient.
         localization: Strength gamma of the pull towards ``anchor`` (not multiplied by nbeta).
 
@@ -79,9 +79,11 @@ def sgld_step(
     """
     # w + (eps * gamma / 2) * (w* - w) is a lerp; then the gradient and noise terms: three
     # passes over memory, no temporary of the weights' size.
-    weights = state.weights.lerp_(anchor, step_size * localization / 2)
-    weights.add_(grad, alpha=-step_size * nbeta / 2)
-    add_noise(weights, math.sqrt(step_size), None)
+    step_size = step_size.to(state.weights.dtype)
+    eps = step_size[:, None]
+    weights = state.weights.lerp_(anchor, eps * (localization / 2))
+    weights.addcmul_(grad, eps, value=-nbeta / 2)
+    add_noise(weights, step_size.sqrt(), None)
     return state, StepInfo()
 
 
@@ -91,7 +93,7 @@ def rmsprop_sgld_step(
     anchor: Tensor,
     add_noise: AddNoise,
     *,
-    step_size: float,
+    step_size: Tensor,
     nbeta: float,
     localization: float,
     alpha: float,
@@ -109,7 +111,7 @@ def rmsprop_sgld_step(
         grad: Gradient of the mean minibatch loss at ``state.weights``; only read.
         anchor: The weights ``w*`` the chains are localized around, shape ``(dim,)``.
         add_noise: Adds standard normal noise (see ``AddNoise``).
-        step_size: Step size epsilon.
+        step_size: Each chain's step size epsilon, shape ``(chains,)``.
         nbeta: Inverse temperature multiplying the loss gradient.
         localization: Strength gamma of the pull towards ``anchor``.
         alpha: Decay of the running mean.
@@ -119,13 +121,14 @@ def rmsprop_sgld_step(
         The state (weights and ``v`` updated), and the preconditioner ``G`` it used.
     """
     weights = state.weights
+    step_size = step_size.to(weights.dtype)
     square_avg = state.square_avg if state.square_avg is not None else torch.zeros_like(weights)
     square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
     precond = square_avg.sqrt().add_(eps).reciprocal_()
     drift = torch.sub(weights, anchor).mul_(localization).add_(grad, alpha=nbeta).mul_(precond)
-    weights.add_(drift, alpha=-step_size / 2)
+    weights.addcmul_(drift, step_size[:, None], value=-0.5)
     # The drift's buffer is free now: it holds sqrt(G), and G stays intact for StepInfo.
-    add_noise(weights, math.sqrt(step_size), torch.sqrt(precond, out=drift))
+    add_noise(weights, step_size.sqrt(), torch.sqrt(precond, out=drift))
     return SamplerState(weights, square_avg), StepInfo(precond)
 
 
@@ -138,11 +141,12 @@ def mala_log_acceptance(
     grad: Tensor,
     new_grad: Tensor,
     *,
-    step_size: float,
+    step_size: Tensor,
     nbeta: float,
     localization: float,
     precond: Tensor | None = None,
     mask: Tensor | None = None,
+    total: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Log Metropolis-Hastings acceptance of a Langevin step, as MALA would compute it.
 
@@ -160,16 +164,19 @@ def mala_log_acceptance(
         new_losses: ``L_m(w')`` per chain, on the same minibatch.
         grad: ``grad L_m(w)``.
         new_grad: ``grad L_m(w')``, on the same minibatch.
-        step_size: Step size epsilon.
+        step_size: Each chain's step size epsilon, shape ``(chains,)``.
         nbeta: Inverse temperature.
         localization: Strength gamma of the pull towards ``anchor``.
         precond: The diagonal preconditioner ``G`` of the step, or ``None`` for SGLD.
         mask: Which weights each chain moves (restricted chains); ``None``: all.
+        total: Completes per-chain sums over these weights to sums over all of them (the
+            other ranks' shards of a sharded model); ``None``: these are all.
 
     Returns:
         ``log min(1, acceptance ratio)`` per chain.
     """
-    log_ratio = nbeta * (losses - new_losses)
+    step_size = step_size.to(weights.dtype)
+    sums = torch.zeros_like(losses)
     # Every other term is a sum over weights: summed in pieces of about PIECE numbers, so that
     # no temporary of the weights' size is made.
     width = max(1, PIECE // len(weights))
@@ -180,12 +187,14 @@ def mala_log_acceptance(
         moved = None if mask is None else mask[:, columns]
         step = {"w_star": w_star, "g": g, "moved": moved, "step_size": step_size}
         step.update(nbeta=nbeta, localization=localization)
-        log_ratio += (localization / 2) * (
+        sums += (localization / 2) * (
             (w - w_star).square().sum(dim=1) - (new_w - w_star).square().sum(dim=1)
         )
-        log_ratio += _log_proposal(w, new_w, new_grad[:, columns], **step)
-        log_ratio -= _log_proposal(new_w, w, grad[:, columns], **step)
-    return log_ratio.clamp(max=0.0)
+        sums += _log_proposal(w, new_w, new_grad[:, columns], **step)
+        sums -= _log_proposal(new_w, w, grad[:, columns], **step)
+    if total is not None:
+        sums = total(sums)
+    return (nbeta * (losses - new_losses) + sums).clamp(max=0.0)
 
 
 def _log_proposal(
@@ -196,7 +205,7 @@ def _log_proposal(
     w_star: Tensor,
     g: Tensor | None,
     moved: Tensor | None,
-    step_size: float,
+    step_size: Tensor,
     nbeta: float,
     localization: float,
 ) -> Tensor:
@@ -204,7 +213,7 @@ def _log_proposal(
     drift = start_grad * nbeta + (start - w_star) * localization
     if g is not None:
         drift = drift * g
-    squares = (to - start + drift * (step_size / 2)).square()
+    squares = (to - start + drift * (step_size[:, None] / 2)).square()
     if g is not None:
         squares = squares / g
     if moved is not None:  # a restricted chain proposes moves inside its mask only

@@ -2,11 +2,13 @@
 
 Each parameter of such a model is a ``DTensor`` whose ``to_local()`` is this rank's rows: no
 rank holds the whole model, so the chains cannot be forked. They run through the live module
-instead, one chain at a time on every rank: its local shards take the chain's weights, the
-forward and backward passes gather and reduce-scatter as in training (every rank feeds the
-same batch, so FSDP's gradient, averaged over ranks, is that batch's), and the SGLD update is
-local to each shard. The shards saved at ``w*`` (the only copy of the weights this costs), the
-gradients and the buffers are written back afterwards, whatever happened.
+instead, one chain at a time on every rank, through the same loop as every other chain
+(``chains.run_chains``, with ``ShardedChains``): its local shards take the chain's weights,
+the forward and backward passes gather and reduce-scatter as in training (every rank feeds
+the same batch, so FSDP's gradient, averaged over ranks, is that batch's), the update is
+local to each shard, and sums over weights (distances, MALA's acceptance) are all-reduced.
+The shards saved at ``w*``, the gradients and the buffers are written back afterwards,
+whatever happened.
 
 Chain ``i`` draws its noise from its own generator over the global flat weights, in pieces of
 ``PIECE`` numbers as the unsharded chains do, and each rank adds the part that falls in its
@@ -21,8 +23,9 @@ collectives FSDP is waiting on.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
@@ -32,9 +35,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
-from tqdm.auto import tqdm
 
-from llc_callbacks.chains import ChainTraces, chain_generator
+from llc_callbacks.chains import ChainGroup, ChainStart, ChainTraces, run_chains
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.data import batch_size, cycle_batches
 from llc_callbacks.forked import LossFn
@@ -68,8 +70,6 @@ def refuse_unsupported(
     config: LLCConfig, distributed: bool, *, restricted: bool = False, observed: bool = False
 ) -> None:
     """Refuse what chains through a sharded model do not do yet, naming it.
-
-    MALA's acceptance is not measured (an estimate's ``result.config.mala`` says so).
 
     Args:
         config: The hyperparameters asked for.
@@ -120,9 +120,21 @@ def check_first_loss(
 
 
 def sample_sharded(
-    model: nn.Module, loss_fn: LossFn, data: Iterable[Any], config: LLCConfig, progress: bool
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Iterable[Any],
+    config: LLCConfig,
+    progress: bool,
+    starts: Sequence[ChainStart | None] = (),
+    keep_ends: bool = False,
 ) -> tuple[ChainTraces, float, float]:
-    """Run every chain through the sharded model, on every rank.
+    """Run every chain through the sharded model, on every rank, with ``chains.run_chains``.
+
+    The chains run one after another (a wave each) through ``ShardedChains``: the loop, the
+    update rule, the step-size adaptation, the ends of burn-in and draws and the warm starts
+    are those of the unsharded chains. Every rank takes the same decisions: they depend on
+    the loss, which every rank computes from the same gathered weights and batch, and on sums
+    over all ranks' weights.
 
     Args:
         model: A module sharded with ``fully_shard`` over a 1-D mesh (its trainable
@@ -131,9 +143,12 @@ def sample_sharded(
         data: The same batches on every rank.
         config: Hyperparameters (plain SGLD).
         progress: Show a progress bar, when the output is a terminal.
+        starts: Where each chain starts: offsets of this rank's rows (``ChainStart``).
+        keep_ends: Keep each chain's end offset of this rank's rows in the traces' ``ends``.
 
     Returns:
-        The chains' traces, ``L(w*)`` and the resolved ``n beta``.
+        The chains' traces (rank zero's, on every rank, but for each rank's own ends), ``L(w*)``
+        and the resolved ``n beta``.
 
     Raises:
         ValueError: If a parameter is sharded otherwise, or is not float32.
@@ -143,57 +158,150 @@ def sample_sharded(
     device = shards[0].local.device
     check = _Check(device)
     with _live_weights_restored(model, shards) as anchor, _checked_forward(model, check):
-        batches = cycle_batches(data, device, torch.float32)
-        first = check.guard(lambda: next(batches))
+        chains = ShardedChains(model, loss_fn, shards, anchor, total, check)
+        batches = _guarded(cycle_batches(data, device, torch.float32), check)
+        first = next(batches)
         nbeta = config.resolve_nbeta(batch_size(first))
-        init = [first] + [
-            check.guard(lambda: next(batches)) for _ in range(config.init_loss_batches - 1)
-        ]
-        with torch.no_grad():
-            init_loss = float(np.mean([_loss(model, loss_fn, b, check).item() for b in init]))
-        steps = [
-            check.guard(lambda: next(batches)) for _ in range(config.num_burnin + config.num_draws)
-        ]
-        draws = steps[config.num_burnin :]
-        reference = np.full(config.num_draws, math.nan)
-        if config.paired:
-            with torch.no_grad():
-                reference[:] = [_loss(model, loss_fn, b, check).item() for b in draws]
-        trace = np.full((config.num_chains, config.num_draws), math.nan)
-        distance = np.full((config.num_chains, config.num_draws), math.nan)
-        diverged = np.zeros(config.num_chains, dtype=bool)
-        bar = tqdm(
-            total=config.num_chains * len(steps),
-            desc="LLC chains",
-            disable=None if progress else True,
-            leave=False,
-        )
-        for chain in range(config.num_chains):
-            generator = chain_generator(config.seed, chain, device)
-            with torch.no_grad():
-                for shard, saved in zip(shards, anchor, strict=True):
-                    shard.local.copy_(saved)
-            for t, batch in enumerate(steps):
-                bar.update()
-                loss = _loss(model, loss_fn, batch, check)
-                draw = t - config.num_burnin
-                if draw >= 0 and check.finite:
-                    trace[chain, draw] = loss.item()
-                    with torch.no_grad():
-                        distance[chain, draw] = _half_square_distance(shards, anchor)
-                for shard in shards:
-                    shard.param.grad = None
-                loss.backward()  # even when diverged: FSDP's iteration ends with it
-                if not check.finite:  # on some rank, so on all
-                    diverged[chain] = True
-                    break
-                with torch.no_grad():
-                    _sgld_step(shards, anchor, generator, total, config, nbeta)
-        bar.close()
-    # Float rounding may differ between ranks (GPU reductions): every rank returns rank zero's.
-    shared = [ChainTraces(trace, reference, distance, diverged, None, {}), init_loss]
+        init = [first] + [next(batches) for _ in range(config.init_loss_batches - 1)]
+        init_loss = float(np.mean([chains.loss_at_anchor(b).item() for b in init]))
+        ids = range(config.num_chains)
+        starts = [starts[i] if i < len(starts) else None for i in ids]
+        group = ChainGroup(chains, list(ids), [None] * len(ids), starts)
+        one_at_a_time = dataclasses.replace(config, chains_in_flight=1)
+        traces = run_chains([group], batches, one_at_a_time, nbeta, progress, None, keep_ends)
+    # Float rounding may differ between ranks (GPU reductions): every rank returns rank zero's
+    # numbers, and keeps its own ends (offsets of its own rows).
+    shared = [traces._replace(ends=[]), init_loss]
     dist.broadcast_object_list(shared, src=0)
-    return shared[0], shared[1], nbeta
+    return shared[0]._replace(ends=traces.ends), shared[1], nbeta
+
+
+class ShardedChains:
+    """A sharded model's chain as ``chains.run_chains`` runs it, one chain at a time.
+
+    The chain's weights are this rank's rows of every sampled parameter, flat and in order
+    (``(1, rows)``), as the loop and the update rule see any chain's; each forward pass
+    writes them into the local shards first, and each gradient is read back from the
+    shards' gradients. Sums over weights are completed over every rank (``total``), and the
+    noise of the global flat weights is drawn in the unsharded chains' pieces (``noise``).
+    Memory: training's, plus three copies of this rank's float32 rows (``w*``, the chain's
+    weights and its gradient), and, on the steps where the MALA acceptance is measured, two
+    more.
+
+    Args:
+        model: The sharded module.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
+        shards: Its sampled parameters' local rows.
+        anchor: Those rows at ``w*``.
+        total: The number of sampled weights over every rank.
+        check: The all-reduce that tells every rank when one failed.
+    """
+
+    vectorized = False
+    precision = torch.float32
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        shards: list[_Shard],
+        anchor: list[Tensor],
+        total: int,
+        check: _Check,
+    ) -> None:
+        self.model, self.loss_fn, self.shards, self.check = model, loss_fn, shards, check
+        self.anchor = torch.cat(anchor).detach()
+        self.size = total
+        sizes = [shard.local.numel() for shard in shards]
+        self._places = [slice(end - n, end) for n, end in zip(sizes, np.cumsum(sizes), strict=True)]
+
+    def loss_and_grad(
+        self, weights: Tensor, batch: Any, out: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The chain's loss (``inf`` on every rank if any rank's is not finite) and gradient."""
+        grads = torch.empty_like(weights) if out is None else out
+        self._write(weights[0])
+        for shard in self.shards:
+            shard.param.grad = None
+        loss = _loss(self.model, self.loss_fn, batch, self.check)
+        loss.backward()  # even when not finite: FSDP's iteration ends with it
+        for shard, place in zip(self.shards, self._places, strict=True):
+            grad = shard.param.grad
+            if grad is None:  # a parameter the loss does not use has a zero gradient
+                grads[0, place].zero_()
+            else:
+                grads[0, place].copy_(grad.to_local().view(-1))
+        value = (
+            loss.detach().reshape(1)
+            if self.check.finite
+            else torch.full_like(grads[:, 0], math.inf)
+        )
+        return value, grads
+
+    def loss_at_anchor(self, batch: Any) -> Tensor:
+        """The loss at ``w*`` on one batch, without gradients."""
+        self._write(self.anchor)
+        with torch.no_grad():
+            return _loss(self.model, self.loss_fn, batch, self.check).detach()
+
+    def total(self, sums: Tensor) -> Tensor:
+        """Per-chain sums over this rank's rows, summed over every rank."""
+        sums = sums.clone()
+        dist.all_reduce(sums)
+        return sums
+
+    def noise(self, generators: list[torch.Generator], movable: Tensor | None) -> _ShardNoise:
+        """Each chain's noise over the global flat weights, this rank's rows of it."""
+        return _ShardNoise(generators, self.shards, self._places, self.size)
+
+    def _write(self, flat: Tensor) -> None:
+        """Write the chain's rows into the shards, and drop any weights FSDP keeps gathered.
+
+        A forward pass without backward (``loss_at_anchor``) leaves the root's weights
+        gathered; the next forward pass would use them instead of gathering the new shards.
+        """
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+        with torch.no_grad():
+            for shard, place in zip(self.shards, self._places, strict=True):
+                shard.local.copy_(flat[place])
+
+
+class _ShardNoise:
+    """Adds noise to a sharded chain's rows (``samplers.AddNoise``).
+
+    The global weights' noise is drawn in ``PIECE`` s, as for an unsharded chain, and each
+    rank adds its rows' part.
+    """
+
+    def __init__(
+        self,
+        generators: list[torch.Generator],
+        shards: list[_Shard],
+        places: list[slice],
+        total: int,
+    ) -> None:
+        (self.generator,) = generators
+        self.shards, self.places, self.total = shards, places, total
+
+    def __call__(self, weights: Tensor, scale: Tensor, factor: Tensor | None) -> None:
+        device = weights.device
+        for start in range(0, self.total, PIECE):
+            stop = min(start + PIECE, self.total)
+            xi = torch.randn(stop - start, generator=self.generator, device=device)
+            xi.mul_(scale[0])
+            for shard, place in zip(self.shards, self.places, strict=True):
+                low, high = max(start, shard.start), min(stop, shard.start + shard.local.numel())
+                if low < high:
+                    at = place.start + low - shard.start
+                    weights[0, at : at + high - low].add_(xi[low - start : high - start])
+
+
+def _guarded(batches: Iterator[Any], check: _Check) -> Iterator[Any]:
+    """The batches, each fetched under ``check`` (a rank whose data fails tells the others)."""
+    while True:
+        yield check.guard(lambda: next(batches))
 
 
 def _shards(model: nn.Module) -> tuple[list[_Shard], int]:
@@ -359,40 +467,3 @@ def _live_weights_restored(model: nn.Module, shards: list[_Shard]) -> Iterator[l
                 buffer.copy_(own)
         for shard, grad in zip(shards, grads, strict=True):
             shard.param.grad = grad
-
-
-def _sgld_step(
-    shards: list[_Shard],
-    anchor: list[Tensor],
-    generator: torch.Generator,
-    total: int,
-    config: LLCConfig,
-    nbeta: float,
-) -> None:
-    """One SGLD update of the local rows, as ``samplers.sgld_step`` makes it of whole weights."""
-    for shard, saved in zip(shards, anchor, strict=True):
-        shard.local.lerp_(saved, config.step_size * config.localization / 2)
-        grad = shard.param.grad
-        if grad is not None:  # a parameter the loss does not use has a zero gradient
-            shard.local.add_(grad.to_local().view(-1), alpha=-config.step_size * nbeta / 2)
-    scale = math.sqrt(config.step_size)
-    device = shards[0].local.device
-    for start in range(0, total, PIECE):
-        stop = min(start + PIECE, total)
-        xi = torch.randn(stop - start, generator=generator, device=device)
-        for shard in shards:
-            low, high = max(start, shard.start), min(stop, shard.start + shard.local.numel())
-            if low < high:
-                shard.local[low - shard.start : high - shard.start].add_(
-                    xi[low - start : high - start], alpha=scale
-                )
-
-
-def _half_square_distance(shards: list[_Shard], anchor: list[Tensor]) -> float:
-    """``||w - w*||^2 / 2`` over every rank's rows."""
-    local = sum(
-        (shard.local - saved).square().sum() for shard, saved in zip(shards, anchor, strict=True)
-    )
-    total = torch.as_tensor(local, dtype=torch.float32, device=anchor[0].device).reshape(1)
-    dist.all_reduce(total)
-    return total.item() / 2

@@ -19,6 +19,7 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning_helpers import Classifier, dataset
+from ranks import leave
 from torch.utils.data import DataLoader, Subset
 
 from llc_callbacks import LLCConfig
@@ -92,5 +93,4 @@ if __name__ == "__main__":
     (OUT / f"history_{rank}.json").write_text(json.dumps(callback.monitor.history))
     shown = [str(w.message) for w in caught if "llc_callbacks" in str(w.message)]
     (OUT / f"warnings_{rank}.json").write_text(json.dumps(shown))
-    torch.distributed.barrier()  # both ranks are done before either tears the group down
-    torch.distributed.destroy_process_group()
+    leave()

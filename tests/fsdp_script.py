@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from hf_helpers import TokenData, tiny_gpt2
 from models import DropoutBatchNormNet, cross_entropy
+from ranks import leave
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -105,6 +106,51 @@ def estimate_case(name: str, make) -> dict:
     return record
 
 
+# Adapting chains that settle, stop early and start the next estimate warm: at most 250
+# burn-in steps and 200 draws, two estimates.
+ADAPTIVE = LLCConfig(num_chains=2, num_burnin=250, num_draws=200, nbeta=50.0)
+
+
+def adaptive_case() -> dict:
+    """Two estimates of the MLP, the second warm-started from the first, sharded and not."""
+    model, plain, data, loss_fn = mlp_case()
+    train_step(model, loss_fn, data)
+    before = state(model)
+    first = estimate_llc(
+        model, loss_fn, data, ADAPTIVE, distributed=True, warn=False, keep_ends=True
+    )
+    second = estimate_llc(
+        model,
+        loss_fn,
+        data,
+        replace(ADAPTIVE, seed=1),
+        distributed=True,
+        warn=False,
+        start=first.starts,
+    )
+    record = {"untouched": same(before, state(model))}
+    runs = {"sharded": (first, second)}
+    if dist.get_rank() == 0:
+        train_step(plain, loss_fn, data)
+        one = estimate_llc(plain, loss_fn, data, ADAPTIVE, warn=False, keep_ends=True)
+        two = estimate_llc(
+            plain, loss_fn, data, replace(ADAPTIVE, seed=1), warn=False, start=one.starts
+        )
+        runs["single"] = (one, two)
+    for name, results in runs.items():
+        record[name] = [
+            {
+                "llc_per_chain": r.llc_per_chain.tolist(),
+                "step_sizes": r.step_sizes.tolist(),
+                "burnin": r.burnin.tolist(),
+                "draws": r.draws.tolist(),
+                "warm": r.warm,
+            }
+            for r in results
+        ]
+    return record
+
+
 def diverging_case() -> dict:
     model, _, data, loss_fn = mlp_case()
     before = state(model)
@@ -146,9 +192,9 @@ if __name__ == "__main__":
     record = {
         "mlp": estimate_case("mlp", mlp_case),
         "gpt2": estimate_case("gpt2", gpt2_case),
+        "adaptive": adaptive_case(),
         "diverging": diverging_case(),
         "failure": failing_case(),
     }
     (out / f"rank_{dist.get_rank()}.json").write_text(json.dumps(record))
-    dist.barrier()
-    dist.destroy_process_group()
+    leave()

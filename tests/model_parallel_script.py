@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning_helpers import dataset
 from models import DropoutBatchNormNet
+from ranks import leave
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader
 
@@ -85,5 +86,4 @@ if __name__ == "__main__":
     weights = {name: p.full_tensor() for name, p in module.named_parameters()}
     if rank == 0:
         torch.save(weights, OUT / "weights.pt")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    leave()

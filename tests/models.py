@@ -185,11 +185,14 @@ def linear_plus_rrr_problem(samples: int = 8192, batch_size: int = 256):
 
 
 # Chains that sample a Bowl closely (its relaxation time is under 40 of the 100 burn-in steps
-# at the smallest sharpness, 0.1).
+# at the smallest sharpness, 0.1), cold and of fixed length, so that each estimate depends on
+# its step alone and a resumed run repeats an uninterrupted one.
 BOWL_CONFIG = LLCConfig(
     num_chains=8,
     num_burnin=100,
     num_draws=200,
+    relative_error=None,
+    warm_start=False,
     step_size=0.005,
     localization=10.0,
     nbeta=10.0,

@@ -103,12 +103,13 @@ def test_default_config_on_deep_linear_networks_within_20_percent(case):
     assert "localization" not in result.problems()
 
 
-def test_auto_step_size_on_a_deep_linear_network_within_20_percent():
+def test_calibrated_step_size_on_a_deep_linear_network_within_20_percent():
     # Measured: 0.88 of λ at the interpolated step size 2.0e-4 (acceptance 0.95), after 3e-4
     # missed the target (0.875) and 1e-4 passed (0.994).
     widths, rank = [6, 5, 5, 4, 6], 1
     model, data = dln_problem(widths, rank)
-    calibration = calibrate(model, gaussian_nll, data, LLCConfig(step_size="auto"))
+    fixed = LLCConfig(step_size=2e-4, relative_error=None)  # the sweep's lengths are fixed
+    calibration = calibrate(model, gaussian_nll, data, fixed)
     chosen = calibration.rows[-1]  # the sweep stops at the step size it recommends
     assert chosen["step_size"] == calibration.recommended.step_size
     assert chosen["mala_acceptance"] >= MALA_TARGET

@@ -75,8 +75,13 @@ def test_config_is_frozen():
 
 def test_defaults_aim_at_the_learning_coefficient_and_fast_is_the_localized_preset():
     config = LLCConfig()
-    assert (config.localization, config.step_size) == (1.0, 2e-4)
+    assert (config.localization, config.step_size) == (1.0, "adapt")
     assert (config.num_burnin, config.num_draws, config.mala) == (1000, 1000, True)
+    assert (config.target_acceptance, config.relative_error, config.warm_start) == (
+        0.9,
+        0.05,
+        True,
+    )
     fast = LLCConfig.fast(num_chains=8)
     assert (fast.localization, fast.step_size, fast.num_burnin, fast.num_draws) == (
         100.0,

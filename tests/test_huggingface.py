@@ -1,6 +1,7 @@
 """LLCTrainerCallback with a real transformers Trainer on CPU, tiny models built from configs."""
 
 import dataclasses
+import json
 import math
 import sys
 from pathlib import Path
@@ -96,13 +97,36 @@ def test_wandb_run_file_holds_the_llc_next_to_the_loss(tmp_path, wandb_dir, wand
 
 
 def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):
-    kwargs = {"every_n_steps": 3, "at_start": True}
+    # Cold chains: each estimate depends on its step and weights alone (see the next test).
+    cold = dataclasses.replace(TINY, warm_start=False)
+    kwargs = {"every_n_steps": 3, "at_start": True, "config": cold}
     full, full_callback = train(tmp_path / "full", kwargs, save_strategy="steps", save_steps=6)
     checkpoint = tmp_path / "full" / "checkpoint-6"
     resumed, callback = train(tmp_path / "resumed", kwargs, resume=str(checkpoint))
     assert [row["step"] for row in callback.monitor.history] == [0, 3, 6, 9, 12]
     assert_same_history(callback.monitor.history, full_callback.monitor.history)
     assert llc_rows(resumed) == llc_rows(full)
+
+
+def test_a_warm_started_run_resumes_with_its_step_sizes_in_trainer_state(tmp_path):
+    kwargs = {"every_n_steps": 3}
+    full, callback = train(tmp_path / "full", kwargs, save_strategy="steps", save_steps=6)
+    checkpoint = tmp_path / "full" / "checkpoint-6"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    saved = state["stateful_callbacks"][callback.state_key]["step_sizes"]
+    at_six = next(r for r in callback.monitor.history if r["step"] == 6)
+    assert len(saved[""]) == TINY.num_chains and at_six["llc/diag/step_size"] == pytest.approx(
+        math.exp(np.mean(np.log(saved[""])))
+    )
+    resumed, again = train(tmp_path / "resumed", kwargs, resume=str(checkpoint))
+    assert [row["step"] for row in again.monitor.history] == [3, 6, 9, 12]
+    assert_same_history(again.monitor.history[:2], callback.monitor.history[:2])
+    warm = {row["step"]: row["llc/diag/warm"] for row in again.monitor.history}
+    # Warm from the second estimate on; after the resume, the first starts cold (no offsets
+    # in the checkpoint), the next warm again.
+    assert warm == {3: 0.0, 6: 1.0, 9: 0.0, 12: 1.0}
+    # Training itself is the same, warm or not.
+    assert losses(resumed) == losses(full)
 
 
 def test_the_default_loss_is_what_the_trainer_optimizes(tmp_path):

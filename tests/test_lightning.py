@@ -200,16 +200,45 @@ def test_resume_continues_schedule_history_and_seeds(tmp_path):
     def make_module():
         return Classifier(dropout=0.0)
 
-    full = LLCCallback(TINY, every_n_steps=3, at_start=True)
+    # Cold chains (warm_start=False): every estimate depends on its step and weights alone,
+    # so a resumed run repeats an uninterrupted one exactly.
+    cold = dataclasses.replace(TINY, warm_start=False)
+    full = LLCCallback(cold, every_n_steps=3, at_start=True)
     fit(tmp_path / "full", [full], make_module, data, max_steps=16)
-    first = LLCCallback(TINY, every_n_steps=3, at_start=True)
+    first = LLCCallback(cold, every_n_steps=3, at_start=True)
     _, run = fit(tmp_path / "first", [first], make_module, data, max_steps=8)
     checkpoint = tmp_path / "eight.ckpt"
     run.save_checkpoint(checkpoint)
-    resumed = LLCCallback(TINY, every_n_steps=3, at_start=True)
+    resumed = LLCCallback(cold, every_n_steps=3, at_start=True)
     fit(tmp_path / "resumed", [resumed], make_module, data, checkpoint, max_steps=16)
     assert [row["step"] for row in resumed.monitor.history] == [0, 3, 6, 9, 12, 15]
     assert_same_history(resumed.monitor.history, full.monitor.history)
+
+
+def test_a_warm_started_run_resumes_with_its_step_sizes_and_cold_chains(tmp_path):
+    data = loader(shuffle=False, batch_size=256)
+
+    def make_module():
+        return Classifier(dropout=0.0)
+
+    first = LLCCallback(TINY, every_n_steps=3)
+    _, run = fit(tmp_path / "first", [first], make_module, data, max_steps=6)
+    assert first.monitor.last_result.warm  # step 6 started where step 3 ended
+    ended = first.monitor.last_result.step_sizes
+    checkpoint = tmp_path / "six.ckpt"
+    run.save_checkpoint(checkpoint)
+    saved = torch.load(checkpoint, weights_only=False)["callbacks"][first.state_key]
+    # The checkpoint keeps each chain's step size, not its offsets (as large as the model).
+    assert saved["step_sizes"] == {"": pytest.approx(list(ended))}
+    resumed = LLCCallback(TINY, every_n_steps=3)
+    fit(tmp_path / "resumed", [resumed], make_module, data, checkpoint, max_steps=9)
+    (row,) = [row for row in resumed.monitor.history if row["step"] == 9]
+    after = resumed.monitor.last_result
+    assert not after.warm  # the chains started at w* ...
+    adapted = TINY.num_burnin  # ... from the saved step sizes, adapted over a short burn-in
+    assert after.burnin.tolist() == [adapted] * TINY.num_chains
+    assert np.all(np.abs(np.log(after.step_sizes / ended)) <= adapted * np.log(2))
+    assert math.isfinite(row["llc/mean"])
 
 
 def test_two_differently_configured_callbacks_keep_separate_state(tmp_path):
@@ -321,29 +350,6 @@ def test_the_loss_comes_from_training_step_without_logging(tmp_path):
     assert losses[0] == losses[1]
     assert all(not r["train_loss"] for r in csv_rows(watched.logger) if r["llc/mean"])
     assert all(row["llc/init_loss"] > 0 for row in callback.monitor.history)
-
-
-def test_auto_step_size_is_calibrated_once_frozen_and_resumed(tmp_path):
-    auto = dataclasses.replace(TINY, step_size="auto")
-    data = loader(shuffle=False, batch_size=256)
-    first = LLCCallback(auto, every_n_steps=3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tiny chains: calibration may fall back, with a warning
-        _, run = fit(tmp_path / "first", [first], data=data, max_steps=6)
-    chosen = first.monitor.config.step_size
-    assert isinstance(chosen, float)
-    assert [("llc/step_size" in row) for row in first.monitor.history] == [True, False]
-    assert first.monitor.history[0]["llc/step_size"] == chosen
-    checkpoint = tmp_path / "six.ckpt"
-    run.save_checkpoint(checkpoint)
-    saved = torch.load(checkpoint, weights_only=False)["callbacks"][first.state_key]
-    assert saved["step_size"] == chosen
-
-    resumed = LLCCallback(auto, every_n_steps=3)
-    fit(tmp_path / "resumed", [resumed], data=data, ckpt_path=checkpoint, max_steps=12)
-    assert resumed.monitor.calibration is None  # no second calibration
-    assert resumed.monitor.config.step_size == chosen
-    assert resumed.monitor.last_result.config.step_size == chosen
 
 
 def test_trace_plots_go_to_wandb_as_images(tmp_path, wandb_dir, wandb_rows):

@@ -33,7 +33,13 @@ loss_fn(model, data[0]).backward()  # a training step first, as in a run
 model.zero_grad(set_to_none=True)
 in_flight = int(sys.argv[1])
 config = LLCConfig(
-    num_chains=4, num_burnin=1, num_draws=2, chains_in_flight=in_flight, mala=False, nbeta=1.0
+    num_chains=4,
+    num_burnin=1,
+    num_draws=2,
+    chains_in_flight=in_flight,
+    mala=False,
+    nbeta=1.0,
+    step_size=1e-4,  # adapting measures MALA's acceptance: two more copies on those steps
 )
 size = sum(p.numel() for p in model.parameters()) * 4
 before = psutil.Process().memory_info().rss

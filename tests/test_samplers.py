@@ -17,9 +17,14 @@ def adding(noise):
     """``AddNoise`` with a fixed noise tensor."""
 
     def add_noise(weights, scale, factor):
-        weights.add_(noise if factor is None else factor * noise, alpha=scale)
+        weights.add_((noise if factor is None else factor * noise) * scale[:, None])
 
     return add_noise
+
+
+def chains(step_size, n=3):
+    """The same step size for each of ``n`` chains, as the rules take it."""
+    return torch.full((n,), step_size)
 
 
 def random_inputs(seed=0):
@@ -40,7 +45,7 @@ def test_sgld_step_is_the_welling_teh_update():
         grad,
         anchor,
         adding(noise),
-        step_size=eps,
+        step_size=chains(eps),
         nbeta=nbeta,
         localization=gamma,
     )
@@ -52,7 +57,7 @@ def test_sgld_step_is_the_welling_teh_update():
 def test_sgld_step_does_not_scale_localization_by_nbeta():
     weights, _, _, anchor = random_inputs()
     zero = torch.zeros_like(weights)
-    step = dict(step_size=1e-2, localization=1.0)
+    step = dict(step_size=chains(1e-2), localization=1.0)
     low = sgld_step(SamplerState(weights.clone()), zero, anchor, adding(zero), nbeta=1.0, **step)
     high = sgld_step(SamplerState(weights), zero, anchor, adding(zero), nbeta=1000.0, **step)
     torch.testing.assert_close(low[0].weights, high[0].weights)
@@ -66,7 +71,7 @@ def test_sgld_step_leaves_gradient_and_anchor_unchanged():
         grad,
         anchor,
         adding(noise),
-        step_size=1e-3,
+        step_size=chains(1e-3),
         nbeta=2.0,
         localization=3.0,
     )
@@ -90,7 +95,7 @@ def test_rmsprop_sgld_preconditions_drift_and_noise_with_loss_gradient_statistic
         grad,
         anchor,
         adding(noise),
-        step_size=eps,
+        step_size=chains(eps),
         nbeta=nbeta,
         localization=gamma,
         alpha=alpha,
@@ -108,7 +113,7 @@ def test_rmsprop_sgld_starts_its_statistics_at_zero():
         grad,
         anchor,
         adding(noise),
-        step_size=1e-3,
+        step_size=chains(1e-3),
         nbeta=1.0,
         localization=0.0,
         alpha=0.99,
@@ -127,9 +132,38 @@ def test_mala_acceptance_summed_in_pieces_equals_it_summed_at_once(monkeypatch):
     mask = torch.rand(3, 50, generator=generator) > 0.3
     arguments = (weights, new_weights, anchor, losses, new_losses, grad, new_grad)
     options = dict(
-        step_size=10.0, nbeta=5.0, localization=2.0, precond=0.5 + precond.abs(), mask=mask
+        step_size=chains(10.0), nbeta=5.0, localization=2.0, precond=0.5 + precond.abs(), mask=mask
     )
     whole = mala_log_acceptance(*arguments, **options)
     assert bool((whole < 0).all())  # not clamped: every term counts
     monkeypatch.setattr("llc_callbacks.samplers.PIECE", 7)  # 2 columns a piece for 3 chains
     torch.testing.assert_close(mala_log_acceptance(*arguments, **options), whole)
+
+
+def test_each_chain_steps_with_its_own_step_size():
+    weights, grad, noise, anchor = random_inputs()
+    sizes = torch.tensor([1e-4, 1e-3, 1e-2])
+    nbeta, gamma = 46.0, 2.0
+    eps = sizes[:, None]
+    expected = weights - eps / 2 * (nbeta * grad + gamma * (weights - anchor)) + eps.sqrt() * noise
+    state, _ = sgld_step(
+        SamplerState(weights.clone()),
+        grad,
+        anchor,
+        adding(noise),
+        step_size=sizes,
+        nbeta=nbeta,
+        localization=gamma,
+    )
+    torch.testing.assert_close(state.weights, expected)
+    # A chain's MALA terms are its own step size's: the same as computing it alone.
+    args = (weights, state.weights, anchor, torch.zeros(3), torch.zeros(3), grad, grad)
+    together = mala_log_acceptance(*args, step_size=sizes, nbeta=nbeta, localization=gamma)
+    for row in range(3):
+        alone = mala_log_acceptance(
+            *(a[row : row + 1] if a.dim() == 2 or a.shape == (3,) else a for a in args),
+            step_size=sizes[row : row + 1],
+            nbeta=nbeta,
+            localization=gamma,
+        )
+        torch.testing.assert_close(alone[0], together[row])

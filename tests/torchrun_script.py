@@ -5,20 +5,26 @@ Writes each process's callback history and log_history to OUT_DIR/rank_<rank>.js
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 from hf_helpers import make_trainer
+from ranks import leave
 
 from llc_callbacks import LLCConfig
 from llc_callbacks.integrations.huggingface import LLCTrainerCallback
 
-# Chains in sequence and no MALA check, so that counting loss calls shows how many chains each
-# process ran.
+# Chains in sequence, a fixed step size and no MALA check, so that counting loss calls shows
+# how many chains each process ran.
 CONFIG = LLCConfig(
-    num_chains=3, num_burnin=5, num_draws=5, init_loss_batches=2, vectorize=False, mala=False
+    num_chains=3,
+    num_burnin=5,
+    num_draws=5,
+    init_loss_batches=2,
+    vectorize=False,
+    mala=False,
+    step_size=2e-4,
 )
 STEPS = [4, 8]
 # The check when training starts evaluates the loss once on every process.
@@ -26,9 +32,9 @@ CHECK_LOSS_CALLS = 1
 
 
 def loss_calls_per_estimate(chains: int) -> int:
-    """Initial loss, one call per chain step, one paired call per draw."""
+    """Initial loss, one call per chain step, and one at ``w*`` per step (the reference)."""
     steps = CONFIG.num_burnin + CONFIG.num_draws
-    return CONFIG.init_loss_batches + chains * steps + CONFIG.num_draws
+    return CONFIG.init_loss_batches + chains * steps + steps
 
 
 if __name__ == "__main__":
@@ -52,10 +58,4 @@ if __name__ == "__main__":
         "loss_calls": len(calls),
     }
     (out / f"rank_{rank}.json").write_text(json.dumps(record))
-    torch.distributed.barrier()  # both ranks have written their record
-    # Leave without the interpreter's teardown: on a loaded machine, destroying the DDP model
-    # and gloo's threads at exit (with or without destroy_process_group) sometimes aborts with
-    # "terminate called without an active exception" (exit -6) after the run has succeeded.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()
