@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -12,13 +13,21 @@ from typing import Any, Literal
 import numpy as np
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    PreTrainedModel,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.dynamics import EssentialDynamics
 from llc_callbacks.forked import LossFn
 from llc_callbacks.integrations import common
 from llc_callbacks.observables import Probe
+from llc_callbacks.replay import Checkpoint, Loader
 from llc_callbacks.restrictions import Restrictions
 
 
@@ -377,3 +386,51 @@ def _own_loader(train_dataloader: DataLoader | None, args: TrainingArguments) ->
         collate_fn=train_dataloader.collate_fn,
         drop_last=args.dataloader_drop_last,
     )
+
+
+def model_loss(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+    """The loss a transformers model computes from a batch with ``labels``: ``model(**batch).loss``.
+
+    What ``Trainer.compute_loss`` returns for such a model without a ``compute_loss_func``
+    or label smoothing; the default loss of ``llc-callbacks replay`` for transformers
+    checkpoints.
+    """
+    return model(**batch).loss
+
+
+def pretrained_loader(model_class: type[PreTrainedModel] | None = None) -> Loader:
+    """A ``load`` for ``llc_callbacks.replay``: ``from_pretrained`` on a checkpoint's folder.
+
+    Only the model's files are read (no optimizer, scheduler or RNG states).
+
+    Args:
+        model_class: The model's class; ``None``: the first of ``architectures`` in the
+            checkpoint's ``config.json``, from ``transformers``.
+
+    Returns:
+        ``load(checkpoint) -> PreTrainedModel``, in eval mode on the CPU.
+
+    Raises:
+        ValueError: (from ``load``) If no class is given and ``config.json`` names none that
+            transformers has.
+    """
+
+    def load(checkpoint: Checkpoint) -> PreTrainedModel:
+        cls = model_class or _architecture(checkpoint.path)
+        return cls.from_pretrained(checkpoint.path)
+
+    return load
+
+
+def _architecture(folder: Path) -> type[PreTrainedModel]:
+    import transformers
+
+    config = json.loads((folder / "config.json").read_text())
+    names = config.get("architectures") or []
+    found = [getattr(transformers, name) for name in names if hasattr(transformers, name)]
+    if not found:
+        raise ValueError(
+            f"{folder}/config.json names no transformers model class (architectures:"
+            f" {names!r}); pass model_class=..."
+        )
+    return found[0]

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import (
@@ -29,6 +30,7 @@ from llc_callbacks.dynamics import EssentialDynamics
 from llc_callbacks.forked import LossFn
 from llc_callbacks.integrations import common
 from llc_callbacks.observables import Probe
+from llc_callbacks.replay import Checkpoint, Loader
 from llc_callbacks.restrictions import Restrictions
 
 
@@ -339,6 +341,39 @@ def training_step_loss(module: LightningModule, batch: Any) -> Tensor:
             " dict with 'loss'; pass loss_fn=... to LLCCallback"
         )
     return output
+
+
+def module_loss(module: LightningModule, batch: Any) -> Tensor:
+    """``training_step_loss`` outside a trainer, where ``self.log`` does nothing.
+
+    The default loss of ``llc-callbacks replay`` for Lightning checkpoints, as
+    ``LLCCallback``'s in training.
+    """
+    with _chain_ready(module):
+        return training_step_loss(module, batch)
+
+
+def checkpoint_loader(module_class: type[LightningModule]) -> Loader:
+    """A ``load`` for ``llc_callbacks.replay``: a LightningModule at a ``.ckpt``'s weights.
+
+    The module is built from the checkpoint's saved ``hyper_parameters`` (as
+    ``load_from_checkpoint`` builds it) and given its ``state_dict``; the file is
+    memory-mapped, so optimizer states and the rest are never read.
+
+    Args:
+        module_class: The LightningModule subclass that was trained.
+
+    Returns:
+        ``load(checkpoint) -> LightningModule``, in eval mode on the CPU.
+    """
+
+    def load(checkpoint: Checkpoint) -> LightningModule:
+        saved = torch.load(checkpoint.path, map_location="cpu", mmap=True, weights_only=False)
+        module = module_class(**saved.get("hyper_parameters", {}))
+        module.load_state_dict(saved["state_dict"])
+        return module.eval()
+
+    return load
 
 
 def _takes_batch_idx(module: LightningModule) -> bool:

@@ -1,4 +1,4 @@
-"""The ``llc-callbacks`` console script: figures and stage tables of a run's logged LLC.
+"""The ``llc-callbacks`` console script: a run's logged LLC, and the LLC of its checkpoints.
 
 ``main`` is the entry point. Its help, and each command's (``llc-callbacks plot --help``), is
 built from the ``*_DESCRIPTION`` and ``*_EXAMPLES`` constants below.
@@ -7,15 +7,22 @@ built from the ``*_DESCRIPTION`` and ``*_EXAMPLES`` constants below.
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
 
 from llc_callbacks.curvature import CURVATURES
 from llc_callbacks.history import llc_prefix, loss_key, read_rows, series
 from llc_callbacks.keys import CURVATURE, metric_key
 from llc_callbacks.plotting import Curves, component_names, plot_components, plot_llc_curve
+from llc_callbacks.replay import LIGHTNING, SPLITS, Checkpoint, find_checkpoints, replay, watch
 from llc_callbacks.stages import detect_stages
 
 PROG = "llc-callbacks"
@@ -33,7 +40,8 @@ EXAMPLES = """\
 examples:
   llc-callbacks plot lightning_logs/version_0/metrics.csv
   llc-callbacks plot output/trainer_state.json --components
-  llc-callbacks stages wandb/offline-run-20250101_120000-abc123"""
+  llc-callbacks stages wandb/offline-run-20250101_120000-abc123
+  llc-callbacks replay output --setup my_setup.py:setup"""
 
 PLOT_DESCRIPTION = """\
 Draw the LLC over training to a PNG, from a Lightning metrics.csv, a transformers
@@ -67,6 +75,33 @@ examples:
   llc-callbacks stages output/trainer_state.json --restriction layer0.head1"""
 
 
+REPLAY_DESCRIPTION = """\
+Estimate the LLC at every checkpoint a folder holds, in step order: a transformers
+output_dir (checkpoint-N/), Lightning .ckpt files (found recursively), or a folder laid
+out as the Hub's cache lays out a repository's revisions (refs/step1000 naming
+snapshots/<commit>/). --setup names a Python function (pkg.module:function or
+path/to/file.py:function) that returns a dict: "data" (a re-iterable of batches, the
+callback's data to get its numbers) and optionally "loss_fn", "config" (an LLCConfig),
+"restrictions", "curvature" and "load" (checkpoint -> model). Without "load",
+transformers checkpoints load with from_pretrained and Lightning ones need
+--model-class; without "loss_fn", model(**batch).loss (transformers) or the module's
+training_step (Lightning). Estimates go to --output (CSV or JSON; started again, it
+repeats nothing) and, with --wandb-run, into that W&B run on its trainer's step axis;
+the curve is drawn beside the output. --watch follows a folder that training is still
+writing, until its last step, so that estimates never slow training down."""
+REPLAY_EXAMPLES = """\
+examples:
+  llc-callbacks replay output --setup my_setup.py:setup
+  llc-callbacks replay lightning_logs/version_0/checkpoints --setup my_setup.py:setup \\
+      --model-class my_project.model:LitModel -o llc.csv
+  llc-callbacks replay output --setup my_setup.py:setup --watch --device cuda:1
+  llc-callbacks replay models--EleutherAI--pythia-70m --setup my_setup.py:setup"""
+# What a --setup function may return, beside "data".
+SETUP_KEYS = ("data", "loss_fn", "config", "restrictions", "curvature", "load")
+# The default output, in the replayed folder.
+REPLAY_CSV = "llc_replay.csv"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the console script.
 
@@ -85,7 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "stages":
             _print_stages(args.run, args.restriction)
             return 0
-        if args.components:
+        if args.command == "replay":
+            output = _replay(args)
+        elif args.components:
             output = _plot_components(args.runs, args.output, args.loss)
         else:
             output = _plot(args.runs, args.output, args.loss, args.restrictions)
@@ -146,7 +183,165 @@ def _parser() -> argparse.ArgumentParser:
     stages.add_argument(
         "--restriction", metavar="NAME", help="a restricted LLC's name (default: the full LLC)"
     )
+    replay = commands.add_parser(
+        "replay",
+        help="estimate the LLC at every saved checkpoint of a run",
+        description=REPLAY_DESCRIPTION,
+        epilog=REPLAY_EXAMPLES,
+        formatter_class=raw,
+    )
+    replay.add_argument(
+        "source", type=Path, metavar="CHECKPOINTS", help="the folder of checkpoints"
+    )
+    replay.add_argument(
+        "--setup", required=True, metavar="MODULE:FUNCTION", help="returns the data and options"
+    )
+    replay.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        metavar="FILE",
+        help=f"a .csv or .json to write (default: {REPLAY_CSV} in CHECKPOINTS)",
+    )
+    replay.add_argument(
+        "--model-class",
+        metavar="MODULE:CLASS",
+        help="the model's class: a LightningModule (needed for Lightning checkpoints), or a"
+        " transformers class other than config.json's",
+    )
+    replay.add_argument("--device", help="where chains run (default: cpu)")
+    replay.add_argument("--prefix", default="llc", help="the metrics' prefix (default: llc)")
+    replay.add_argument("--wandb-run", metavar="ID", help="the W&B run to log into")
+    replay.add_argument("--wandb-project", metavar="NAME", help="that run's W&B project")
+    replay.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="checkpoints",
+        help="under torchrun: share the checkpoints (default) or each estimate's chains",
+    )
+    replay.add_argument(
+        "--watch", action="store_true", help="follow a folder that training is writing"
+    )
+    replay.add_argument(
+        "--until", type=int, metavar="STEP", help="--watch: the last step to wait for"
+    )
+    replay.add_argument(
+        "--idle",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="--watch: stop after this long without a new checkpoint (default: 600)",
+    )
+    replay.add_argument(
+        "--poll",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="--watch: seconds between looks at the folder (default: 10)",
+    )
     return parser
+
+
+def _replay(args: argparse.Namespace) -> Path:
+    """Run ``llc-callbacks replay``; the path of the curve it drew."""
+    setup = _entry_point(args.setup, "--setup")()
+    if not isinstance(setup, Mapping) or "data" not in setup:
+        raise ValueError(f"--setup {args.setup} must return a dict with 'data', got {setup!r}")
+    unknown = sorted(set(setup) - set(SETUP_KEYS))
+    if unknown:
+        raise ValueError(
+            f"--setup {args.setup} returned unknown keys {unknown}; accepted: {list(SETUP_KEYS)}"
+        )
+    model_class = _entry_point(args.model_class, "--model-class") if args.model_class else None
+    present = [] if args.watch and not args.source.exists() else find_checkpoints(args.source)
+    if "load" not in setup and model_class is None and any(c.kind == LIGHTNING for c in present):
+        raise ValueError(
+            "Lightning checkpoints need --model-class MODULE:CLASS (the LightningModule that"
+            " was trained), or 'load' in what --setup returns"
+        )
+    load = setup.get("load") or partial(_load, model_class)
+    loss_fn = setup.get("loss_fn") or _loss
+    folder = args.source if args.source.is_dir() else args.source.parent
+    output = args.output or folder / REPLAY_CSV
+    options = {
+        "restrictions": setup.get("restrictions"),
+        "curvature": setup.get("curvature", ()),
+        "prefix": args.prefix,
+        "output": output,
+        "wandb_run": args.wandb_run,
+        "wandb_project": args.wandb_project,
+        "device": args.device,
+        "split": args.split,
+    }
+    config = setup.get("config")
+    if args.watch:
+        watch(
+            args.source,
+            load,
+            loss_fn,
+            setup["data"],
+            config,
+            until=args.until,
+            idle=args.idle,
+            poll=args.poll,
+            **options,
+        )
+    else:
+        replay(args.source, load, loss_fn, setup["data"], config, **options)
+    curve = output.with_suffix(".png")
+    plot_llc_curve(*_curves(output, None, None, []), path=curve)
+    print(output)
+    return curve
+
+
+def _load(model_class: type | None, checkpoint: Checkpoint) -> nn.Module:
+    """A checkpoint's model, as its kind loads by default."""
+    if checkpoint.kind == LIGHTNING:
+        from llc_callbacks.integrations.lightning import checkpoint_loader
+
+        if model_class is None:
+            raise ValueError(
+                "Lightning checkpoints need --model-class MODULE:CLASS (the LightningModule"
+                " that was trained), or 'load' in what --setup returns"
+            )
+        return checkpoint_loader(model_class)(checkpoint)
+    from llc_callbacks.integrations.huggingface import pretrained_loader
+
+    return pretrained_loader(model_class)(checkpoint)
+
+
+def _loss(model: nn.Module, batch: Any) -> Tensor:
+    """The default loss: a LightningModule's ``training_step``, or ``model(**batch).loss``."""
+    lightning = sys.modules.get("lightning.pytorch")
+    if lightning is not None and isinstance(model, lightning.LightningModule):
+        from llc_callbacks.integrations.lightning import module_loss
+
+        return module_loss(model, batch)
+    from llc_callbacks.integrations.huggingface import model_loss
+
+    return model_loss(model, batch)
+
+
+def _entry_point(text: str, option: str) -> Any:
+    """The object ``pkg.module:name`` or ``path/to/file.py:name`` names."""
+    where, _, name = text.rpartition(":")
+    if not where or not name:
+        raise ValueError(f"{option} must be MODULE:NAME or FILE.py:NAME, got {text!r}")
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_file():
+            raise ValueError(f"{option}: {where} does not exist")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as error:
+            raise ValueError(f"{option}: cannot import {where} ({error})") from None
+    if not hasattr(module, name):
+        raise ValueError(f"{option}: {where} has no {name!r}")
+    return getattr(module, name)
 
 
 def _llc_rows(run: Path) -> tuple[list[dict[str, float]], str]:

@@ -484,7 +484,7 @@ class LLCMonitor:
         if self.last_result is not None:
             for check, message in self.last_result.problems().items():
                 self.warn_once(check, f"at step {step}, {message}")
-        return self._logged(metrics)
+        return self.logged(metrics)
 
     @contextmanager
     def reporting(self, action: str) -> Iterator[None]:
@@ -646,7 +646,7 @@ class LLCMonitor:
             found[metric_key(self.prefix, "stage", boundary.curve)] = float(boundary.step)
         return found
 
-    def _logged(self, metrics: dict[str, float]) -> dict[str, float]:
+    def logged(self, metrics: dict[str, float]) -> dict[str, float]:
         """The metrics to log: the default ones and the ``extra_metrics`` groups asked for."""
         return {
             key: value

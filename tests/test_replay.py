@@ -1,0 +1,339 @@
+"""Replay over saved checkpoints: the numbers the callbacks logged, written where runs are."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hf_helpers import TokenData, make_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning_helpers import Classifier, loader, trainer
+from replay_script import COLD, CONFIG, token_loader
+
+from llc_callbacks.cli import main
+from llc_callbacks.history import read_rows
+from llc_callbacks.integrations.huggingface import LLCTrainerCallback, model_loss, pretrained_loader
+from llc_callbacks.integrations.lightning import LLCCallback, checkpoint_loader, module_loss
+from llc_callbacks.replay import find_checkpoints, replay, watch
+
+EVERY = 4
+HERE = Path(__file__).parent
+
+
+def logged(history: list[dict], key: str = "llc/mean") -> dict[int, float]:
+    return {row["step"]: row[key] for row in history if key in row}
+
+
+@pytest.fixture(scope="module")
+def transformers_run(tmp_path_factory):
+    """A Trainer run that saves a checkpoint at every estimate, and what the callback logged."""
+    folder = tmp_path_factory.mktemp("hf")
+    callback = LLCTrainerCallback(
+        CONFIG, every_n_steps=EVERY, loss_fn=model_loss, dataloader=token_loader()
+    )
+    trainer = make_trainer(
+        folder, data=TokenData(64), save_strategy="steps", save_steps=EVERY, max_steps=3 * EVERY
+    )
+    trainer.add_callback(callback)
+    trainer.train()
+    return folder, logged(trainer.state.log_history)
+
+
+def test_transformers_checkpoints_give_the_logged_estimates(transformers_run, tmp_path):
+    folder, expected = transformers_run
+    assert sorted(expected) == [4, 8, 12]
+    checkpoints = find_checkpoints(folder)
+    assert [c.step for c in checkpoints] == [4, 8, 12]
+    rows = replay(
+        folder,
+        pretrained_loader(),
+        model_loss,
+        token_loader(),
+        CONFIG,
+        output=tmp_path / "llc.json",
+        progress=False,
+    )
+    replayed = logged(rows)
+    assert replayed.keys() == expected.keys()
+    for step, value in expected.items():
+        # The same computation on the same weights, read back from safetensors: float rounding.
+        assert math.isclose(replayed[step], value, rel_tol=1e-5), (step, replayed[step], value)
+    saved = json.loads((tmp_path / "llc.json").read_text())["log_history"]
+    assert [row["step"] for row in saved] == [4, 8, 12]
+
+
+@pytest.fixture(scope="module")
+def lightning_run(tmp_path_factory):
+    """A Lightning run checkpointing at every estimate, and the metrics.csv it wrote."""
+    folder = tmp_path_factory.mktemp("lightning")
+    checkpoints = ModelCheckpoint(
+        dirpath=folder / "checkpoints", every_n_train_steps=EVERY, save_top_k=-1
+    )
+    callback = LLCCallback(CONFIG, every_n_steps=EVERY, dataloader=loader())
+    run = trainer(
+        folder,
+        max_steps=3 * EVERY,
+        callbacks=[checkpoints, callback],
+        enable_checkpointing=True,
+        logger=CSVLogger(folder, name="", version=""),
+    )
+    run.fit(Classifier(), loader())
+    return folder, logged(read_rows(folder / "metrics.csv"))
+
+
+def test_lightning_checkpoints_give_the_logged_estimates_into_a_csv(lightning_run, tmp_path):
+    folder, expected = lightning_run
+    assert sorted(expected) == [4, 8, 12]
+    output = tmp_path / "metrics.csv"
+    rows = replay(
+        folder / "checkpoints",
+        checkpoint_loader(Classifier),
+        module_loss,
+        loader(),
+        CONFIG,
+        output=output,
+        progress=False,
+    )
+    assert [c.kind for c in find_checkpoints(folder)] == ["lightning"] * 3
+    for step, value in expected.items():
+        assert math.isclose(logged(rows)[step], value, rel_tol=1e-5), step
+    # What llc-callbacks plot and stages read, as they read Lightning's metrics.csv.
+    assert logged(read_rows(output)) == pytest.approx(logged(rows))
+    assert main(["plot", str(output), "-o", str(tmp_path / "curve.png")]) == 0
+    assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_a_hub_like_folder_of_revisions_is_replayed_in_step_order(transformers_run, tmp_path):
+    folder, expected = transformers_run
+    for step in (12, 4, 8):  # refs written out of order
+        commit = f"{step:040x}"
+        shutil.copytree(folder / f"checkpoint-{step}", tmp_path / "snapshots" / commit)
+        (tmp_path / "refs").mkdir(exist_ok=True)
+        (tmp_path / "refs" / f"step{step}").write_text(commit + "\n")
+    (tmp_path / "refs" / "main").write_text(f"{12:040x}")  # not a step: left out
+    checkpoints = find_checkpoints(tmp_path)
+    assert [(c.step, c.revision) for c in checkpoints] == [
+        (4, "step4"),
+        (8, "step8"),
+        (12, "step12"),
+    ]
+    rows = replay(tmp_path, pretrained_loader(), model_loss, token_loader(), CONFIG, progress=False)
+    assert logged(rows) == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_truncated_checkpoint_is_reported_and_skipped(transformers_run, tmp_path):
+    folder, expected = transformers_run
+    copy = shutil.copytree(folder, tmp_path / "run")
+    weights = copy / "checkpoint-8" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.warns(UserWarning, match=r"checkpoint-8 \(step 8\) is skipped"):
+        rows = replay(copy, pretrained_loader(), model_loss, token_loader(), CONFIG, progress=False)
+    assert sorted(logged(rows)) == [4, 12]  # a gap stays a gap
+    assert logged(rows)[4] == pytest.approx(expected[4], rel=1e-5)
+
+
+def test_a_restarted_replay_repeats_nothing(transformers_run, tmp_path):
+    folder, _ = transformers_run
+    loaded = []
+
+    def load(checkpoint):
+        loaded.append(checkpoint.step)
+        return pretrained_loader()(checkpoint)
+
+    output = tmp_path / "llc.csv"
+    first = replay(
+        find_checkpoints(folder)[:2],
+        load,
+        model_loss,
+        token_loader(),
+        CONFIG,
+        output=output,
+        progress=False,
+    )
+    rows = replay(folder, load, model_loss, token_loader(), CONFIG, output=output, progress=False)
+    assert loaded == [4, 8, 12]  # the second replay estimated step 12 only
+    assert [row["step"] for row in rows] == [4, 8, 12]
+    assert {s: v for s, v in logged(rows).items() if s < 12} == logged(first)
+    assert [row["step"] for row in read_rows(output)] == [4, 8, 12]
+
+
+def test_replay_logs_into_a_wandb_run_on_the_trainers_step_axis(
+    transformers_run, wandb_dir, wandb_rows
+):
+    folder, expected = transformers_run
+    replay(
+        folder,
+        pretrained_loader(),
+        model_loss,
+        token_loader(),
+        CONFIG,
+        wandb_run="training-run",
+        progress=False,
+    )
+    (run_dir,) = (wandb_dir / "wandb").glob("offline-run-*-training-run")
+    rows = [row for row in wandb_rows(run_dir) if "train/llc/mean" in row]
+    assert [row["train/global_step"] for row in rows] == [4, 8, 12]
+    assert [row["train/llc/mean"] for row in rows] == pytest.approx(
+        [expected[s] for s in (4, 8, 12)], rel=1e-5
+    )
+
+
+def test_bad_output_is_refused_before_any_estimate(transformers_run, tmp_path):
+    folder, _ = transformers_run
+    with pytest.raises(ValueError, match=r"output must be a \.csv or \.json file"):
+        replay(
+            folder,
+            pretrained_loader(),
+            model_loss,
+            token_loader(),
+            CONFIG,
+            output=tmp_path / "llc.txt",
+        )
+    with pytest.raises(ValueError, match="split"):
+        replay(folder, pretrained_loader(), model_loss, token_loader(), CONFIG, split="ranks")
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        replay(tmp_path, pretrained_loader(), model_loss, token_loader(), CONFIG)
+
+
+def test_each_estimate_follows_the_one_before(transformers_run):
+    folder, expected = transformers_run
+    rows = replay(folder, pretrained_loader(), model_loss, token_loader(), COLD, progress=False)
+    # Cold chains give the first estimate (no estimate before it) but not the later ones:
+    # the equality above holds because the replay warm-starts as the callback did.
+    assert logged(rows)[4] == pytest.approx(expected[4], rel=1e-5)
+    assert logged(rows)[8] != pytest.approx(expected[8], rel=1e-3)
+
+
+def test_watch_follows_a_folder_that_training_writes_to_its_end(tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    training = subprocess.Popen(
+        [sys.executable, str(HERE / "replay_training.py"), str(run)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    alive = {}
+
+    def load(checkpoint):
+        alive[checkpoint.step] = training.poll() is None
+        return pretrained_loader()(checkpoint)
+
+    try:
+        rows = watch(
+            run,
+            load,
+            model_loss,
+            token_loader(),
+            CONFIG,
+            poll=0.2,
+            idle=120,
+            output=tmp_path / "llc.csv",
+            progress=False,
+        )
+    finally:
+        _, errors = training.communicate(timeout=300)
+    assert training.returncode == 0, errors[-3000:]
+    assert [row["step"] for row in rows] == [4, 8, 12]  # stopped at max_steps
+    assert alive[4]  # estimated while training went on
+    finished = replay(run, pretrained_loader(), model_loss, token_loader(), CONFIG, progress=False)
+    assert logged(rows) == pytest.approx(logged(finished), rel=1e-6)
+    again = watch(
+        run,
+        load,
+        model_loss,
+        token_loader(),
+        CONFIG,
+        poll=0.2,
+        idle=1,
+        output=tmp_path / "llc.csv",
+        progress=False,
+    )
+    assert len(alive) == 3 and [row["step"] for row in again] == [4, 8, 12]  # nothing repeated
+
+
+@pytest.mark.slow
+def test_torchrun_shares_checkpoints_or_chains_among_ranks(transformers_run, tmp_path):
+    folder, expected = transformers_run
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node=2", str(HERE / "replay_script.py"), str(folder), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shared = logged(json.loads((tmp_path / "checkpoints.json").read_text())["log_history"])
+    alone = replay(folder, pretrained_loader(), model_loss, token_loader(), COLD, progress=False)
+    assert shared == pytest.approx(logged(alone), rel=1e-5)
+    chains = logged(json.loads((tmp_path / "chains.json").read_text())["log_history"])
+    assert chains == pytest.approx(expected, rel=1e-5)  # as the callback logged, warm starts too
+
+
+SETUP = """
+from replay_script import CONFIG, token_loader
+
+
+def setup():
+    return {"data": token_loader(), "config": CONFIG}
+"""
+
+
+def test_the_replay_command_writes_the_logged_estimates_and_their_curve(
+    transformers_run, tmp_path, capsys
+):
+    folder, expected = transformers_run
+    (tmp_path / "setup.py").write_text(SETUP)
+    output = tmp_path / "llc.csv"
+    command = [
+        "replay",
+        str(folder),
+        "--setup",
+        f"{tmp_path / 'setup.py'}:setup",
+        "-o",
+        str(output),
+    ]
+    assert main(command) == 0
+    assert capsys.readouterr().out.split() == [str(output), str(tmp_path / "llc.png")]
+    assert logged(read_rows(output)) == pytest.approx(expected, rel=1e-5)
+    assert (tmp_path / "llc.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--setup", "nowhere.py:setup"], "--setup: nowhere.py does not exist"),
+        (["--setup", "setup.py"], "--setup must be MODULE:NAME or FILE.py:NAME"),
+        (["--setup", "setup.py:other"], "has no 'other'"),
+        (["--setup", "setup.py:setup", "-o", "llc.txt"], r"output must be a \.csv or \.json"),
+    ],
+)
+def test_the_replay_command_names_what_is_wrong(
+    transformers_run, tmp_path, monkeypatch, capsys, options, message
+):
+    folder, _ = transformers_run
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "setup.py").write_text(SETUP)
+    assert main(["replay", str(folder), *options]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_lightning_checkpoints_need_the_module_class(lightning_run, tmp_path, capsys):
+    folder, expected = lightning_run
+    (tmp_path / "setup.py").write_text(
+        "from lightning_helpers import loader\n"
+        "from replay_script import CONFIG\n\n"
+        "def setup():\n    return {'data': loader(), 'config': CONFIG}\n"
+    )
+    command = ["replay", str(folder / "checkpoints"), "--setup", f"{tmp_path}/setup.py:setup"]
+    assert main([*command, "-o", str(tmp_path / "none.csv")]) == 2
+    assert "need --model-class MODULE:CLASS" in capsys.readouterr().err
+    assert not (tmp_path / "none.csv").exists()
+    output = tmp_path / "llc.csv"
+    assert main([*command, "--model-class", "lightning_helpers:Classifier", "-o", str(output)]) == 0
+    assert logged(read_rows(output)) == pytest.approx(expected, rel=1e-5)
