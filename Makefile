@@ -36,6 +36,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/first_contact.py
+	$(PY) benchmarks/replay.py
 	$(PY) benchmarks/cost.py
 	$(PY) benchmarks/step_cost.py
 	$(PY) benchmarks/vs_devinterp.py

@@ -73,7 +73,8 @@ class Counting(Dataset):
         return {"input_ids": self.ids[index], "labels": self.ids[index]}
 
 
-def hf_run(callbacks, folder: str) -> float:
+def hf_run(callbacks, folder: str, save_steps: int | None = None) -> float:
+    """Train the GPT-2 for ``HF_STEPS``; its wall time. ``save_steps``: checkpoint that often."""
     torch.manual_seed(0)
     config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=16)
     args = TrainingArguments(
@@ -82,7 +83,8 @@ def hf_run(callbacks, folder: str) -> float:
         per_device_train_batch_size=16,
         use_cpu=True,
         report_to="none",
-        save_strategy="no",
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
         disable_tqdm=True,
         logging_steps=HF_STEPS,
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -14,6 +13,7 @@ import numpy as np
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import (
+    AutoConfig,
     PreTrainedModel,
     Trainer,
     TrainerCallback,
@@ -416,21 +416,30 @@ def pretrained_loader(model_class: type[PreTrainedModel] | None = None) -> Loade
     """
 
     def load(checkpoint: Checkpoint) -> PreTrainedModel:
-        cls = model_class or _architecture(checkpoint.path)
-        return cls.from_pretrained(checkpoint.path)
+        where: dict[str, Any] = {}
+        source: str | Path = checkpoint.path
+        if checkpoint.repo is not None:  # a Hub revision, from the Hub or its cache
+            source = checkpoint.repo
+            where = {
+                "revision": checkpoint.revision,
+                "cache_dir": checkpoint.cache_dir,
+                "local_files_only": checkpoint.path.is_dir(),  # listed from the cache
+            }
+        cls = model_class or _architecture(source, where)
+        return cls.from_pretrained(source, **where)
 
     return load
 
 
-def _architecture(folder: Path) -> type[PreTrainedModel]:
+def _architecture(source: str | Path, where: dict[str, Any]) -> type[PreTrainedModel]:
+    """The model class a checkpoint's config names (``architectures``)."""
     import transformers
 
-    config = json.loads((folder / "config.json").read_text())
-    names = config.get("architectures") or []
+    names = AutoConfig.from_pretrained(source, **where).architectures or []
     found = [getattr(transformers, name) for name in names if hasattr(transformers, name)]
     if not found:
         raise ValueError(
-            f"{folder}/config.json names no transformers model class (architectures:"
+            f"the config of {source} names no transformers model class (architectures:"
             f" {names!r}); pass model_class=..."
         )
     return found[0]

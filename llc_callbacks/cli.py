@@ -22,7 +22,15 @@ from llc_callbacks.curvature import CURVATURES
 from llc_callbacks.history import llc_prefix, loss_key, read_rows, series
 from llc_callbacks.keys import CURVATURE, metric_key
 from llc_callbacks.plotting import Curves, component_names, plot_components, plot_llc_curve
-from llc_callbacks.replay import LIGHTNING, SPLITS, Checkpoint, find_checkpoints, replay, watch
+from llc_callbacks.replay import (
+    LIGHTNING,
+    SPLITS,
+    Checkpoint,
+    find_checkpoints,
+    hub_checkpoints,
+    replay,
+    watch,
+)
 from llc_callbacks.stages import detect_stages
 
 PROG = "llc-callbacks"
@@ -79,11 +87,12 @@ REPLAY_DESCRIPTION = """\
 Estimate the LLC at every checkpoint a folder holds, in step order: a transformers
 output_dir (checkpoint-N/), Lightning .ckpt files (found recursively), or a folder laid
 out as the Hub's cache lays out a repository's revisions (refs/step1000 naming
-snapshots/<commit>/). --setup names a Python function (pkg.module:function or
-path/to/file.py:function) that returns a dict: "data" (a re-iterable of batches, the
-callback's data to get its numbers) and optionally "loss_fn", "config" (an LLCConfig),
-"restrictions", "curvature" and "load" (checkpoint -> model). Without "load",
-transformers checkpoints load with from_pretrained and Lightning ones need
+snapshots/<commit>/); or, with --revisions, a Hub repository's revisions. --setup names
+a Python function (pkg.module:function or path/to/file.py:function) that returns a
+dict: "data" (a re-iterable of batches, the callback's data to get its numbers) and
+optionally "loss_fn", "monitor" (an LLCMonitor: the config, restrictions, curvature,
+observables and prefix the callback had) and "load" (checkpoint -> model). Without
+"load", transformers checkpoints load with from_pretrained and Lightning ones need
 --model-class; without "loss_fn", model(**batch).loss (transformers) or the module's
 training_step (Lightning). Estimates go to --output (CSV or JSON; started again, it
 repeats nothing) and, with --wandb-run, into that W&B run on its trainer's step axis;
@@ -95,9 +104,12 @@ examples:
   llc-callbacks replay lightning_logs/version_0/checkpoints --setup my_setup.py:setup \\
       --model-class my_project.model:LitModel -o llc.csv
   llc-callbacks replay output --setup my_setup.py:setup --watch --device cuda:1
-  llc-callbacks replay models--EleutherAI--pythia-70m --setup my_setup.py:setup"""
+  llc-callbacks replay EleutherAI/pythia-70m --revisions step1000 step2000 step4000 \\
+      --setup my_setup.py:setup
+  llc-callbacks replay ~/.cache/huggingface/hub/models--EleutherAI--pythia-70m \\
+      --setup my_setup.py:setup"""
 # What a --setup function may return, beside "data".
-SETUP_KEYS = ("data", "loss_fn", "config", "restrictions", "curvature", "load")
+SETUP_KEYS = ("data", "loss_fn", "monitor", "load")
 # The default output, in the replayed folder.
 REPLAY_CSV = "llc_replay.csv"
 
@@ -191,7 +203,19 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=raw,
     )
     replay.add_argument(
-        "source", type=Path, metavar="CHECKPOINTS", help="the folder of checkpoints"
+        "source",
+        type=Path,
+        metavar="CHECKPOINTS",
+        help="the folder of checkpoints, or with --revisions a Hub repository's id",
+    )
+    replay.add_argument(
+        "--revisions",
+        nargs="+",
+        metavar="REVISION",
+        help="the Hub revisions to estimate at, each naming its step (step1000 ...)",
+    )
+    replay.add_argument(
+        "--cache-dir", type=Path, metavar="FOLDER", help="--revisions: the Hub cache to use"
     )
     replay.add_argument(
         "--setup", required=True, metavar="MODULE:FUNCTION", help="returns the data and options"
@@ -201,7 +225,7 @@ def _parser() -> argparse.ArgumentParser:
         "--output",
         type=Path,
         metavar="FILE",
-        help=f"a .csv or .json to write (default: {REPLAY_CSV} in CHECKPOINTS)",
+        help=f"a .csv or .json to write (default: {REPLAY_CSV} in CHECKPOINTS, or here)",
     )
     replay.add_argument(
         "--model-class",
@@ -210,7 +234,6 @@ def _parser() -> argparse.ArgumentParser:
         " transformers class other than config.json's",
     )
     replay.add_argument("--device", help="where chains run (default: cpu)")
-    replay.add_argument("--prefix", default="llc", help="the metrics' prefix (default: llc)")
     replay.add_argument("--wandb-run", metavar="ID", help="the W&B run to log into")
     replay.add_argument("--wandb-project", metavar="NAME", help="that run's W&B project")
     replay.add_argument(
@@ -253,7 +276,7 @@ def _replay(args: argparse.Namespace) -> Path:
             f"--setup {args.setup} returned unknown keys {unknown}; accepted: {list(SETUP_KEYS)}"
         )
     model_class = _entry_point(args.model_class, "--model-class") if args.model_class else None
-    present = [] if args.watch and not args.source.exists() else find_checkpoints(args.source)
+    source, present, folder = _replay_source(args)
     if "load" not in setup and model_class is None and any(c.kind == LIGHTNING for c in present):
         raise ValueError(
             "Lightning checkpoints need --model-class MODULE:CLASS (the LightningModule that"
@@ -261,37 +284,45 @@ def _replay(args: argparse.Namespace) -> Path:
         )
     load = setup.get("load") or partial(_load, model_class)
     loss_fn = setup.get("loss_fn") or _loss
-    folder = args.source if args.source.is_dir() else args.source.parent
     output = args.output or folder / REPLAY_CSV
     options = {
-        "restrictions": setup.get("restrictions"),
-        "curvature": setup.get("curvature", ()),
-        "prefix": args.prefix,
         "output": output,
         "wandb_run": args.wandb_run,
         "wandb_project": args.wandb_project,
         "device": args.device,
         "split": args.split,
     }
-    config = setup.get("config")
+    monitor = setup.get("monitor")
     if args.watch:
         watch(
             args.source,
             load,
             loss_fn,
             setup["data"],
-            config,
+            monitor,
             until=args.until,
             idle=args.idle,
             poll=args.poll,
             **options,
         )
     else:
-        replay(args.source, load, loss_fn, setup["data"], config, **options)
+        replay(source, load, loss_fn, setup["data"], monitor, **options)
     curve = output.with_suffix(".png")
     plot_llc_curve(*_curves(output, None, None, []), path=curve)
     print(output)
     return curve
+
+
+def _replay_source(args: argparse.Namespace) -> tuple[Path | list[Checkpoint], list, Path]:
+    """What to replay, the checkpoints there now, and the folder of the default output."""
+    if args.revisions:
+        if args.watch:
+            raise ValueError("--watch follows a folder; --revisions names Hub revisions")
+        found = hub_checkpoints(args.source.as_posix(), args.revisions, args.cache_dir)
+        return found, found, Path.cwd()
+    source = args.source
+    present = [] if args.watch and not source.exists() else find_checkpoints(source)
+    return source, present, source if source.is_dir() else source.parent
 
 
 def _load(model_class: type | None, checkpoint: Checkpoint) -> nn.Module:

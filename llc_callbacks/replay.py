@@ -4,11 +4,15 @@
 (``checkpoint-<step>/``), Lightning checkpoints (``*.ckpt``, the step from ``step=<step>`` in
 the name or from the file), or a folder laid out as the Hub's cache lays out a repository's
 revisions (``refs/<revision>`` naming ``snapshots/<commit>/``, revisions such as Pythia's
-``step1000``). ``replay`` estimates at each checkpoint through an ``LLCMonitor``, so with the
-callback's config, seed, loss and data it gives the numbers the callback logged at those
-steps (warm starts included, when the checkpoints are the steps it estimated at), and writes
-them where the run's other metrics are. ``watch`` does the same for a folder that training
-is still writing: the way to estimate without slowing training.
+``step1000``; in the cache itself, ``models--<org>--<name>``, they load with
+``from_pretrained(repo, revision=...)`` as from the Hub). ``hub_checkpoints`` names a
+repository's revisions on the Hub.
+
+``replay`` estimates at each checkpoint through an ``LLCMonitor``, so with the callback's
+config, seed, loss and data it gives the numbers the callback logged at those steps (warm
+starts included, when the checkpoints are the steps it estimated at), and writes them where
+the run's other metrics are. ``watch`` does the same for a folder that training is still
+writing: the way to estimate without slowing training.
 
 Loading a checkpoint is the caller's ``load(checkpoint) -> nn.Module``;
 ``llc_callbacks.integrations.huggingface.pretrained_loader`` and
@@ -34,11 +38,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llc_callbacks.attribution import warn
-from llc_callbacks.config import LLCConfig
 from llc_callbacks.distributed import rank_and_world
 from llc_callbacks.forked import LossFn
 from llc_callbacks.monitor import LLCMonitor
-from llc_callbacks.restrictions import Restrictions
 from llc_callbacks.validation import check_choice, check_float, check_int
 
 TRANSFORMERS, LIGHTNING = "transformers", "lightning"
@@ -47,6 +49,8 @@ TRANSFORMERS, LIGHTNING = "transformers", "lightning"
 CHECKPOINT_FOLDER = re.compile(r"checkpoint-(\d+)")
 REVISION_STEP = re.compile(r"(?:step|checkpoint-?)(\d+)")
 LIGHTNING_STEP = re.compile(r"(?:^|-)step=(\d+)")
+# A repository's folder in the Hub's cache.
+HUB_CACHE_FOLDER = re.compile(r"models--(.+)")
 # What a transformers checkpoint folder holds once the Trainer has written it whole: the
 # trainer state comes after the weights.
 COMPLETE_MARKER = "trainer_state.json"
@@ -67,13 +71,19 @@ class Checkpoint:
         step: The optimizer steps completed when it was saved.
         path: Its folder (transformers, a revision) or file (Lightning).
         kind: ``"transformers"`` (a folder ``from_pretrained`` reads) or ``"lightning"``.
-        revision: The revision's name, for a Hub-like folder; ``None`` otherwise.
+        revision: The revision's name, for a Hub repository's; ``None`` otherwise.
+        repo: The Hub repository's id (``"EleutherAI/pythia-70m"``), loaded with
+            ``from_pretrained(repo, revision=revision, cache_dir=cache_dir)``; ``None``: the
+            checkpoint is ``path``.
+        cache_dir: The Hub cache that holds ``repo`` (``None``: the default cache).
     """
 
     step: int
     path: Path
     kind: str
     revision: str | None = None
+    repo: str | None = None
+    cache_dir: Path | None = None
 
 
 def find_checkpoints(source: str | Path) -> list[Checkpoint]:
@@ -115,16 +125,46 @@ def find_checkpoints(source: str | Path) -> list[Checkpoint]:
     return list(by_step.values())
 
 
+def hub_checkpoints(
+    repo: str, revisions: Sequence[str], cache_dir: str | Path | None = None
+) -> list[Checkpoint]:
+    """A Hub repository's revisions as checkpoints, in step order (Pythia's ``step1000``, ...).
+
+    Args:
+        repo: The repository's id.
+        revisions: Its revisions to estimate at, each naming its step (``step<N>``,
+            ``checkpoint-<N>``).
+        cache_dir: Where ``from_pretrained`` caches them (``None``: the default cache).
+
+    Returns:
+        One checkpoint per revision, which ``pretrained_loader`` loads from the Hub.
+
+    Raises:
+        ValueError: If a revision's name holds no step.
+    """
+    found = []
+    for revision in revisions:
+        match = REVISION_STEP.fullmatch(revision)
+        if match is None:
+            raise ValueError(
+                f"revisions must name their step (step<N> or checkpoint-<N>), got {revision!r}"
+            )
+        where = Path(cache_dir) if cache_dir is not None else None
+        found.append(
+            Checkpoint(
+                int(match.group(1)), Path(f"{repo}@{revision}"), TRANSFORMERS, revision, repo, where
+            )
+        )
+    return sorted(found, key=lambda c: c.step)
+
+
 def replay(
     checkpoints: str | Path | Sequence[Checkpoint],
     load: Loader,
     loss_fn: LossFn,
     data: Iterable[Any],
-    config: LLCConfig | None = None,
+    monitor: LLCMonitor | None = None,
     *,
-    restrictions: Restrictions | None = None,
-    curvature: Sequence[str] = (),
-    prefix: str = "llc",
     output: str | Path | None = None,
     wandb_run: str | None = None,
     wandb_project: str | None = None,
@@ -134,13 +174,14 @@ def replay(
 ) -> list[dict[str, float]]:
     """Estimate the LLC at every checkpoint, in step order.
 
-    Each estimate runs as a monitor runs it in training (the estimate at step ``s`` is
-    seeded by ``config.seed`` and ``s``; with ``config.warm_start`` it starts where the
-    previous checkpoint's ended), so with the callback's config, loss and data it equals
+    Each estimate is ``monitor``'s, as in training (the estimate at step ``s`` is seeded by
+    the config's seed and ``s``; with ``warm_start`` it starts where the previous
+    checkpoint's ended), so with the callback's config, options, loss and data it equals
     what the callback logged at that step, to float rounding, as long as the checkpoints
     replayed are the steps the callback estimated at (a warm start follows the estimates
-    before it). A checkpoint that cannot be loaded is reported with a warning and skipped;
-    a gap stays a gap.
+    before it). The monitor's schedule is not used: every checkpoint is estimated. A
+    checkpoint that cannot be loaded is reported with a warning and skipped; a gap stays a
+    gap.
 
     With ``output``, each estimate is appended as it is made, and the monitor's state is
     kept beside it (``<output>.state.json``): a replay started again over the same output
@@ -158,10 +199,9 @@ def replay(
         load: ``load(checkpoint) -> nn.Module``, the model at that checkpoint's weights.
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
         data: Re-iterable of batches; every estimate iterates it afresh.
-        config: Sampling hyperparameters; the training run's, to get its numbers.
-        restrictions: Weight- and data-restricted LLCs, as in ``LLCMonitor``.
-        curvature: Curvature to measure at each checkpoint, as in ``LLCMonitor``.
-        prefix: First part of every metric key.
+        monitor: What each estimate is (config, restrictions, curvature, observables,
+            prefix, ...), as the callback was given it; ``None``: ``LLCMonitor()``. Its
+            ``distributed`` is set from ``split``.
         output: A ``.csv`` (columns ``step`` and the metrics, as Lightning's ``metrics.csv``,
             which ``llc-callbacks plot`` reads) or ``.json`` (``{"log_history": rows}``, as
             transformers' ``trainer_state.json``) to write; ``None``: write nothing.
@@ -181,10 +221,8 @@ def replay(
         ValueError: If ``output`` is neither ``.csv`` nor ``.json``, or ``split`` is unknown.
         FileNotFoundError: If ``checkpoints`` is a folder holding none.
     """
-    replayer = _Replayer(
-        load, loss_fn, data, config, restrictions, curvature, prefix, output, device, split
-    )
-    sink = _WandbSink(wandb_run, wandb_project, prefix) if wandb_run else None
+    replayer = _Replayer(load, loss_fn, data, monitor or LLCMonitor(), output, device, split)
+    sink = _WandbSink(wandb_run, wandb_project, replayer.monitor.prefix) if wandb_run else None
     found = find_checkpoints(checkpoints) if isinstance(checkpoints, (str, Path)) else checkpoints
     try:
         replayer.run(list(found), sink, progress)
@@ -199,14 +237,11 @@ def watch(
     load: Loader,
     loss_fn: LossFn,
     data: Iterable[Any],
-    config: LLCConfig | None = None,
+    monitor: LLCMonitor | None = None,
     *,
     until: int | None = None,
     idle: float = 600.0,
     poll: float = 10.0,
-    restrictions: Restrictions | None = None,
-    curvature: Sequence[str] = (),
-    prefix: str = "llc",
     output: str | Path | None = None,
     wandb_run: str | None = None,
     wandb_project: str | None = None,
@@ -229,13 +264,10 @@ def watch(
         load: As in ``replay``.
         loss_fn: As in ``replay``.
         data: As in ``replay``.
-        config: As in ``replay``.
+        monitor: As in ``replay``.
         until: The last step to wait for; ``None``: read from transformers checkpoints.
         idle: Stop after this many seconds without a new checkpoint.
         poll: Seconds between looks at the folder.
-        restrictions: As in ``replay``.
-        curvature: As in ``replay``.
-        prefix: As in ``replay``.
         output: As in ``replay``.
         wandb_run: As in ``replay``.
         wandb_project: As in ``replay``.
@@ -259,10 +291,8 @@ def watch(
             "watch under torchrun needs split='chains' (every rank estimates every checkpoint"
             " as it appears); watch from one process to estimate checkpoints one by one"
         )
-    replayer = _Replayer(
-        load, loss_fn, data, config, restrictions, curvature, prefix, output, device, split
-    )
-    sink = _WandbSink(wandb_run, wandb_project, prefix) if wandb_run else None
+    replayer = _Replayer(load, loss_fn, data, monitor or LLCMonitor(), output, device, split)
+    sink = _WandbSink(wandb_run, wandb_project, replayer.monitor.prefix) if wandb_run else None
     sizes: dict[Path, int] = {}
     tries: dict[int, int] = {}
     last_new = time.monotonic()
@@ -295,25 +325,18 @@ class _Replayer:
         load: Loader,
         loss_fn: LossFn,
         data: Iterable[Any],
-        config: LLCConfig | None = None,
-        restrictions: Restrictions | None = None,
-        curvature: Sequence[str] = (),
-        prefix: str = "llc",
-        output: str | Path | None = None,
-        device: torch.device | str | None = None,
-        split: str = "checkpoints",
+        monitor: LLCMonitor,
+        output: str | Path | None,
+        device: torch.device | str | None,
+        split: str,
     ) -> None:
         check_choice("split", split, SPLITS)
+        if not isinstance(monitor, LLCMonitor):
+            raise ValueError(f"monitor must be an LLCMonitor, got {type(monitor).__name__}")
         self.rank, self.world = rank_and_world()
         self.split = split
-        self.monitor = LLCMonitor(
-            config,
-            prefix=prefix,
-            restrictions=restrictions,
-            curvature=curvature,
-            distributed=split == "chains" and self.world > 1,
-        )
-        self.prefix = prefix
+        self.monitor = monitor
+        monitor.distributed = split == "chains" and self.world > 1
         self.load, self.loss_fn, self.data, self.device = load, loss_fn, data, device
         self.output = _Output(Path(output)) if output is not None else None
         self.rows: list[dict[str, float]] = []
@@ -507,13 +530,18 @@ def _transformers(folder: Path) -> list[Checkpoint]:
 
 
 def _revisions(folder: Path) -> list[Checkpoint]:
+    """The revisions of a Hub-like folder; of the repository, in a Hub cache's folder."""
+    cached = HUB_CACHE_FOLDER.fullmatch(folder.name)
+    repo = cached.group(1).replace("--", "/") if cached else None
     found = []
     for ref in sorted((folder / "refs").rglob("*")):
         name = ref.relative_to(folder / "refs").as_posix()
         match = REVISION_STEP.fullmatch(ref.name)
         snapshot = folder / "snapshots" / ref.read_text().strip() if ref.is_file() else None
         if match and snapshot is not None and snapshot.is_dir():
-            found.append(Checkpoint(int(match.group(1)), snapshot, TRANSFORMERS, name))
+            cache_dir = folder.parent if repo else None
+            step = int(match.group(1))
+            found.append(Checkpoint(step, snapshot, TRANSFORMERS, name, repo, cache_dir))
     return found
 
 

@@ -8,6 +8,11 @@ import torch.nn.functional as F
 from models import Bowl, DropoutBatchNormNet, bowl_sharpness
 from torch.utils.data import DataLoader, TensorDataset
 
+from llc_callbacks import Restrictions
+
+# The Classifier's first and last layers.
+LAYERS = Restrictions(weights={"first": "net.net.0.*", "last": "net.net.4.*"})
+
 
 class Classifier(L.LightningModule):
     """Dropout and BatchNorm, a logged loss, and an SGD optimizer."""

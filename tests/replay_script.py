@@ -15,7 +15,7 @@ from hf_helpers import TokenData
 from ranks import leave
 from torch.utils.data import DataLoader
 
-from llc_callbacks import LLCConfig
+from llc_callbacks import LLCConfig, LLCMonitor
 from llc_callbacks.integrations.huggingface import model_loss, pretrained_loader
 from llc_callbacks.replay import replay
 
@@ -39,7 +39,7 @@ if __name__ == "__main__":
             pretrained_loader(),
             model_loss,
             token_loader(),
-            config,
+            LLCMonitor(config),
             output=out / f"{split}.json",
             split=split,
             progress=False,

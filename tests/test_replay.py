@@ -15,17 +15,21 @@ import pytest
 from hf_helpers import TokenData, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from lightning_helpers import Classifier, loader, trainer
+from lightning_helpers import LAYERS, Classifier, loader, trainer
 from replay_script import COLD, CONFIG, token_loader
 
+from llc_callbacks import LLCMonitor
 from llc_callbacks.cli import main
 from llc_callbacks.history import read_rows
 from llc_callbacks.integrations.huggingface import LLCTrainerCallback, model_loss, pretrained_loader
 from llc_callbacks.integrations.lightning import LLCCallback, checkpoint_loader, module_loss
-from llc_callbacks.replay import find_checkpoints, replay, watch
+from llc_callbacks.replay import find_checkpoints, hub_checkpoints, replay, watch
 
 EVERY = 4
 HERE = Path(__file__).parent
+# What the Lightning run adds to the full LLC, as the replay must.
+LIGHTNING_EXTRAS = {"restrictions": LAYERS, "curvature": ("hessian_trace",)}
+RESTRICTED = ("llc/first/mean", "llc/last/mean", "llc/curvature/hessian_trace")
 
 
 def logged(history: list[dict], key: str = "llc/mean") -> dict[int, float]:
@@ -57,7 +61,7 @@ def test_transformers_checkpoints_give_the_logged_estimates(transformers_run, tm
         pretrained_loader(),
         model_loss,
         token_loader(),
-        CONFIG,
+        LLCMonitor(CONFIG),
         output=tmp_path / "llc.json",
         progress=False,
     )
@@ -77,7 +81,7 @@ def lightning_run(tmp_path_factory):
     checkpoints = ModelCheckpoint(
         dirpath=folder / "checkpoints", every_n_train_steps=EVERY, save_top_k=-1
     )
-    callback = LLCCallback(CONFIG, every_n_steps=EVERY, dataloader=loader())
+    callback = LLCCallback(CONFIG, every_n_steps=EVERY, dataloader=loader(), **LIGHTNING_EXTRAS)
     run = trainer(
         folder,
         max_steps=3 * EVERY,
@@ -86,11 +90,12 @@ def lightning_run(tmp_path_factory):
         logger=CSVLogger(folder, name="", version=""),
     )
     run.fit(Classifier(), loader())
-    return folder, logged(read_rows(folder / "metrics.csv"))
+    rows = read_rows(folder / "metrics.csv")
+    return folder, logged(rows), {key: logged(rows, key) for key in RESTRICTED}
 
 
 def test_lightning_checkpoints_give_the_logged_estimates_into_a_csv(lightning_run, tmp_path):
-    folder, expected = lightning_run
+    folder, expected, extras = lightning_run
     assert sorted(expected) == [4, 8, 12]
     output = tmp_path / "metrics.csv"
     rows = replay(
@@ -98,35 +103,57 @@ def test_lightning_checkpoints_give_the_logged_estimates_into_a_csv(lightning_ru
         checkpoint_loader(Classifier),
         module_loss,
         loader(),
-        CONFIG,
+        LLCMonitor(CONFIG, **LIGHTNING_EXTRAS),
         output=output,
         progress=False,
     )
     assert [c.kind for c in find_checkpoints(folder)] == ["lightning"] * 3
     for step, value in expected.items():
         assert math.isclose(logged(rows)[step], value, rel_tol=1e-5), step
+    for key, values in extras.items():  # restricted LLCs and curvature, as logged
+        assert sorted(values) == [4, 8, 12], key
+        assert logged(rows, key) == pytest.approx(values, rel=1e-5), key
     # What llc-callbacks plot and stages read, as they read Lightning's metrics.csv.
     assert logged(read_rows(output)) == pytest.approx(logged(rows))
     assert main(["plot", str(output), "-o", str(tmp_path / "curve.png")]) == 0
     assert (tmp_path / "curve.png").stat().st_size > 0
 
 
-def test_a_hub_like_folder_of_revisions_is_replayed_in_step_order(transformers_run, tmp_path):
-    folder, expected = transformers_run
+def hub_cache(run, cache):
+    """A Hub cache holding the run's checkpoints as revisions ``step<N>`` of ``local/tiny``."""
+    repo = cache / "models--local--tiny"
     for step in (12, 4, 8):  # refs written out of order
         commit = f"{step:040x}"
-        shutil.copytree(folder / f"checkpoint-{step}", tmp_path / "snapshots" / commit)
-        (tmp_path / "refs").mkdir(exist_ok=True)
-        (tmp_path / "refs" / f"step{step}").write_text(commit + "\n")
-    (tmp_path / "refs" / "main").write_text(f"{12:040x}")  # not a step: left out
-    checkpoints = find_checkpoints(tmp_path)
-    assert [(c.step, c.revision) for c in checkpoints] == [
-        (4, "step4"),
-        (8, "step8"),
-        (12, "step12"),
+        shutil.copytree(run / f"checkpoint-{step}", repo / "snapshots" / commit)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / f"step{step}").write_text(commit)
+    (repo / "refs" / "main").write_text(f"{12:040x}")  # not a step: left out
+    return repo
+
+
+def test_hub_revisions_are_replayed_in_step_order_from_the_cache(transformers_run, tmp_path):
+    folder, expected = transformers_run
+    repo = hub_cache(folder, tmp_path)
+    checkpoints = find_checkpoints(repo)
+    assert [(c.step, c.revision, c.repo) for c in checkpoints] == [
+        (4, "step4", "local/tiny"),
+        (8, "step8", "local/tiny"),
+        (12, "step12", "local/tiny"),
     ]
-    rows = replay(tmp_path, pretrained_loader(), model_loss, token_loader(), CONFIG, progress=False)
+    assert hub_checkpoints("local/tiny", ["step12", "step4", "step8"], tmp_path)[0].step == 4
+    loaded = []
+
+    def load(checkpoint):
+        model = pretrained_loader()(checkpoint)
+        loaded.append(model.name_or_path)
+        return model
+
+    rows = replay(repo, load, model_loss, token_loader(), LLCMonitor(CONFIG), progress=False)
+    assert loaded == ["local/tiny"] * 3  # from_pretrained(repo, revision=...), not a path
+    # Each revision's own weights: the numbers logged at its step.
     assert logged(rows) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="revisions must name their step"):
+        hub_checkpoints("local/tiny", ["main"])
 
 
 def test_a_truncated_checkpoint_is_reported_and_skipped(transformers_run, tmp_path):
@@ -135,7 +162,14 @@ def test_a_truncated_checkpoint_is_reported_and_skipped(transformers_run, tmp_pa
     weights = copy / "checkpoint-8" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.warns(UserWarning, match=r"checkpoint-8 \(step 8\) is skipped"):
-        rows = replay(copy, pretrained_loader(), model_loss, token_loader(), CONFIG, progress=False)
+        rows = replay(
+            copy,
+            pretrained_loader(),
+            model_loss,
+            token_loader(),
+            LLCMonitor(CONFIG),
+            progress=False,
+        )
     assert sorted(logged(rows)) == [4, 12]  # a gap stays a gap
     assert logged(rows)[4] == pytest.approx(expected[4], rel=1e-5)
 
@@ -154,11 +188,13 @@ def test_a_restarted_replay_repeats_nothing(transformers_run, tmp_path):
         load,
         model_loss,
         token_loader(),
-        CONFIG,
+        LLCMonitor(CONFIG),
         output=output,
         progress=False,
     )
-    rows = replay(folder, load, model_loss, token_loader(), CONFIG, output=output, progress=False)
+    rows = replay(
+        folder, load, model_loss, token_loader(), LLCMonitor(CONFIG), output=output, progress=False
+    )
     assert loaded == [4, 8, 12]  # the second replay estimated step 12 only
     assert [row["step"] for row in rows] == [4, 8, 12]
     assert {s: v for s, v in logged(rows).items() if s < 12} == logged(first)
@@ -174,7 +210,7 @@ def test_replay_logs_into_a_wandb_run_on_the_trainers_step_axis(
         pretrained_loader(),
         model_loss,
         token_loader(),
-        CONFIG,
+        LLCMonitor(CONFIG),
         wandb_run="training-run",
         progress=False,
     )
@@ -194,18 +230,27 @@ def test_bad_output_is_refused_before_any_estimate(transformers_run, tmp_path):
             pretrained_loader(),
             model_loss,
             token_loader(),
-            CONFIG,
+            LLCMonitor(CONFIG),
             output=tmp_path / "llc.txt",
         )
     with pytest.raises(ValueError, match="split"):
-        replay(folder, pretrained_loader(), model_loss, token_loader(), CONFIG, split="ranks")
+        replay(
+            folder,
+            pretrained_loader(),
+            model_loss,
+            token_loader(),
+            LLCMonitor(CONFIG),
+            split="ranks",
+        )
     with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
-        replay(tmp_path, pretrained_loader(), model_loss, token_loader(), CONFIG)
+        replay(tmp_path, pretrained_loader(), model_loss, token_loader(), LLCMonitor(CONFIG))
 
 
 def test_each_estimate_follows_the_one_before(transformers_run):
     folder, expected = transformers_run
-    rows = replay(folder, pretrained_loader(), model_loss, token_loader(), COLD, progress=False)
+    rows = replay(
+        folder, pretrained_loader(), model_loss, token_loader(), LLCMonitor(COLD), progress=False
+    )
     # Cold chains give the first estimate (no estimate before it) but not the later ones:
     # the equality above holds because the replay warm-starts as the callback did.
     assert logged(rows)[4] == pytest.approx(expected[4], rel=1e-5)
@@ -233,7 +278,7 @@ def test_watch_follows_a_folder_that_training_writes_to_its_end(tmp_path):
             load,
             model_loss,
             token_loader(),
-            CONFIG,
+            LLCMonitor(CONFIG),
             poll=0.2,
             idle=120,
             output=tmp_path / "llc.csv",
@@ -244,14 +289,16 @@ def test_watch_follows_a_folder_that_training_writes_to_its_end(tmp_path):
     assert training.returncode == 0, errors[-3000:]
     assert [row["step"] for row in rows] == [4, 8, 12]  # stopped at max_steps
     assert alive[4]  # estimated while training went on
-    finished = replay(run, pretrained_loader(), model_loss, token_loader(), CONFIG, progress=False)
+    finished = replay(
+        run, pretrained_loader(), model_loss, token_loader(), LLCMonitor(CONFIG), progress=False
+    )
     assert logged(rows) == pytest.approx(logged(finished), rel=1e-6)
     again = watch(
         run,
         load,
         model_loss,
         token_loader(),
-        CONFIG,
+        LLCMonitor(CONFIG),
         poll=0.2,
         idle=1,
         output=tmp_path / "llc.csv",
@@ -269,7 +316,9 @@ def test_torchrun_shares_checkpoints_or_chains_among_ranks(transformers_run, tmp
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     shared = logged(json.loads((tmp_path / "checkpoints.json").read_text())["log_history"])
-    alone = replay(folder, pretrained_loader(), model_loss, token_loader(), COLD, progress=False)
+    alone = replay(
+        folder, pretrained_loader(), model_loss, token_loader(), LLCMonitor(COLD), progress=False
+    )
     assert shared == pytest.approx(logged(alone), rel=1e-5)
     chains = logged(json.loads((tmp_path / "chains.json").read_text())["log_history"])
     assert chains == pytest.approx(expected, rel=1e-5)  # as the callback logged, warm starts too
@@ -278,9 +327,11 @@ def test_torchrun_shares_checkpoints_or_chains_among_ranks(transformers_run, tmp
 SETUP = """
 from replay_script import CONFIG, token_loader
 
+from llc_callbacks import LLCMonitor
+
 
 def setup():
-    return {"data": token_loader(), "config": CONFIG}
+    return {"data": token_loader(), "monitor": LLCMonitor(CONFIG)}
 """
 
 
@@ -324,11 +375,14 @@ def test_the_replay_command_names_what_is_wrong(
 
 
 def test_lightning_checkpoints_need_the_module_class(lightning_run, tmp_path, capsys):
-    folder, expected = lightning_run
+    folder, expected, _ = lightning_run
     (tmp_path / "setup.py").write_text(
-        "from lightning_helpers import loader\n"
-        "from replay_script import CONFIG\n\n"
-        "def setup():\n    return {'data': loader(), 'config': CONFIG}\n"
+        "from lightning_helpers import LAYERS, loader\n"
+        "from replay_script import CONFIG\n"
+        "from llc_callbacks import LLCMonitor\n\n"
+        "def setup():\n"
+        "    monitor = LLCMonitor(CONFIG, restrictions=LAYERS, curvature=('hessian_trace',))\n"
+        "    return {'data': loader(), 'monitor': monitor}\n"
     )
     command = ["replay", str(folder / "checkpoints"), "--setup", f"{tmp_path}/setup.py:setup"]
     assert main([*command, "-o", str(tmp_path / "none.csv")]) == 2
@@ -337,3 +391,43 @@ def test_lightning_checkpoints_need_the_module_class(lightning_run, tmp_path, ca
     output = tmp_path / "llc.csv"
     assert main([*command, "--model-class", "lightning_helpers:Classifier", "-o", str(output)]) == 0
     assert logged(read_rows(output)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_console_script_replays_hub_revisions(transformers_run, tmp_path):
+    folder, expected = transformers_run
+    hub_cache(folder, tmp_path / "hub")
+    (tmp_path / "setup.py").write_text(SETUP)
+    output = tmp_path / "llc.csv"
+    command = [
+        str(Path(sys.executable).parent / "llc-callbacks"),
+        "replay",
+        "local/tiny",
+        "--revisions",
+        "step4",
+        "step8",
+    ]
+    command += ["step12", "--cache-dir", str(tmp_path / "hub"), "-o", str(output)]
+    command += ["--setup", f"{tmp_path / 'setup.py'}:setup"]
+    # Offline: from_pretrained(repo, revision=...) reads the cache without asking the Hub.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert logged(read_rows(output)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_truncated_lightning_checkpoint_is_reported_and_skipped(lightning_run, tmp_path):
+    folder, expected, _ = lightning_run
+    copy = shutil.copytree(folder / "checkpoints", tmp_path / "checkpoints")
+    (broken,) = copy.glob("*step=8.ckpt")
+    broken.write_bytes(broken.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match=r"step=8\.ckpt \(step 8\) is skipped"):
+        rows = replay(
+            copy,
+            checkpoint_loader(Classifier),
+            module_loss,
+            loader(),
+            LLCMonitor(CONFIG, **LIGHTNING_EXTRAS),
+            progress=False,
+        )
+    assert sorted(logged(rows)) == [4, 12]
+    assert logged(rows)[4] == pytest.approx(expected[4], rel=1e-5)
