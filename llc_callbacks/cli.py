@@ -11,14 +11,17 @@ import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from llc_callbacks.curvature import CURVATURES
+from llc_callbacks.distributed import rank_and_world
 from llc_callbacks.history import llc_prefix, loss_key, read_rows, series
 from llc_callbacks.keys import CURVATURE, metric_key
 from llc_callbacks.plotting import Curves, component_names, plot_components, plot_llc_curve
@@ -122,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         The exit status: 0 on success and after ``--help``, 2 on bad arguments or input
-        (with a message on stderr).
+        (with a message on stderr). Under torchrun, ``replay`` ends the process itself (exit
+        0) once every rank is done.
     """
     try:
         args = _parser().parse_args(argv)
@@ -133,8 +137,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_stages(args.run, args.restriction)
             return 0
         if args.command == "replay":
-            output = _replay(args)
-        elif args.components:
+            with _ranks_joined():
+                output = _replay(args)
+                if output is not None:  # rank 0 reports, under torchrun
+                    print(output)
+            return 0
+        if args.components:
             output = _plot_components(args.runs, args.output, args.loss)
         else:
             output = _plot(args.runs, args.output, args.loss, args.restrictions)
@@ -265,8 +273,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _replay(args: argparse.Namespace) -> Path:
-    """Run ``llc-callbacks replay``; the path of the curve it drew."""
+def _replay(args: argparse.Namespace) -> Path | None:
+    """Run ``llc-callbacks replay``; the path of the curve it drew.
+
+    Under torchrun only rank 0 draws; the other ranks return ``None``.
+    """
     setup = _entry_point(args.setup, "--setup")()
     if not isinstance(setup, Mapping) or "data" not in setup:
         raise ValueError(f"--setup {args.setup} must return a dict with 'data', got {setup!r}")
@@ -289,7 +300,7 @@ def _replay(args: argparse.Namespace) -> Path:
         "output": output,
         "wandb_run": args.wandb_run,
         "wandb_project": args.wandb_project,
-        "device": args.device,
+        "device": _join_ranks(args.device),
         "split": args.split,
     }
     monitor = setup.get("monitor")
@@ -307,10 +318,41 @@ def _replay(args: argparse.Namespace) -> Path:
         )
     else:
         replay(source, load, loss_fn, setup["data"], monitor, **options)
+    if rank_and_world()[0] != 0:
+        return None
     curve = output.with_suffix(".png")
     plot_llc_curve(*_curves(output, None, None, []), path=curve)
     print(output)
     return curve
+
+
+def _join_ranks(device: str | None) -> str | None:
+    """Under torchrun, join its process group (gloo, or NCCL with CUDA); the device to use.
+
+    Each rank takes its local GPU when ``--device`` names CUDA without an index, or none.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return device
+    cuda = torch.cuda.is_available() and (device is None or device == "cuda")
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else device
+
+
+@contextmanager
+def _ranks_joined() -> Iterator[None]:
+    """Leave the process group ``_join_ranks`` joined, if it did, once every rank is done.
+
+    The process then ends at once: tearing gloo's threads down at the interpreter's exit
+    sometimes aborts ("terminate called without an active exception") after a successful
+    run, with or without ``destroy_process_group``; everything is written by then.
+    """
+    joined = torch.distributed.is_initialized()
+    yield
+    if torch.distributed.is_initialized() and not joined:
+        torch.distributed.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _replay_source(args: argparse.Namespace) -> tuple[Path | list[Checkpoint], list, Path]:

@@ -577,7 +577,7 @@ class LLCMonitor:
         not compare) is not loaded: one warning names each field that differs, and the run
         starts a new history.
         """
-        changed = _changes(state.get("settings", {}), self.settings)
+        changed = changed_settings(state.get("settings", {}), self.settings)
         if changed:
             self.warn_once(
                 "stale_state",
@@ -675,7 +675,7 @@ def _settings(schedule: Schedule, config: LLCConfig) -> dict[str, Any]:
     return json.loads(json.dumps(fields))
 
 
-def _changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str:
+def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str:
     """Each field that differs, ``"name: saved -> current"``; empty if none (or none saved)."""
     if not saved:
         return ""

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from llc_callbacks.attribution import warn
 from llc_callbacks.distributed import rank_and_world
 from llc_callbacks.forked import LossFn
-from llc_callbacks.monitor import LLCMonitor
+from llc_callbacks.monitor import LLCMonitor, changed_settings
 from llc_callbacks.validation import check_choice, check_float, check_int
 
 TRANSFORMERS, LIGHTNING = "transformers", "lightning"
@@ -218,7 +218,8 @@ def replay(
         order: ``step`` and every metric.
 
     Raises:
-        ValueError: If ``output`` is neither ``.csv`` nor ``.json``, or ``split`` is unknown.
+        ValueError: If ``output`` is neither ``.csv`` nor ``.json``, holds estimates made with
+            other settings (config or schedule) than ``monitor``'s, or ``split`` is unknown.
         FileNotFoundError: If ``checkpoints`` is a folder holding none.
     """
     replayer = _Replayer(load, loss_fn, data, monitor or LLCMonitor(), output, device, split)
@@ -343,6 +344,12 @@ class _Replayer:
         if self.output is not None:
             self.rows = self.output.read()
             if (state := self.output.state()) is not None:
+                changed = changed_settings(state.get("settings", {}), monitor.settings)
+                if changed:
+                    raise ValueError(
+                        f"output {self.output.path} holds estimates made with other settings"
+                        f" ({changed}): pass those settings to continue it, or another output"
+                    )
                 self.monitor.load_state_dict(state)
         self.done = {int(row["step"]) for row in self.rows}
         self.started = False
@@ -410,7 +417,7 @@ class _Replayer:
         """Every rank's rows to every rank, recorded in step order (written by rank 0)."""
         gathered: list[list[tuple[str, dict[str, float]]]] = [[] for _ in range(self.world)]
         dist.all_gather_object(gathered, made)
-        self._record([made for part in gathered for made in part], sink)
+        self._record([item for part in gathered for item in part], sink)
 
     def _record(self, made: list[tuple[str, dict[str, float]]], sink: _WandbSink | None) -> None:
         """Keep new rows (kind, row); rank 0 writes them and logs them to W&B."""
@@ -515,7 +522,10 @@ def _max_steps(checkpoints: list[Checkpoint]) -> int | None:
     for checkpoint in reversed(checkpoints):
         state = checkpoint.path / COMPLETE_MARKER
         if checkpoint.kind == TRANSFORMERS and state.is_file():
-            return json.loads(state.read_text()).get("max_steps")
+            try:
+                return json.loads(state.read_text()).get("max_steps")
+            except json.JSONDecodeError:  # still being written: read at the next poll
+                return None
     return None
 
 

@@ -54,18 +54,19 @@ class SaveWeights(L.Callback):
 
 
 class SlowRankOne(L.Callback):
-    """Rank 1 spends 20 ms more per step outside training: the ranks' clocks differ."""
+    """Steps of 50 ms, 70 ms on rank 1: the ranks' clocks differ, and training time (at least
+    2 s over 40 steps) dwarfs an estimate's on a loaded machine, so that the budget holds
+    several estimates (one, when a slow first estimate filled it)."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_rank == 1:
-            time.sleep(0.02)
+        time.sleep(0.07 if trainer.global_rank == 1 else 0.05)
 
 
 if __name__ == "__main__":
     OUT, MODE = Path(sys.argv[1]), sys.argv[2]
     L.seed_everything(0, verbose=False)
     budget = MODE == "budget"
-    schedule = {"max_overhead": 0.3} if budget else {"steps": STEPS}
+    schedule = {"max_overhead": 0.5} if budget else {"steps": STEPS}
     config = replace(CONFIG, chains_in_flight=1) if MODE == "one_in_flight" else CONFIG
     callback = LLCCallback(
         config,

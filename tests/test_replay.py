@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -199,6 +200,9 @@ def test_a_restarted_replay_repeats_nothing(transformers_run, tmp_path):
     assert [row["step"] for row in rows] == [4, 8, 12]
     assert {s: v for s, v in logged(rows).items() if s < 12} == logged(first)
     assert [row["step"] for row in read_rows(output)] == [4, 8, 12]
+    other = LLCMonitor(dataclasses.replace(CONFIG, num_chains=3))
+    with pytest.raises(ValueError, match=r"other settings \(config.num_chains: 2 in the check"):
+        replay(folder, load, model_loss, token_loader(), other, output=output)
 
 
 def test_replay_logs_into_a_wandb_run_on_the_trainers_step_axis(
@@ -310,10 +314,10 @@ def test_watch_follows_a_folder_that_training_writes_to_its_end(tmp_path):
 @pytest.mark.slow
 def test_torchrun_shares_checkpoints_or_chains_among_ranks(transformers_run, tmp_path):
     folder, expected = transformers_run
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node=2", str(HERE / "replay_script.py"), str(folder), str(tmp_path)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    script = [str(HERE / "replay_script.py"), str(folder), str(tmp_path)]
+    done = subprocess.run(torchrun + script, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     shared = logged(json.loads((tmp_path / "checkpoints.json").read_text())["log_history"])
     alone = replay(
@@ -322,10 +326,18 @@ def test_torchrun_shares_checkpoints_or_chains_among_ranks(transformers_run, tmp
     assert shared == pytest.approx(logged(alone), rel=1e-5)
     chains = logged(json.loads((tmp_path / "chains.json").read_text())["log_history"])
     assert chains == pytest.approx(expected, rel=1e-5)  # as the callback logged, warm starts too
+    # The console script joins torchrun's process group itself; rank 0 writes and reports.
+    (tmp_path / "setup.py").write_text(SETUP.replace("LLCMonitor(CONFIG)", "LLCMonitor(COLD)"))
+    command = ["-m", "llc_callbacks.cli", "replay", str(folder), "-o", str(tmp_path / "cli.csv")]
+    command += ["--setup", f"{tmp_path / 'setup.py'}:setup"]
+    done = subprocess.run(torchrun + command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [str(tmp_path / "cli.csv"), str(tmp_path / "cli.png")]
+    assert logged(read_rows(tmp_path / "cli.csv")) == pytest.approx(logged(alone), rel=1e-5)
 
 
 SETUP = """
-from replay_script import CONFIG, token_loader
+from replay_script import COLD, CONFIG, token_loader
 
 from llc_callbacks import LLCMonitor
 
@@ -431,3 +443,21 @@ def test_a_truncated_lightning_checkpoint_is_reported_and_skipped(lightning_run,
         )
     assert sorted(logged(rows)) == [4, 12]
     assert logged(rows)[4] == pytest.approx(expected[4], rel=1e-5)
+
+
+def test_a_lightning_replay_logs_on_lightnings_step_axis(lightning_run, wandb_dir, wandb_rows):
+    folder, expected, _ = lightning_run
+    replay(
+        folder / "checkpoints",
+        checkpoint_loader(Classifier),
+        module_loss,
+        loader(),
+        LLCMonitor(CONFIG, **LIGHTNING_EXTRAS),
+        wandb_run="lightning-run",
+        progress=False,
+    )
+    (run_dir,) = (wandb_dir / "wandb").glob("offline-run-*-lightning-run")
+    rows = [row for row in wandb_rows(run_dir) if "llc/mean" in row]
+    assert [row["trainer/global_step"] for row in rows] == [4, 8, 12]
+    assert [row["llc/mean"] for row in rows] == pytest.approx([expected[s] for s in (4, 8, 12)])
+    assert all("llc/first/mean" in row for row in rows)
