@@ -113,6 +113,11 @@ examples:
       --setup my_setup.py:setup"""
 # What a --setup function may return, beside "data".
 SETUP_KEYS = ("data", "loss_fn", "monitor", "load")
+# Why Lightning checkpoints cannot load without being told their module's class.
+NEEDS_MODULE_CLASS = (
+    "Lightning checkpoints need --model-class MODULE:CLASS (the LightningModule that was"
+    " trained), or 'load' in what --setup returns"
+)
 # The default output, in the replayed folder.
 REPLAY_CSV = "llc_replay.csv"
 
@@ -289,10 +294,7 @@ def _replay(args: argparse.Namespace) -> Path | None:
     model_class = _entry_point(args.model_class, "--model-class") if args.model_class else None
     source, present, folder = _replay_source(args)
     if "load" not in setup and model_class is None and any(c.kind == LIGHTNING for c in present):
-        raise ValueError(
-            "Lightning checkpoints need --model-class MODULE:CLASS (the LightningModule that"
-            " was trained), or 'load' in what --setup returns"
-        )
+        raise ValueError(NEEDS_MODULE_CLASS)
     load = setup.get("load") or partial(_load, model_class)
     loss_fn = setup.get("loss_fn") or _loss
     output = args.output or folder / REPLAY_CSV
@@ -373,10 +375,7 @@ def _load(model_class: type | None, checkpoint: Checkpoint) -> nn.Module:
         from llc_callbacks.integrations.lightning import checkpoint_loader
 
         if model_class is None:
-            raise ValueError(
-                "Lightning checkpoints need --model-class MODULE:CLASS (the LightningModule"
-                " that was trained), or 'load' in what --setup returns"
-            )
+            raise ValueError(NEEDS_MODULE_CLASS)
         return checkpoint_loader(model_class)(checkpoint)
     from llc_callbacks.integrations.huggingface import pretrained_loader
 

@@ -27,7 +27,8 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +41,7 @@ from tqdm.auto import tqdm
 from llc_callbacks.attribution import warn
 from llc_callbacks.distributed import rank_and_world
 from llc_callbacks.forked import LossFn
+from llc_callbacks.history import read_rows
 from llc_callbacks.monitor import LLCMonitor, changed_settings
 from llc_callbacks.validation import check_choice, check_float, check_int
 
@@ -222,14 +224,12 @@ def replay(
             other settings (config or schedule) than ``monitor``'s, or ``split`` is unknown.
         FileNotFoundError: If ``checkpoints`` is a folder holding none.
     """
-    replayer = _Replayer(load, loss_fn, data, monitor or LLCMonitor(), output, device, split)
-    sink = _WandbSink(wandb_run, wandb_project, replayer.monitor.prefix) if wandb_run else None
+    replayer = _Replayer(
+        load, loss_fn, data, monitor or LLCMonitor(), output, device, split, progress
+    )
     found = find_checkpoints(checkpoints) if isinstance(checkpoints, (str, Path)) else checkpoints
-    try:
-        replayer.run(list(found), sink, progress)
-    finally:
-        if sink is not None:
-            sink.finish()
+    with replayer.logging_to(wandb_run, wandb_project):
+        replayer.run(list(found))
     return replayer.rows
 
 
@@ -292,16 +292,17 @@ def watch(
             "watch under torchrun needs split='chains' (every rank estimates every checkpoint"
             " as it appears); watch from one process to estimate checkpoints one by one"
         )
-    replayer = _Replayer(load, loss_fn, data, monitor or LLCMonitor(), output, device, split)
-    sink = _WandbSink(wandb_run, wandb_project, replayer.monitor.prefix) if wandb_run else None
+    replayer = _Replayer(
+        load, loss_fn, data, monitor or LLCMonitor(), output, device, split, progress
+    )
     sizes: dict[Path, int] = {}
     tries: dict[int, int] = {}
     last_new = time.monotonic()
-    try:
+    with replayer.logging_to(wandb_run, wandb_project):
         while True:
             ready = [c for c in _listed(folder) if _complete(c, sizes)]
             before = len(replayer.done)
-            for checkpoint in replayer.run(ready, sink, progress, report=False):
+            for checkpoint in replayer.run(ready, report=False):
                 tries[checkpoint.step] = tries.get(checkpoint.step, 0) + 1
                 if tries[checkpoint.step] >= LOAD_TRIES:
                     replayer.skip(checkpoint, f"it failed to load {LOAD_TRIES} times")
@@ -312,9 +313,6 @@ def watch(
             if finished or time.monotonic() - last_new > idle:
                 break
             time.sleep(poll)
-    finally:
-        if sink is not None:
-            sink.finish()
     return replayer.rows
 
 
@@ -330,6 +328,7 @@ class _Replayer:
         output: str | Path | None,
         device: torch.device | str | None,
         split: str,
+        progress: bool,
     ) -> None:
         check_choice("split", split, SPLITS)
         if not isinstance(monitor, LLCMonitor):
@@ -339,6 +338,8 @@ class _Replayer:
         self.monitor = monitor
         monitor.distributed = split == "chains" and self.world > 1
         self.load, self.loss_fn, self.data, self.device = load, loss_fn, data, device
+        self.progress = progress
+        self.sink: _WandbSink | None = None
         self.output = _Output(Path(output)) if output is not None else None
         self.rows: list[dict[str, float]] = []
         if self.output is not None:
@@ -351,18 +352,28 @@ class _Replayer:
                         f" ({changed}): pass those settings to continue it, or another output"
                     )
                 self.monitor.load_state_dict(state)
-        self.done = {int(row["step"]) for row in self.rows}
         self.started = False
         self.skipped: set[int] = set()
 
-    def run(
-        self,
-        checkpoints: list[Checkpoint],
-        sink: _WandbSink | None,
-        progress: bool,
-        *,
-        report: bool = True,
-    ) -> list[Checkpoint]:
+    @property
+    def done(self) -> set[int]:
+        """The steps estimated so far, by this replay or an earlier one in the output."""
+        return {int(row["step"]) for row in self.rows}
+
+    @contextmanager
+    def logging_to(self, run_id: str | None, project: str | None) -> Iterator[None]:
+        """Log the rows recorded meanwhile into the W&B run ``run_id`` too, if given."""
+        if run_id is None:
+            yield
+            return
+        self.sink = _WandbSink(run_id, project, self.monitor.prefix)
+        try:
+            yield
+        finally:
+            self.sink.finish()
+            self.sink = None
+
+    def run(self, checkpoints: list[Checkpoint], *, report: bool = True) -> list[Checkpoint]:
         """Estimate at each checkpoint not done yet; return those that failed to load.
 
         With ``report``, one that fails to load is reported and skipped for good.
@@ -370,7 +381,8 @@ class _Replayer:
         todo = [c for c in checkpoints if c.step not in self.done | self.skipped]
         mine = self._share(todo)
         failed, made = [], []
-        bar = tqdm(mine, desc="llc replay", unit="checkpoint", disable=not progress or self.rank)
+        disable = not self.progress or self.rank > 0
+        bar = tqdm(mine, desc="llc replay", unit="checkpoint", disable=disable)
         for checkpoint in bar:
             try:
                 model = self.load(checkpoint)
@@ -389,11 +401,11 @@ class _Replayer:
             )
             made.append((checkpoint.kind, dict(self.monitor.history[-1])))
             if self.split == "chains" or self.world == 1:
-                self._record(made, sink)
+                self._record(made)
                 made = []
             del model
         if self.split == "checkpoints" and self.world > 1:
-            self._gather(made, sink)
+            self._gather(made)
         return failed
 
     def skip(self, checkpoint: Checkpoint, why: str) -> None:
@@ -413,25 +425,24 @@ class _Replayer:
         per_rank = math.ceil(len(todo) / self.world)
         return todo[self.rank * per_rank : (self.rank + 1) * per_rank]
 
-    def _gather(self, made: list[tuple[str, dict[str, float]]], sink: _WandbSink | None) -> None:
+    def _gather(self, made: list[tuple[str, dict[str, float]]]) -> None:
         """Every rank's rows to every rank, recorded in step order (written by rank 0)."""
         gathered: list[list[tuple[str, dict[str, float]]]] = [[] for _ in range(self.world)]
         dist.all_gather_object(gathered, made)
-        self._record([item for part in gathered for item in part], sink)
+        self._record([item for part in gathered for item in part])
 
-    def _record(self, made: list[tuple[str, dict[str, float]]], sink: _WandbSink | None) -> None:
+    def _record(self, made: list[tuple[str, dict[str, float]]]) -> None:
         """Keep new rows (kind, row); rank 0 writes them and logs them to W&B."""
         made = sorted(made, key=lambda kind_row: kind_row[1]["step"])
         self.rows = sorted([*self.rows, *(row for _, row in made)], key=lambda r: r["step"])
-        self.done |= {int(row["step"]) for _, row in made}
         if self.rank != 0:
             return
         if self.output is not None:
             self.output.write(self.rows, self.monitor.state_dict())
-        if sink is not None:
+        if self.sink is not None:
             for kind, row in made:
                 logged = self.monitor.logged({k: v for k, v in row.items() if k != "step"})
-                sink.log(logged, int(row["step"]), kind)
+                self.sink.log(logged, int(row["step"]), kind)
 
 
 class _Output:
@@ -444,16 +455,7 @@ class _Output:
         self.state_path = path.with_name(path.name + ".state.json")
 
     def read(self) -> list[dict[str, float]]:
-        if not self.path.is_file():
-            return []
-        if self.path.suffix == ".json":
-            rows = json.loads(self.path.read_text())["log_history"]
-        else:
-            with open(self.path, newline="") as file:
-                rows = [
-                    {k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(file)
-                ]
-        return [{**row, "step": int(row["step"])} for row in rows]
+        return read_rows(self.path) if self.path.is_file() else []
 
     def state(self) -> dict[str, Any] | None:
         return json.loads(self.state_path.read_text()) if self.state_path.is_file() else None

@@ -37,6 +37,33 @@ def logged(history: list[dict], key: str = "llc/mean") -> dict[int, float]:
     return {row["step"]: row[key] for row in history if key in row}
 
 
+def classifier(source, **options):
+    """``replay`` of the Lightning classifier's checkpoints with the callback's settings."""
+    monitor = LLCMonitor(CONFIG, **LIGHTNING_EXTRAS)
+    return replay(
+        source,
+        checkpoint_loader(Classifier),
+        module_loss,
+        loader(),
+        monitor,
+        progress=False,
+        **options,
+    )
+
+
+def gpt2(source, *, follow=replay, config=CONFIG, load=None, **options):
+    """``replay`` (or ``watch``) of the tiny GPT-2's checkpoints with the callback's settings."""
+    load = load or pretrained_loader()
+    return follow(
+        source,
+        load,
+        model_loss,
+        token_loader(),
+        LLCMonitor(config),
+        **{"progress": False, **options},
+    )
+
+
 @pytest.fixture(scope="module")
 def transformers_run(tmp_path_factory):
     """A Trainer run that saves a checkpoint at every estimate, and what the callback logged."""
@@ -57,15 +84,7 @@ def test_transformers_checkpoints_give_the_logged_estimates(transformers_run, tm
     assert sorted(expected) == [4, 8, 12]
     checkpoints = find_checkpoints(folder)
     assert [c.step for c in checkpoints] == [4, 8, 12]
-    rows = replay(
-        folder,
-        pretrained_loader(),
-        model_loss,
-        token_loader(),
-        LLCMonitor(CONFIG),
-        output=tmp_path / "llc.json",
-        progress=False,
-    )
+    rows = gpt2(folder, output=tmp_path / "llc.json")
     replayed = logged(rows)
     assert replayed.keys() == expected.keys()
     for step, value in expected.items():
@@ -99,15 +118,7 @@ def test_lightning_checkpoints_give_the_logged_estimates_into_a_csv(lightning_ru
     folder, expected, extras = lightning_run
     assert sorted(expected) == [4, 8, 12]
     output = tmp_path / "metrics.csv"
-    rows = replay(
-        folder / "checkpoints",
-        checkpoint_loader(Classifier),
-        module_loss,
-        loader(),
-        LLCMonitor(CONFIG, **LIGHTNING_EXTRAS),
-        output=output,
-        progress=False,
-    )
+    rows = classifier(folder / "checkpoints", output=output)
     assert [c.kind for c in find_checkpoints(folder)] == ["lightning"] * 3
     for step, value in expected.items():
         assert math.isclose(logged(rows)[step], value, rel_tol=1e-5), step
@@ -149,7 +160,7 @@ def test_hub_revisions_are_replayed_in_step_order_from_the_cache(transformers_ru
         loaded.append(model.name_or_path)
         return model
 
-    rows = replay(repo, load, model_loss, token_loader(), LLCMonitor(CONFIG), progress=False)
+    rows = gpt2(repo, load=load)
     assert loaded == ["local/tiny"] * 3  # from_pretrained(repo, revision=...), not a path
     # Each revision's own weights: the numbers logged at its step.
     assert logged(rows) == pytest.approx(expected, rel=1e-5)
@@ -163,14 +174,7 @@ def test_a_truncated_checkpoint_is_reported_and_skipped(transformers_run, tmp_pa
     weights = copy / "checkpoint-8" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.warns(UserWarning, match=r"checkpoint-8 \(step 8\) is skipped"):
-        rows = replay(
-            copy,
-            pretrained_loader(),
-            model_loss,
-            token_loader(),
-            LLCMonitor(CONFIG),
-            progress=False,
-        )
+        rows = gpt2(copy)
     assert sorted(logged(rows)) == [4, 12]  # a gap stays a gap
     assert logged(rows)[4] == pytest.approx(expected[4], rel=1e-5)
 
@@ -184,18 +188,8 @@ def test_a_restarted_replay_repeats_nothing(transformers_run, tmp_path):
         return pretrained_loader()(checkpoint)
 
     output = tmp_path / "llc.csv"
-    first = replay(
-        find_checkpoints(folder)[:2],
-        load,
-        model_loss,
-        token_loader(),
-        LLCMonitor(CONFIG),
-        output=output,
-        progress=False,
-    )
-    rows = replay(
-        folder, load, model_loss, token_loader(), LLCMonitor(CONFIG), output=output, progress=False
-    )
+    first = gpt2(find_checkpoints(folder)[:2], load=load, output=output)
+    rows = gpt2(folder, load=load, output=output)
     assert loaded == [4, 8, 12]  # the second replay estimated step 12 only
     assert [row["step"] for row in rows] == [4, 8, 12]
     assert {s: v for s, v in logged(rows).items() if s < 12} == logged(first)
@@ -209,15 +203,7 @@ def test_replay_logs_into_a_wandb_run_on_the_trainers_step_axis(
     transformers_run, wandb_dir, wandb_rows
 ):
     folder, expected = transformers_run
-    replay(
-        folder,
-        pretrained_loader(),
-        model_loss,
-        token_loader(),
-        LLCMonitor(CONFIG),
-        wandb_run="training-run",
-        progress=False,
-    )
+    gpt2(folder, wandb_run="training-run")
     (run_dir,) = (wandb_dir / "wandb").glob("offline-run-*-training-run")
     rows = [row for row in wandb_rows(run_dir) if "train/llc/mean" in row]
     assert [row["train/global_step"] for row in rows] == [4, 8, 12]
@@ -229,32 +215,16 @@ def test_replay_logs_into_a_wandb_run_on_the_trainers_step_axis(
 def test_bad_output_is_refused_before_any_estimate(transformers_run, tmp_path):
     folder, _ = transformers_run
     with pytest.raises(ValueError, match=r"output must be a \.csv or \.json file"):
-        replay(
-            folder,
-            pretrained_loader(),
-            model_loss,
-            token_loader(),
-            LLCMonitor(CONFIG),
-            output=tmp_path / "llc.txt",
-        )
+        gpt2(folder, output=tmp_path / "llc.txt")
     with pytest.raises(ValueError, match="split"):
-        replay(
-            folder,
-            pretrained_loader(),
-            model_loss,
-            token_loader(),
-            LLCMonitor(CONFIG),
-            split="ranks",
-        )
+        gpt2(folder, split="ranks")
     with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
-        replay(tmp_path, pretrained_loader(), model_loss, token_loader(), LLCMonitor(CONFIG))
+        gpt2(tmp_path)
 
 
 def test_each_estimate_follows_the_one_before(transformers_run):
     folder, expected = transformers_run
-    rows = replay(
-        folder, pretrained_loader(), model_loss, token_loader(), LLCMonitor(COLD), progress=False
-    )
+    rows = gpt2(folder, config=COLD)
     # Cold chains give the first estimate (no estimate before it) but not the later ones:
     # the equality above holds because the replay warm-starts as the callback did.
     assert logged(rows)[4] == pytest.approx(expected[4], rel=1e-5)
@@ -277,37 +247,15 @@ def test_watch_follows_a_folder_that_training_writes_to_its_end(tmp_path):
         return pretrained_loader()(checkpoint)
 
     try:
-        rows = watch(
-            run,
-            load,
-            model_loss,
-            token_loader(),
-            LLCMonitor(CONFIG),
-            poll=0.2,
-            idle=120,
-            output=tmp_path / "llc.csv",
-            progress=False,
-        )
+        rows = gpt2(run, follow=watch, load=load, poll=0.2, idle=120, output=tmp_path / "llc.csv")
     finally:
         _, errors = training.communicate(timeout=300)
     assert training.returncode == 0, errors[-3000:]
     assert [row["step"] for row in rows] == [4, 8, 12]  # stopped at max_steps
     assert alive[4]  # estimated while training went on
-    finished = replay(
-        run, pretrained_loader(), model_loss, token_loader(), LLCMonitor(CONFIG), progress=False
-    )
+    finished = gpt2(run)
     assert logged(rows) == pytest.approx(logged(finished), rel=1e-6)
-    again = watch(
-        run,
-        load,
-        model_loss,
-        token_loader(),
-        LLCMonitor(CONFIG),
-        poll=0.2,
-        idle=1,
-        output=tmp_path / "llc.csv",
-        progress=False,
-    )
+    again = gpt2(run, follow=watch, load=load, poll=0.2, idle=1, output=tmp_path / "llc.csv")
     assert len(alive) == 3 and [row["step"] for row in again] == [4, 8, 12]  # nothing repeated
 
 
@@ -320,9 +268,7 @@ def test_torchrun_shares_checkpoints_or_chains_among_ranks(transformers_run, tmp
     done = subprocess.run(torchrun + script, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     shared = logged(json.loads((tmp_path / "checkpoints.json").read_text())["log_history"])
-    alone = replay(
-        folder, pretrained_loader(), model_loss, token_loader(), LLCMonitor(COLD), progress=False
-    )
+    alone = gpt2(folder, config=COLD)
     assert shared == pytest.approx(logged(alone), rel=1e-5)
     chains = logged(json.loads((tmp_path / "chains.json").read_text())["log_history"])
     assert chains == pytest.approx(expected, rel=1e-5)  # as the callback logged, warm starts too
@@ -433,29 +379,14 @@ def test_a_truncated_lightning_checkpoint_is_reported_and_skipped(lightning_run,
     (broken,) = copy.glob("*step=8.ckpt")
     broken.write_bytes(broken.read_bytes()[:1000])
     with pytest.warns(UserWarning, match=r"step=8\.ckpt \(step 8\) is skipped"):
-        rows = replay(
-            copy,
-            checkpoint_loader(Classifier),
-            module_loss,
-            loader(),
-            LLCMonitor(CONFIG, **LIGHTNING_EXTRAS),
-            progress=False,
-        )
+        rows = classifier(copy)
     assert sorted(logged(rows)) == [4, 12]
     assert logged(rows)[4] == pytest.approx(expected[4], rel=1e-5)
 
 
 def test_a_lightning_replay_logs_on_lightnings_step_axis(lightning_run, wandb_dir, wandb_rows):
     folder, expected, _ = lightning_run
-    replay(
-        folder / "checkpoints",
-        checkpoint_loader(Classifier),
-        module_loss,
-        loader(),
-        LLCMonitor(CONFIG, **LIGHTNING_EXTRAS),
-        wandb_run="lightning-run",
-        progress=False,
-    )
+    classifier(folder / "checkpoints", wandb_run="lightning-run")
     (run_dir,) = (wandb_dir / "wandb").glob("offline-run-*-lightning-run")
     rows = [row for row in wandb_rows(run_dir) if "llc/mean" in row]
     assert [row["trainer/global_step"] for row in rows] == [4, 8, 12]
