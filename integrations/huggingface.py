@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -25,10 +26,12 @@ from transformers import (
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.dynamics import EssentialDynamics
 from llc_callbacks.forked import LossFn
-from llc_callbacks.integrations import common
+from llc_callbacks.integrations import common, trl_trainers
 from llc_callbacks.observables import Probe
 from llc_callbacks.replay import Checkpoint, Loader
 from llc_callbacks.restrictions import Restrictions
+
+logger = logging.getLogger(__name__)
 
 
 class LLCTrainerCallback(TrainerCallback):
@@ -158,6 +161,8 @@ class LLCTrainerCallback(TrainerCallback):
         # The monitor's state travels in TrainerState.stateful_callbacks under this key.
         self.state_key = common.state_key("LLCTrainerCallback", self.monitor.prefix)
         self._data: Iterable[Any] | None = None
+        self._objective: trl_trainers.Objective | None = None
+        self._started = False
 
     def on_init_end(
         self,
@@ -191,10 +196,15 @@ class LLCTrainerCallback(TrainerCallback):
                 " Trainer(callbacks=[...]) or trainer.add_callback(...)"
             )
         common.refuse_same_prefix(self, self.trainer.callback_handler.callbacks)
+        with self.monitor.checking("choosing the LLC estimates' loss"):
+            own = self.loss_fn is None
+            self._objective = trl_trainers.objective(self.trainer) if own else None
         saved = state.stateful_callbacks or {}
         common.warn_if_state_is_stale(self.monitor, "LLCTrainerCallback", self.state_key, saved)
         if self.state_key in saved:
             common.load_callback_state(self.monitor, self.dynamics, saved[self.state_key])
+            if self._objective is not None:
+                self._objective.load_state_dict(saved[self.state_key].get("objective", {}))
         if self.monitor.schedule.log_spaced:
             self.monitor.set_total_steps(state.max_steps)
         if self.dynamics is not None:
@@ -203,14 +213,9 @@ class LLCTrainerCallback(TrainerCallback):
         if size is not None:
             self.monitor.set_dataset_size(size)
         with self.monitor.checking("choosing the LLC estimates' data"):
-            own = self.dataloader is None
-            self._data = _own_loader(train_dataloader, args) if own else self.dataloader
-        if self.monitor.enabled:
-            with _chains_ready(model):
-                metrics = self.monitor.start(
-                    model, self._loss_fn(), self._data, device=next(model.parameters()).device
-                )
-            self._log(control, metrics)
+            self._data = self._chains_data(train_dataloader, args)
+        self._started = False
+        self._maybe_start(control, model)
         self._maybe_estimate(args, state, control, model)
         self._maybe_record(state, model)
 
@@ -223,6 +228,9 @@ class LLCTrainerCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         """Estimate and record the essential dynamics after an optimizer step, where due."""
+        if self._objective is not None and self._objective.observe(self.trainer):
+            self._save_state(state)
+            self._maybe_start(control, model)
         self._maybe_estimate(args, state, control, model)
         self._maybe_record(state, model)
 
@@ -244,6 +252,34 @@ class LLCTrainerCallback(TrainerCallback):
             folder = Path(args.output_dir) if state.is_world_process_zero else None
             common.finish_dynamics(self.monitor, self.dynamics, sinks, folder, state.global_step)
 
+    def _chains_data(
+        self, train_dataloader: DataLoader | None, args: TrainingArguments
+    ) -> Iterable[Any]:
+        """The chains' batches: the given loader, else the objective's, else the callback's own."""
+        own = partial(_own_loader, train_dataloader, args)
+        if self._objective is None:
+            return self.dataloader if self.dataloader is not None else own()
+        if not self._objective.ready() and self.monitor.schedule.at_start:
+            raise ValueError(
+                f"at_start=True: {self._objective.note}, so there is nothing to estimate on"
+                " before it: drop at_start"
+            )
+        return self._objective.data(self.dataloader, own)
+
+    def _maybe_start(self, control: TrainerControl, model: nn.Module) -> None:
+        """The check before the first estimate, once its data exist; say what the chains sample."""
+        if self._started or (self._objective is not None and not self._objective.ready()):
+            return
+        self._started = True
+        if self._objective is not None and self.trainer.is_world_process_zero():
+            logger.info("llc_callbacks: %s", self._objective.note)
+        if self.monitor.enabled:
+            with _chains_ready(model):
+                metrics = self.monitor.start(
+                    model, self._loss_fn(), self._data, device=next(model.parameters()).device
+                )
+            self._log(control, metrics)
+
     def _maybe_estimate(
         self,
         args: TrainingArguments,
@@ -253,7 +289,7 @@ class LLCTrainerCallback(TrainerCallback):
         final: bool = False,
     ) -> None:
         step = state.global_step
-        if not self.monitor.is_due(step, final=final):
+        if not self._started or not self.monitor.is_due(step, final=final):
             return
         with _chains_ready(model):
             metrics = self.monitor.estimate(
@@ -285,21 +321,25 @@ class LLCTrainerCallback(TrainerCallback):
     def _save_state(self, state: TrainerState) -> None:
         """Put the callback's state where the Trainer saves it with every checkpoint."""
         with self.monitor.reporting("saving the LLC state"):
-            state.stateful_callbacks[self.state_key] = common.callback_state(
-                self.monitor, self.dynamics
-            )
+            saved = common.callback_state(self.monitor, self.dynamics)
+            if self._objective is not None:
+                saved["objective"] = self._objective.state_dict()
+            state.stateful_callbacks[self.state_key] = saved
 
     def _loss_fn(self) -> LossFn:
-        return self.loss_fn or self._trainer_loss
+        if self.loss_fn is not None:
+            return self.loss_fn
+        return self._trainer_loss if self._objective is None else self._objective.loss_fn
 
     def _log(self, control: TrainerControl, metrics: dict[str, float]) -> None:
         if not metrics:
             return
         # Trainer.log resets control.should_log: without this, the loss due at this very step
-        # would not be logged.
+        # would not be logged. transformers' own Trainer.log, not a subclass's: TRL's merges
+        # its buffered training metrics into whatever is logged next, and clears them.
         should_log = control.should_log
         with self.monitor.reporting("logging the LLC metrics"):
-            self.trainer.log(dict(metrics))
+            Trainer.log(self.trainer, dict(metrics))
         control.should_log = should_log
 
     def _image_sinks(self, args: TrainingArguments, state: TrainerState) -> list[common.Sink]:

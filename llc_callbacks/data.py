@@ -91,6 +91,20 @@ def example(batch: Any, index: int) -> Any:
     return map_tensors(batch, lambda t: t[index : index + 1] if t.dim() > 0 else t)
 
 
+def sampling_size(loss_fn: Callable[..., Any], batch: Any) -> int:
+    """What ``nbeta="batch"`` counts in a minibatch: the examples its loss averages over.
+
+    ``loss_fn.count_examples(batch)`` where the loss defines it (a preference loss averages
+    over pairs, two rows each), else ``batch_size(batch)``.
+
+    Raises:
+        ValueError: If the loss defines no count and the batch holds no tensor with a
+            leading dimension.
+    """
+    count = getattr(loss_fn, "count_examples", None)
+    return int(count(batch)) if callable(count) else batch_size(batch)
+
+
 def batch_size(batch: Any) -> int:
     """The number of examples in a batch: the leading size of its first tensor.
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from llc_callbacks.chains import ChainGroup, ChainStart, ChainTraces, ProbeBatches, run_chains
 from llc_callbacks.config import LLCConfig
-from llc_callbacks.data import batch_size, cycle_batches, to_device
+from llc_callbacks.data import batch_size, cycle_batches, sampling_size, to_device
 from llc_callbacks.diagnostics import chain_diagnostics
 from llc_callbacks.distributed import (
     broadcast_from_rank_zero,
@@ -84,7 +84,10 @@ def estimate_llc(
 
     Args:
         model: The model at the weights ``w*`` to estimate at.
-        loss_fn: ``loss_fn(model, batch) -> scalar tensor``, the mean minibatch loss.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``, the mean minibatch loss. A loss
+            that averages over something else than the batch's rows (preference pairs)
+            says how many with a method ``count_examples(batch) -> int``, which
+            ``nbeta="batch"`` counts.
         data: Re-iterable of batches (a DataLoader), cycled when it runs out.
         config: Sampling hyperparameters.
         device: Where chains run; defaults to the device of the model's first parameter.
@@ -471,7 +474,7 @@ def _sample(
     """Measure ``L(w*)`` on the pass's data and run the given chains of the pass."""
     batches = cycle_batches(sampling_pass.data, forked.anchor.device, forked.precision)
     first = next(batches)
-    nbeta = config.resolve_nbeta(batch_size(first))
+    nbeta = config.resolve_nbeta(sampling_size(forked.loss_fn, first))
     init_batches = [first] + [next(batches) for _ in range(config.init_loss_batches - 1)]
     init_loss = torch.stack([forked.loss_at_anchor(b) for b in init_batches]).mean().item()
     groups, order = _groups(forked, sampling_pass, chains, config.num_chains, starts)

@@ -190,6 +190,11 @@ class ForkedModel:
         self.vectorized: bool | None = None if vectorize == "auto" else bool(vectorize)
         self._model_name = type(model).__name__
 
+    @property
+    def loss_fn(self) -> LossFn:
+        """The loss the chains sample: ``loss_fn(model, batch) -> scalar tensor``."""
+        return self._wrapper.loss_fn
+
     def restricted_to(self, names: Collection[str]) -> tuple[ForkedModel, Tensor]:
         """A fork that samples only ``names``; the other parameters stay constant at ``w*``.
 

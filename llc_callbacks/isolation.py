@@ -10,9 +10,11 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from llc_callbacks.attribution import Site, reattributed
+
+# The qualified name of the forward hook ``PreTrainedModel.enable_input_require_grads`` adds.
+INPUT_GRADS_HOOK = "PreTrainedModel.enable_input_require_grads.<locals>.make_inputs_require_grads"
 
 
 @contextmanager
@@ -89,27 +91,25 @@ def warnings_once(
 def input_require_grads_suspended(model: nn.Module) -> Iterator[None]:
     """Take transformers' input-require-grads hooks out of the model inside the block.
 
-    ``enable_input_require_grads`` (called by the Trainer's gradient checkpointing, and by
-    PEFT) hooks the input embeddings to call ``output.requires_grad_(True)``, which
-    ``torch.func.vmap`` rejects, so chains would fall back to a loop. Chains need no input
-    gradients, and they run in eval mode, where no layer checkpoints. The handles are
-    found as transformers keeps them (``_require_grads_hooks``, ``_require_grads_hook``),
-    on any submodule; on exit each hooks dict is put back exactly as it was.
+    ``enable_input_require_grads`` (called by the Trainer's gradient checkpointing, by TRL's
+    trainers and by PEFT) hooks the input embeddings to call ``output.requires_grad_(True)``,
+    which ``torch.func.vmap`` rejects, so chains would fall back to a loop. Chains need no
+    input gradients, and they run in eval mode, where no layer checkpoints. The hooks are
+    found by their function (``INPUT_GRADS_HOOK``) on every submodule, since a second call
+    of ``enable_input_require_grads`` adds hooks again and keeps only the new handles; on
+    exit each hooks dict is put back exactly as it was.
 
     Args:
         model: The live model.
     """
-    handles: dict[int, RemovableHandle] = {}
-    for module in model.modules():
-        found = list(getattr(module, "_require_grads_hooks", None) or ())
-        found.append(getattr(module, "_require_grads_hook", None))
-        handles.update((id(h), h) for h in found if isinstance(h, RemovableHandle))
     saved = []
-    for handle in handles.values():
-        hooks = handle.hooks_dict_ref()
-        if hooks is not None and handle.id in hooks:
+    for module in model.modules():
+        hooks = module._forward_hooks
+        found = [k for k, h in hooks.items() if getattr(h, "__qualname__", "") == INPUT_GRADS_HOOK]
+        if found:
             saved.append((hooks, list(hooks.items())))
-            del hooks[handle.id]
+            for key in found:
+                del hooks[key]
     try:
         yield
     finally:

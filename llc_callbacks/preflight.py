@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from llc_callbacks.config import LLCConfig
-from llc_callbacks.data import batch_size, cycle_batches
+from llc_callbacks.data import cycle_batches, sampling_size
 from llc_callbacks.distributed import on_every_rank, rank_and_world
 from llc_callbacks.estimator import check_inputs, fork, model_device, sampling
 from llc_callbacks.forked import ForkedModel, LossFn
@@ -114,7 +114,7 @@ def preflight(
 def _first_loss(forked: ForkedModel, data: Iterable[Any], config: LLCConfig, what: str) -> None:
     try:
         first = next(cycle_batches(data, forked.anchor.device, forked.precision))
-        config.resolve_nbeta(batch_size(first))
+        config.resolve_nbeta(sampling_size(forked.loss_fn, first))
         forked.loss_at_anchor(first)
     except ValueError as error:
         raise ValueError(f"{what}: {error}") from error

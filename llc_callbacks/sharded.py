@@ -38,7 +38,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from llc_callbacks.chains import ChainGroup, ChainStart, ChainTraces, run_chains
 from llc_callbacks.config import LLCConfig
-from llc_callbacks.data import batch_size, cycle_batches
+from llc_callbacks.data import cycle_batches, sampling_size
 from llc_callbacks.forked import LossFn
 from llc_callbacks.samplers import PIECE
 
@@ -113,7 +113,7 @@ def check_first_loss(
     with _live_weights_restored(model, shards), _checked_forward(model, check):
         batches = cycle_batches(data, shards[0].local.device, torch.float32)
         first = check.guard(lambda: next(batches))
-        check.guard(lambda: config.resolve_nbeta(batch_size(first)))
+        check.guard(lambda: config.resolve_nbeta(sampling_size(loss_fn, first)))
         with torch.no_grad():
             _loss(model, loss_fn, first, check)
     return total
@@ -161,7 +161,7 @@ def sample_sharded(
         chains = ShardedChains(model, loss_fn, shards, anchor, total, check)
         batches = _guarded(cycle_batches(data, device, torch.float32), check)
         first = next(batches)
-        nbeta = config.resolve_nbeta(batch_size(first))
+        nbeta = config.resolve_nbeta(sampling_size(loss_fn, first))
         init = [first] + [next(batches) for _ in range(config.init_loss_batches - 1)]
         init_loss = float(np.mean([chains.loss_at_anchor(b).item() for b in init]))
         ids = range(config.num_chains)

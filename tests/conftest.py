@@ -1,20 +1,17 @@
 """Shared fixtures: one thread for torch, W&B offline in a temporary folder, the examples."""
 
-import importlib.util
 import os
-from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
 import wandb
+from example_modules import load_example
 
 from llc_callbacks.integrations.wandb import history_rows, offline_run_dir
 
 torch.set_num_threads(1)
-
-EXAMPLES = Path(__file__).parents[1] / "examples"
 
 
 @pytest.fixture
@@ -51,14 +48,7 @@ def wandb_rows(wandb_dir):
 @pytest.fixture
 def example():
     """Import an example script from ``examples/`` by its file name, without ``sys.path``."""
-
-    def load(name: str):
-        spec = importlib.util.spec_from_file_location(f"examples.{name}", EXAMPLES / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-    return load
+    return load_example
 
 
 def pytest_terminal_summary(terminalreporter, config) -> None:

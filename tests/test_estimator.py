@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hf_helpers import TokenData, tiny_gpt2
 from models import (
     DropoutBatchNormNet,
     ShuffledBatches,
@@ -74,39 +75,34 @@ def test_auto_falls_back_to_sequential_chains_saying_why_once_per_run():
         estimate_llc(model, cross_entropy, data, short(vectorize=True))
 
 
-class Embedded(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(8, 4)
-        self.linear = nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.embedding(x))
-
-
 def test_input_require_grads_hooks_are_out_while_chains_run_and_back_after():
-    torch.manual_seed(0)
-    model = Embedded()
-    data = [(torch.randint(0, 8, (16,)), torch.randint(0, 3, (16,))) for _ in range(4)]
-    plain = estimate_llc(model, cross_entropy, data, short())
-    # As transformers' enable_input_require_grads (gradient checkpointing, PEFT) does it;
-    # vmap refuses requires_grad_ inside.
-    handle = model.embedding.register_forward_hook(lambda m, i, out: out.requires_grad_(True))
-    model._require_grads_hooks, model._require_grads_hook = [handle], handle
-    other = model.embedding.register_forward_hook(lambda m, i, out: None)
-    hooks = list(model.embedding._forward_hooks.items())
-    hooked = estimate_llc(model, cross_entropy, data, short())
+    model = tiny_gpt2()
+    data = [batch for batch in DataLoader(TokenData(32), batch_size=8)]
+    plain = estimate_llc(model, gpt2_loss, data, short())
+    # Trainer and TRL both call enable_input_require_grads (gradient checkpointing, PEFT): the
+    # second call adds a second hook and keeps the new handle only. vmap refuses
+    # requires_grad_ inside.
+    model.enable_input_require_grads()
+    model.enable_input_require_grads()
+    other = model.get_input_embeddings().register_forward_hook(lambda m, i, out: None)
+    hooks = list(model.get_input_embeddings()._forward_hooks.items())
+    assert len(hooks) == 3
+    hooked = estimate_llc(model, gpt2_loss, data, short())
     assert hooked.vectorized
     np.testing.assert_array_equal(hooked.loss_trace, plain.loss_trace)
-    assert list(model.embedding._forward_hooks.items()) == hooks  # same hooks, same order
+    assert list(model.get_input_embeddings()._forward_hooks.items()) == hooks  # same, in order
 
     def failing(model, batch):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
         estimate_llc(model, failing, data, short())
-    assert list(model.embedding._forward_hooks.items()) == hooks
+    assert list(model.get_input_embeddings()._forward_hooks.items()) == hooks
     other.remove()
+
+
+def gpt2_loss(model, batch):
+    return model(**batch).loss
 
 
 def snapshot(model: nn.Module) -> dict:

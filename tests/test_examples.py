@@ -1,5 +1,6 @@
 """Every example and the demo run, on small settings."""
 
+import json
 import math
 
 import pytest
@@ -60,6 +61,18 @@ def test_lightning_mlp(tmp_path, example):
 def test_transformers_gpt2(tmp_path, example):
     rows = example("transformers_gpt2").main(steps=20, every=10, out=tmp_path, llc=TINY)
     assert [row["step"] for row in rows] == [10, 20]
+
+
+def test_finetuning_follows_the_llc_through_pretraining_sft_and_dpo(tmp_path, example):
+    rows = example("finetuning").main(steps=(4, 2, 2), every=2, out=tmp_path, config=TINY)
+    # Each phase estimates at its start and every 2 steps, on one step axis.
+    expected = [("pretraining", 0), ("pretraining", 2), ("pretraining", 4), ("SFT", 4)]
+    expected += [("SFT", 6), ("DPO", 6), ("DPO", 8)]
+    assert [(row["phase"], row["step"]) for row in rows] == expected
+    heads = [f"llc/layer{i}.head{j}/mean" for i in range(2) for j in range(2)]
+    assert all(math.isfinite(row[key]) for row in rows for key in ["llc/mean", *heads])
+    assert json.loads((tmp_path / "llc.json").read_text()) == rows
+    assert png_size(tmp_path / "finetuning.png")[0] > 0
 
 
 def test_manual_loop(example):
