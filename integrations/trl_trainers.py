@@ -21,6 +21,7 @@ from transformers import Trainer
 from typing_extensions import override
 
 from llc_callbacks.data import to_device
+from llc_callbacks.distributed import rank_and_world
 from llc_callbacks.forked import LossFn
 
 # The columns of GRPO's generation buffer the completion loss reads.
@@ -299,7 +300,8 @@ class CompletionObjective(Objective):
     well the model fits anything; its data are generated on-policy and replaced every few
     steps. The chains sample instead the mean NLL, at the trainer's sampling temperature, of
     the completion tokens of the trainer's first generation, kept for the whole run (and in
-    its checkpoints), so that every estimate of a run measures one loss.
+    its checkpoints), so that every estimate of a run measures one loss. Under ``torchrun``
+    every rank keeps rank zero's.
     """
 
     note = (
@@ -326,10 +328,15 @@ class CompletionObjective(Objective):
         generated = getattr(trainer, "_buffered_inputs", None)
         if self.buffer is not None or not generated:
             return False
-        self.buffer = {
+        buffer = {
             column: torch.cat([part[column].detach().cpu() for part in generated])
             for column in COMPLETION_COLUMNS
         }
+        if rank_and_world()[1] > 1:  # every rank's chains read rank zero's completions
+            shared = [buffer]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            buffer = shared[0]
+        self.buffer = buffer
         return True
 
     @override

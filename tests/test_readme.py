@@ -16,6 +16,7 @@ from hf_helpers import TokenData, tiny_gpt2
 from lightning_helpers import Classifier, loader
 from models import DropoutBatchNormNet, cross_entropy
 from torch.utils.data import DataLoader
+from trl_helpers import preferences, tiny_lm, tokenizer
 
 from llc_callbacks import LLCConfig, calibrate, estimate_llc
 
@@ -48,6 +49,10 @@ def stand_ins() -> dict:
         "loader": DataLoader(dataset, batch_size=64, shuffle=True),
         "code_loader": DataLoader(TokenData(samples=128), batch_size=16),
         "prose_loader": DataLoader(TokenData(samples=96), batch_size=16),
+        "tokenizer": tokenizer(),
+        "policy": tiny_lm(tokenizer()),
+        "reference": tiny_lm(tokenizer()),
+        "pairs": preferences(),
     }
 
 
