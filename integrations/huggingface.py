@@ -43,7 +43,8 @@ class LLCTrainerCallback(TrainerCallback):
 
     or ``trainer.add_callback(LLCTrainerCallback(...))``. The callback finds the Trainer
     that runs it when the Trainer is built (``on_init_end``) or when training starts, and
-    uses its loss, data and logging. Metrics go through ``trainer.log``, so
+    uses its loss, data and logging. Metrics go through transformers' ``Trainer.log`` (not
+    a subclass's override, such as TRL's, which would merge its buffered metrics), so
     ``state.log_history`` and every ``report_to`` integration get them at
     ``state.global_step`` (W&B shows ``train/llc/mean`` on the ``train/global_step`` axis,
     next to ``train/loss``), and the loss log of the same step is kept. Each estimate logs
@@ -64,10 +65,13 @@ class LLCTrainerCallback(TrainerCallback):
         at_end: Also estimate when training ends.
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``; by default
             ``trainer.compute_loss`` (labels, label smoothing, ``compute_loss_func`` and
-            subclass overrides included). Either way it gets its own copy of the batch dict.
+            subclass overrides included), and inside TRL's ``SFTTrainer``, ``DPOTrainer``
+            and ``GRPOTrainer`` a loss of the same meaning that runs batched over chains
+            (``trl_trainers.objective``). Either way it gets its own copy of the batch dict.
         dataloader: Where batches come from; by default a loader over the Trainer's training
             set, owned by the callback (same dataset, per-device batch size and collator,
-            shuffled, no workers, not split across processes).
+            shuffled, no workers, not split across processes); in a ``GRPOTrainer``, the
+            completions of its first generation.
         prefix: First part of every metric key (``"llc"``, ``"probe/llc"``); two LLC
             callbacks of one Trainer need different ones.
         on_error: What a failure during training does, be it an estimate, a figure or a log

@@ -2,8 +2,13 @@
 
 import copy
 import dataclasses
+import json
 import logging
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,7 +54,7 @@ def llc_rows(trainer) -> list[dict]:
     return [row for row in trainer.state.log_history if "llc/mean" in row]
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo", "grpo"])
+@pytest.mark.parametrize("kind", TRAINERS)
 def test_the_llc_is_logged_on_schedule_and_training_is_untouched(
     tmp_path, kind, wandb_dir, wandb_rows, caplog
 ):
@@ -222,3 +227,20 @@ def test_a_resumed_run_continues_its_llc_history_exactly(tmp_path, kind):
     if kind == "grpo":  # the kept completions came back from the checkpoint
         for column, kept in full_callback._objective.buffer.items():
             assert torch.equal(callback._objective.buffer[column], kept), column
+
+
+@pytest.mark.slow
+def test_grpo_under_torchrun_keeps_rank_zeros_completions_on_every_rank(tmp_path):
+    here = Path(__file__).parent
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node=2", str(here / "trl_torchrun_script.py"), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(here)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in (0, 1)]
+    assert all(record["world_size"] == 2 for record in records)
+    # Each rank generated for its own prompts; both sample rank zero's completions.
+    assert records[0]["kept"] == records[1]["kept"]
+    assert records[0]["history"] == records[1]["history"]
+    assert [row["step"] for row in records[0]["history"]] == [2, 4]
+    assert all(record["vectorized"] for record in records)

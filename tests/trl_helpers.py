@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from datasets import Dataset
 from example_modules import load_example
+from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
 # Times and speeds in the logs, which differ between two runs of the same training.
@@ -122,7 +123,18 @@ def grpo_trainer(tmp_path, callbacks=(), **changes) -> GRPOTrainer:
     )
 
 
-TRAINERS = {"sft": sft_trainer, "dpo": dpo_trainer, "grpo": grpo_trainer}
+def lora_dpo_trainer(tmp_path, callbacks=(), **changes) -> DPOTrainer:
+    """DPO of a LoRA adapter: the reference is the model with the adapter disabled."""
+    lora = LoraConfig(r=4, target_modules=["c_attn"])
+    return dpo_trainer(tmp_path, callbacks, peft_config=lora, **changes)
+
+
+TRAINERS = {
+    "sft": sft_trainer,
+    "dpo": dpo_trainer,
+    "lora_dpo": lora_dpo_trainer,
+    "grpo": grpo_trainer,
+}
 
 
 def training_rows(trainer) -> list[dict]:
