@@ -70,8 +70,9 @@ class TokenData(Dataset):
         return {"input_ids": ids, "labels": ids}
 
 
-def arguments(tmp_path, **changes) -> TrainingArguments:
-    options = {
+def options(tmp_path) -> dict:
+    """The tests' ``TrainingArguments`` (TRL's configs extend them) as keywords."""
+    return {
         "output_dir": str(tmp_path),
         "use_cpu": True,
         "max_steps": 12,
@@ -84,7 +85,10 @@ def arguments(tmp_path, **changes) -> TrainingArguments:
         "seed": 0,
         "dataloader_num_workers": 0,
     }
-    return TrainingArguments(**{**options, **changes})
+
+
+def arguments(tmp_path, **changes) -> TrainingArguments:
+    return TrainingArguments(**{**options(tmp_path), **changes})
 
 
 def make_trainer(tmp_path, model=None, data=None, compute_loss_func=None, **changes) -> Trainer:

@@ -15,13 +15,18 @@ pytestmark = pytest.mark.slow  # make test-fast skips it
 HERE = Path(__file__).parent
 
 
-def test_torchrun_splits_chains_and_logs_once_per_scheduled_step(tmp_path):
+def two_ranks(script: str, out: Path) -> list[dict]:
+    """Run ``tests/<script>`` under torchrun with 2 processes; each rank's JSON record."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node=2", str(HERE / "torchrun_script.py"), str(tmp_path)]
+    command += ["--nproc_per_node=2", str(HERE / script), str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    records = [json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((out / f"rank_{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_torchrun_splits_chains_and_logs_once_per_scheduled_step(tmp_path):
+    records = two_ranks("torchrun_script.py", tmp_path)
     assert all(record["world_size"] == 2 for record in records)
     # Rank 0 ran chains 0 and 2, rank 1 chain 1; all were gathered on every rank.
     assert [record["loss_calls"] for record in records] == [

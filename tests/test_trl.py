@@ -2,13 +2,8 @@
 
 import copy
 import dataclasses
-import json
 import logging
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +12,7 @@ import wandb
 from compare import assert_same_history
 from models import TINY
 from peft import LoraConfig
+from test_torchrun import two_ranks
 from transformers import TrainerCallback
 from trl_helpers import TRAINERS, dpo_trainer, grpo_trainer, sft_trainer, training_rows
 
@@ -231,13 +227,7 @@ def test_a_resumed_run_continues_its_llc_history_exactly(tmp_path, kind):
 
 @pytest.mark.slow
 def test_grpo_under_torchrun_keeps_rank_zeros_completions_on_every_rank(tmp_path):
-    here = Path(__file__).parent
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node=2", str(here / "trl_torchrun_script.py"), str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(here)}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    records = [json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in (0, 1)]
+    records = two_ranks("trl_torchrun_script.py", tmp_path)
     assert all(record["world_size"] == 2 for record in records)
     # Each rank generated for its own prompts; both sample rank zero's completions.
     assert records[0]["kept"] == records[1]["kept"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from datasets import Dataset
 from example_modules import load_example
+from hf_helpers import options
 from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
@@ -63,18 +64,7 @@ def alphabet_reward(prompts: list[str], completions: list[str], **kwargs) -> lis
 
 
 def common_args(tmp_path, **changes) -> dict:
-    return {
-        "output_dir": str(tmp_path),
-        "use_cpu": True,
-        "max_steps": 6,
-        "learning_rate": 1e-3,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": "none",
-        "disable_tqdm": True,
-        "seed": 0,
-        **changes,
-    }
+    return {**options(tmp_path), "max_steps": 6, **changes}
 
 
 def sft_trainer(tmp_path, callbacks=(), **changes) -> SFTTrainer:
