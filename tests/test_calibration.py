@@ -25,14 +25,16 @@ SWEEP = LLCConfig(num_burnin=500, num_draws=1000, localization=0.3)
 GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
 
 
-@pytest.fixture(scope="module")
+# The problems' batches reshuffle from their own generator on every pass, so a test gets its
+# own copy: shared data would make a test's numbers depend on the tests that ran before it.
+@pytest.fixture
 def rrr():
     return rrr_problem(*RRR)
 
 
 @pytest.fixture(scope="module")
-def calibration(rrr):
-    model, data = rrr
+def calibration():
+    model, data = rrr_problem(*RRR)
     return calibrate(model, mse_loss, data, SWEEP, step_sizes=GRID)
 
 
@@ -86,14 +88,17 @@ def test_a_burn_in_of_a_few_steps_is_flagged_as_under_mixed(rrr, calibration):
     assert result.diagnostics["climb"] > 0.1 > abs(healthy.diagnostics["climb"])
 
 
-@pytest.fixture(scope="module")
+DLN = ([6, 5, 5, 4, 6], 1)  # λ = 10.5
+
+
+@pytest.fixture
 def dln():
-    return dln_problem([6, 5, 5, 4, 6], 1)  # λ = 10.5
+    return dln_problem(*DLN)
 
 
 @pytest.fixture(scope="module")
-def dln_default(dln):
-    model, data = dln
+def dln_default():
+    model, data = dln_problem(*DLN)
     return estimate_llc(model, gaussian_nll, data)
 
 

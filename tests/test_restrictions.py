@@ -34,7 +34,7 @@ CONFIG = LLCConfig(num_chains=4, num_burnin=1000, num_draws=2000, step_size=2e-3
 SHORT = LLCConfig(num_chains=3, num_burnin=20, num_draws=30, step_size=1e-3, localization=10.0)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # Its batches reshuffle on every pass: each test gets a fresh copy.
 def problem():
     return linear_plus_rrr_problem()
 
