@@ -6,6 +6,11 @@ A training step is forward, backward and an optimizer step on one batch. A chain
 measured inside ``estimate_llc`` as the difference between two estimates that differ only in
 their number of draws, divided by the extra chain steps, so that setup and the initial loss
 cancel. All batches come from memory, so data loading costs nothing on either side.
+
+Beside the times, counts that do not drift with the machine's load, from the same two
+estimates: the operators one step of all the chains dispatches (``OperatorCount``: a proxy
+for CUDA launches), and the host reads per step (``HostReads``: each one a synchronisation
+on CUDA), which come only with the checks every ``CHECK_EVERY`` steps.
 """
 
 import argparse
@@ -15,6 +20,7 @@ from mlp import BATCH_SIZE, loss_fn, make_data, trained_model
 from timing import best_of
 
 from llc_callbacks import LLCConfig, estimate_llc
+from llc_callbacks.counting import HostReads, OperatorCount
 
 
 def training_step_s(batch, optimizer_name: str, steps: int, repeats: int) -> float:
@@ -33,23 +39,39 @@ def training_step_s(batch, optimizer_name: str, steps: int, repeats: int) -> flo
     return best_of(repeats, run) / steps
 
 
+SHORT, LONG = 50, 250
+
+
+def estimate(model, batches, chains: int, paired: bool, vectorize, draws: int):
+    config = LLCConfig(
+        num_chains=chains,
+        num_burnin=0,
+        num_draws=draws,
+        paired=paired,
+        vectorize=vectorize,
+        mala=False,  # the step itself; the MALA check adds a gradient on every tenth draw
+    )
+    return lambda: estimate_llc(model, loss_fn, batches, config, warn=False)
+
+
 def chain_step_s(model, batches, chains: int, paired: bool, vectorize, repeats: int) -> float:
-    short, long = 50, 250
-
     def run(draws: int):
-        config = LLCConfig(
-            num_chains=chains,
-            num_burnin=0,
-            num_draws=draws,
-            paired=paired,
-            vectorize=vectorize,
-            mala=False,  # the step itself; the MALA check adds a gradient on every tenth draw
-        )
-        return lambda: estimate_llc(model, loss_fn, batches, config, warn=False)
+        return estimate(model, batches, chains, paired, vectorize, draws)
 
-    run(short)()
-    extra = best_of(repeats, run(long)) - best_of(repeats, run(short))
-    return extra / ((long - short) * chains)
+    run(SHORT)()
+    extra = best_of(repeats, run(LONG)) - best_of(repeats, run(SHORT))
+    return extra / ((LONG - SHORT) * chains)
+
+
+def counts_per_step(model, batches, chains: int, paired: bool, vectorize) -> tuple[float, float]:
+    """Operators and host reads per step of all the chains: two estimates' difference."""
+    found = []
+    for draws in (SHORT, LONG):
+        with OperatorCount() as operators, HostReads() as reads:
+            estimate(model, batches, chains, paired, vectorize, draws)()
+        found.append((sum(operators.counts.values()), len(reads.reads)))
+    steps = LONG - SHORT
+    return (found[1][0] - found[0][0]) / steps, (found[1][1] - found[0][1]) / steps
 
 
 def main() -> None:
@@ -68,15 +90,21 @@ def main() -> None:
     train = {name: training_step_s(batches[0], name, 200, args.repeats) for name in ("sgd", "adam")}
     for name, seconds in train.items():
         print(f"training step ({name}): {seconds * 1e3:.3f} ms")
-    header = ("chains", "vectorize", "paired", "ms/chain step", "/ sgd step", "/ adam step")
-    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (6, 9, 6, 14, 10, 11), strict=True)))
+    header = (
+        "chains", "vectorize", "paired", "ms/chain step", "/ sgd step", "/ adam step",
+        "operators/step", "reads/step",
+    )  # fmt: skip
+    widths = (6, 9, 6, 14, 10, 11, 15, 11)
+    print(" ".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True)))
     for chains in (1, 4, 8, 16):
         for vectorize in ("auto", False):
             for paired in (True, False):
                 seconds = chain_step_s(model, batches, chains, paired, vectorize, args.repeats)
+                operators, reads = counts_per_step(model, batches, chains, paired, vectorize)
                 print(
                     f"{chains:>6} {vectorize!s:>9} {paired!s:>6} {seconds * 1e3:>14.3f}"
                     f" {seconds / train['sgd']:>10.2f} {seconds / train['adam']:>11.2f}"
+                    f" {operators:>15.1f} {reads:>11.3f}"
                 )
 
 

@@ -200,6 +200,7 @@ class LLCTrainerCallback(TrainerCallback):
                 " Trainer(callbacks=[...]) or trainer.add_callback(...)"
             )
         common.refuse_same_prefix(self, self.trainer.callback_handler.callbacks)
+        self.monitor.follow_precision("bfloat16" if args.bf16 else "float16" if args.fp16 else None)
         with self.monitor.checking("choosing the LLC estimates' loss"):
             own = self.loss_fn is None
             self._objective = trl_trainers.objective(self.trainer) if own else None
@@ -398,7 +399,11 @@ def _log_table(prefix: str, name: str, columns: list[str], rows: list[list], ste
 
 @contextmanager
 def _chains_ready(model: nn.Module) -> Iterator[None]:
-    """While chains run, undo accelerate's autocast wrapper of ``model.forward``, if any."""
+    """While chains run, undo accelerate's autocast wrapper of ``model.forward``, if any.
+
+    The chains run their own autocast (``LLCConfig.autocast``, the Trainer's by default)
+    around the loss and its gradient.
+    """
     original = model.__dict__.get("_original_forward")
     patched = model.__dict__.get("forward")
     if original is None or patched is None:

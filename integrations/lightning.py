@@ -33,6 +33,9 @@ from llc_callbacks.observables import Probe
 from llc_callbacks.replay import Checkpoint, Loader
 from llc_callbacks.restrictions import Restrictions
 
+# Lightning's mixed precisions, and the autocast dtype each trains its forward passes in.
+MIXED_PRECISION = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}
+
 
 class LLCCallback(Callback):
     """Estimate the LLC of the LightningModule on a schedule and log it to every logger.
@@ -177,6 +180,7 @@ class LLCCallback(Callback):
                 " the optimizer itself, so it cannot serve as the loss."
             )
         common.refuse_same_prefix(self, trainer.callbacks)
+        self.monitor.follow_precision(MIXED_PRECISION.get(str(trainer.precision)))
 
     @override
     def on_load_checkpoint(

@@ -134,10 +134,13 @@ class StepSizes:
 
     @property
     def searching(self) -> bool:
-        """Whether any chain is still searching (a host read, while one is)."""
+        """Whether a chain may still be searching, as of the last ``refresh`` (no host read)."""
+        return self._any_searching
+
+    def refresh(self) -> None:
+        """Learn whether any chain still searches (a host read, while one may)."""
         if self._any_searching:
             self._any_searching = bool(self._searching.any())
-        return self._any_searching
 
     def freeze(self, rows: Tensor) -> None:
         """Fix the step sizes of ``rows`` (a boolean mask) at their refining iterates' mean."""

@@ -58,6 +58,9 @@ MALA_EVERY = 10
 ADAPT_EVERY = 2
 INITIAL_STEP_SIZE = 1e-4
 ADAPT_STEPS = 400
+# A model of up to PIECE / 2 weights draws each chain's noise for up to this many steps at
+# once (``_Noise``).
+NOISE_AHEAD = 32
 # chains_in_flight="auto" on CUDA fills at most this share of the free memory with chains.
 AUTO_MEMORY_SHARE = 0.8
 
@@ -192,6 +195,17 @@ class _Running:
         if self.state.square_avg is not None:
             self.state.square_avg[row].zero_()
 
+    def restart_ended(self, ended: Tensor) -> None:
+        """Put the chains whose step-size search just ended back at ``w*``, on the device.
+
+        A searching chain is a cold one, started at ``w*`` (``_Phases._restart`` restarts
+        from there too), so no host read is needed to know where it goes.
+        """
+        keep = ~ended[:, None]
+        torch.where(keep, self.state.weights, self.forked.anchor, out=self.state.weights)
+        if self.state.square_avg is not None:
+            self.state.square_avg.mul_(keep)
+
     def end(self, row: int, step_size: float) -> ChainStart:
         """Where chain ``row`` ended, on the CPU, to start a later estimate from."""
         offset = self.state.weights[row] - self.forked.anchor
@@ -207,15 +221,44 @@ class _Running:
 class _Noise:
     """Adds each chain's standard normal noise, from its own generator, in place (``AddNoise``).
 
-    The noise is drawn in pieces of at most ``PIECE`` weights, so it depends only on the
-    chain's generator and the number of weights it moves; outside a chain's mask it is zero.
+    A chain's noise depends only on its generator and the number ``dim`` of weights it
+    moves: a model of up to ``PIECE / 2`` weights draws ``steps_ahead(dim)`` steps of it at
+    once, so that its chains' noise costs one operator per step however many chains are in
+    flight, plus one draw per chain every so many steps; a larger model draws every step in
+    pieces of at most ``PIECE`` weights, one chain after another. Outside a chain's mask the
+    noise is zero.
+
+    Memory: the draws ahead hold at most ``PIECE`` numbers per chain (16 MB in float32).
     """
 
     def __init__(self, generators: list[torch.Generator], movable: Tensor | None) -> None:
         self.generators = generators
         self.movable = movable
+        self._ahead: Tensor | None = None  # (chains, steps ahead, dim)
+        self._step = 0
 
     def __call__(self, weights: Tensor, scale: Tensor, factor: Tensor | None) -> None:
+        ahead = steps_ahead(weights.shape[1])
+        if ahead == 1:
+            self._in_pieces(weights, scale, factor)
+            return
+        if self._ahead is None:
+            self._ahead = weights.new_empty((len(weights), ahead, weights.shape[1]))
+        at = self._step % ahead
+        if at == 0:
+            for row, generator in enumerate(self.generators):
+                torch.randn(self._ahead.shape[1:], generator=generator, out=self._ahead[row])
+        self._step += 1
+        xi = self._ahead[:, at]
+        if self.movable is not None:
+            xi.mul_(self.movable)
+        xi.mul_(scale.to(xi.dtype)[:, None])
+        if factor is None:
+            weights.add_(xi)
+        else:
+            weights.addcmul_(factor, xi)
+
+    def _in_pieces(self, weights: Tensor, scale: Tensor, factor: Tensor | None) -> None:
         for row, generator in enumerate(self.generators):
             for start in range(0, weights.shape[1], PIECE):
                 piece = slice(start, start + PIECE)
@@ -230,6 +273,11 @@ class _Noise:
                     target.add_(xi)
                 else:
                     target.addcmul_(factor[row, piece], xi)
+
+
+def steps_ahead(dim: int) -> int:
+    """How many steps of noise a chain moving ``dim`` weights draws at once (``_Noise``)."""
+    return max(1, min(NOISE_AHEAD, PIECE // dim))
 
 
 def run_chains(
@@ -267,9 +315,9 @@ def run_chains(
     chains, draws = sum(len(group.noise_ids) for group in groups), config.num_draws
     device = groups[0].forked.anchor.device if groups else torch.device("cpu")
     traces = _Traces(
-        trace=torch.full((chains, draws), float("nan"), device=device),
-        reference=torch.full((chains, draws), float("nan"), device=device),
-        distance=torch.full((chains, draws), float("nan"), device=device),
+        trace=np.full((chains, draws), np.nan),
+        reference=np.full((chains, draws), np.nan),
+        distance=np.full((chains, draws), np.nan),
         acceptance=torch.zeros(chains, device=device),
         measured=torch.zeros(chains, device=device),
         healthy=torch.ones(chains, dtype=torch.bool, device=device),
@@ -320,9 +368,9 @@ def run_chains(
     finally:
         bar.close()
     return ChainTraces(
-        traces.trace.cpu().numpy(),
-        traces.reference.cpu().numpy(),
-        traces.distance.cpu().numpy(),
+        traces.trace,
+        traces.reference,
+        traces.distance,
         (~traces.healthy).cpu().numpy(),
         (traces.acceptance / traces.measured.clamp(min=1)).cpu().numpy() if config.mala else None,
         {name: losses.cpu().numpy() for name, losses in traces.observed.items()},
@@ -337,9 +385,9 @@ def run_chains(
 class _Traces(NamedTuple):
     """What every wave writes into, one row per chain."""
 
-    trace: Tensor
-    reference: Tensor
-    distance: Tensor
+    trace: np.ndarray
+    reference: np.ndarray
+    distance: np.ndarray
     acceptance: Tensor
     measured: Tensor
     healthy: Tensor
@@ -481,8 +529,15 @@ def _run_wave(
     ]
     chains, device = sum(sizes), running[0].forked.anchor.device
     steps = config.num_burnin + config.num_draws
-    phases = _Phases(running, config, chains, stop_early=not observables)
-    excess = torch.full((chains, steps), float("nan"), device=device)
+    phases = _Phases(running, config, chains, device, stop_early=not observables)
+    # Every step's numbers, for every chain, stay on the device until the wave ends: the
+    # draws are cut out of them then (``_Phases.finish``).
+    recorded = _Recorded(
+        losses=torch.full((chains, steps), float("nan"), device=device),
+        reference=torch.full((steps,), float("nan"), device=device),
+        distance=torch.full((chains, steps), float("nan"), device=device),
+        excess=torch.full((chains, steps), float("nan"), device=device),
+    )
     step_rule = _sampler_step(config, nbeta)
     local = [slice(g.rows.start - first_row, g.rows.stop - first_row) for g in running]
     for t in range(steps):
@@ -491,48 +546,53 @@ def _run_wave(
         bar.update()
         batch = next(batches)
         reference = running[0].forked.loss_at_anchor(batch)
-        adapting = phases.masks(device)
-        draw = t - phases.began  # per chain; meaningful where drawing
+        recorded.reference[t] = reference
         for group, rows in zip(running, local, strict=True):
             forked, weights, own = group.forked, group.state.weights, group.rows
             losses, grads = forked.loss_and_grad(weights, batch, out=group.grads)
             traces.healthy[own] &= torch.isfinite(losses)
-            excess[rows, t] = nbeta * (losses - reference)
-            recording = phases.drawing_rows(rows)
-            if recording.size:
-                at = torch.as_tensor(draw[rows][recording], device=device)
-                chain = torch.as_tensor(recording + own.start, device=device)
-                kept = torch.where(traces.healthy[own], losses, float("nan"))[recording]
-                traces.trace[chain, at] = kept
-                traces.reference[chain, at] = reference
+            recorded.excess[rows, t] = nbeta * (losses - reference)
+            recorded.losses[rows, t] = torch.where(traces.healthy[own], losses, float("nan"))
+            drawing = phases.drawing_rows(rows)
+            if drawing.size:
                 distance = group.total(_half_square_distances(weights, forked.anchor))
-                traces.distance[chain, at] = distance[recording]
-                observed = recording[draw[rows][recording] % config.observe_every == 0]
+                recorded.distance[rows, t] = distance
+                draw = t - phases.began[rows]
+                observed = drawing[draw[drawing] % config.observe_every == 0]
                 if observed.size:
-                    _observe(group, observed, draw[rows], config, traces, observables)
+                    _observe(group, observed, draw, config, traces, observables)
             if group.movable is not None:  # no drift outside a chain's mask (nor noise)
                 grads.mul_(group.movable)
+            step_size = torch.where(phases.moving(rows, t), group.steps.current, 0.0)
             measured = phases.measured(rows, t)
-            step_size = group.steps.current * phases.moving(rows, device)
-            before = weights.clone() if measured.any() else None
+            before = weights.clone() if measured else None
             group.state, info = step_rule(group.state, grads, forked.anchor, group.noise, step_size)
             if before is None:
                 continue
             acceptance = _mala_acceptance(
                 group, before, info, losses, grads, batch, config, nbeta, step_size
             )
-            searching = group.steps.searching
-            ended = group.steps.update(acceptance, adapting[rows] & phases.adapt_now(t))
-            if searching:  # a host read only while some chain searches (its first steps)
-                for member in np.flatnonzero(ended.cpu().numpy()):
-                    group.place(int(member))
-                    phases.since[rows.start + member] = t + 1
-            diagnostic = torch.as_tensor(measured & phases.drawing[rows], device=device)
-            traces.acceptance[own] += torch.where(diagnostic, acceptance, 0.0)
-            traces.measured[own] += diagnostic
-            phases.watch(rows, measured, acceptance)
-        phases.advance(t, running, local, excess, traces, first_row)
-    phases.finish(running, local, traces, first_row, keep_ends)
+            if phases.adapt_now(t):
+                ended = group.steps.update(acceptance, phases.adapting_now(rows))
+                if group.steps.searching:
+                    group.restart_ended(ended)
+                    phases.search_ended(rows, ended, t + 1)
+            if config.mala:
+                diagnostic = phases.diagnostic(rows, t)
+                traces.acceptance[own] += torch.where(diagnostic, acceptance, 0.0)
+                traces.measured[own] += diagnostic
+            phases.watch(rows, t, acceptance)
+        phases.advance(t, running, local, recorded.excess, traces, first_row)
+    phases.finish(running, local, recorded, traces, first_row, keep_ends)
+
+
+class _Recorded(NamedTuple):
+    """What a wave records at every step, on the device: ``(chains, steps)``, ``(steps,)``."""
+
+    losses: Tensor
+    reference: Tensor
+    distance: Tensor
+    excess: Tensor
 
 
 # A chain's phase: a cold chain adapting its step size, any chain's burn-in (a warm chain
@@ -541,7 +601,7 @@ ADAPTING, BURNIN, DRAWING, DONE = 0, 1, 2, 3
 
 
 class _Phases:
-    """Each chain's phase in its wave, and the decisions that move it on (host side).
+    """Each chain's phase in its wave, and the decisions that move it on.
 
     A cold chain (no earlier estimate's offset) with ``step_size="adapt"`` first adapts its
     step size for ``ADAPT_STEPS``, then goes back to its start for a burn-in at the frozen
@@ -550,12 +610,22 @@ class _Phases:
     had spent a few hundred steps above the right step size kept a MALA acceptance of 0.1
     at the right one, and an estimate 50% high). A warm chain adapts during its burn-in,
     from the step size it had.
+
+    The phases live on the host, where the decisions are taken every ``CHECK_EVERY`` steps
+    (the one read of the device between them), and a copy on the device gives each step's
+    masks (``now``): nothing between two checks waits for the device.
     """
 
     def __init__(
-        self, running: list[_Running], config: LLCConfig, chains: int, *, stop_early: bool
+        self,
+        running: list[_Running],
+        config: LLCConfig,
+        chains: int,
+        device: torch.device,
+        *,
+        stop_early: bool,
     ) -> None:
-        self.config = config
+        self.config, self.device = config, device
         self.adapt = config.step_size == "adapt"
         self.stop_early = stop_early and config.relative_error is not None
         warm = np.array([s is not None and s.offset is not None for g in running for s in g.starts])
@@ -563,11 +633,16 @@ class _Phases:
         self.phase = np.full(chains, DRAWING) if config.num_burnin == 0 else first
         self.warm_adapting = warm & self.adapt
         self.began = np.full(chains, config.num_burnin)
+        steps = config.num_burnin + config.num_draws
+        self.stopped = np.full(chains, steps)  # where each chain's draws ended
         self.restarts = np.zeros(chains, dtype=int)
         self.since = np.zeros(chains, dtype=int)  # where the current phase began
-        self.drawing = np.zeros(chains, dtype=bool)
         self.min_burnin = np.where(warm, MIN_BURNIN_WARM, MIN_BURNIN_COLD)
-        self._watched: Tensor | None = None  # per chain: summed acceptances, and their count
+        # Per chain, on the device: summed acceptances of the watched burn-in and their count;
+        # the step its search ended at.
+        self._watched = torch.zeros(2, chains, device=device)
+        self._search_end = torch.zeros(chains, dtype=torch.long, device=device)
+        self._upload()
 
     def all_done(self) -> bool:
         return bool((self.phase == DONE).all())
@@ -575,41 +650,48 @@ class _Phases:
     def adapting(self) -> np.ndarray:
         return (self.phase == ADAPTING) | ((self.phase == BURNIN) & self.warm_adapting)
 
-    def masks(self, device: torch.device) -> Tensor:
-        """Note which chains draw at this step; which adapt, as a device mask."""
-        self.drawing = self.phase == DRAWING
-        return torch.as_tensor(self.adapting(), device=device)
-
-    def drawing_rows(self, rows: slice) -> np.ndarray:
-        """The group's rows (0-based in it) that draw at this step."""
-        return np.flatnonzero(self.drawing[rows])
-
-    def adapt_now(self, t: int) -> bool:
-        return self.adapt and t % ADAPT_EVERY == 0
-
-    def measured(self, rows: slice, t: int) -> np.ndarray:
-        """Which of the group's chains need a MALA acceptance of this step."""
-        adapting = self.adapting()[rows] & self.adapt_now(t)
-        draw = t - self.began[rows]
-        diagnostic = self.drawing[rows] & self.config.mala & (draw % MALA_EVERY == 0)
-        watched = self.watching()[rows] & (t % MALA_EVERY == 0)
-        return adapting | diagnostic | watched
-
     def watching(self) -> np.ndarray:
         """The chains whose burn-in at a frozen step size is watched for heating."""
         return (self.phase == BURNIN) & ~self.warm_adapting & self.adapt
 
-    def watch(self, rows: slice, measured: np.ndarray, acceptance: Tensor) -> None:
-        """Add the acceptances of the watched chains to their burn-in's tally."""
-        watched = torch.as_tensor(measured & self.watching()[rows], device=acceptance.device)
-        if self._watched is None:
-            self._watched = torch.zeros(2, len(self.phase), device=acceptance.device)
-        self._watched[0, rows] += torch.where(watched, acceptance, 0.0)
-        self._watched[1, rows] += watched
+    def moving(self, rows: slice, t: int) -> Tensor:
+        """Which of the group's chains still step at ``t`` (those done stay put): on the device."""
+        return self._stop[rows] > t
 
-    def moving(self, rows: slice, device: torch.device) -> Tensor:
-        """1 for the chains still stepping, 0 for those done (their weights stay put)."""
-        return torch.as_tensor(self.phase[rows] != DONE, dtype=torch.float32, device=device)
+    def adapting_now(self, rows: slice) -> Tensor:
+        """Which of the group's chains adapt their step size: on the device."""
+        return self._adapting[rows]
+
+    def diagnostic(self, rows: slice, t: int) -> Tensor:
+        """Which of the group's chains measure their draws' MALA acceptance at ``t``."""
+        drawn = t - self._began[rows]
+        return self._drawing[rows] & (self._stop[rows] > t) & (drawn % MALA_EVERY == 0)
+
+    def drawing_rows(self, rows: slice) -> np.ndarray:
+        """The group's rows (0-based in it) that draw at this step."""
+        return np.flatnonzero(self.phase[rows] == DRAWING)
+
+    def adapt_now(self, t: int) -> bool:
+        return self.adapt and t % ADAPT_EVERY == 0
+
+    def measured(self, rows: slice, t: int) -> bool:
+        """Whether any of the group's chains needs a MALA acceptance of step ``t``."""
+        adapting = self.adapting()[rows] & self.adapt_now(t)
+        draw = t - self.began[rows]
+        diagnostic = (self.phase[rows] == DRAWING) & self.config.mala & (draw % MALA_EVERY == 0)
+        watched = self.watching()[rows] & (t % MALA_EVERY == 0)
+        return bool((adapting | diagnostic | watched).any())
+
+    def watch(self, rows: slice, t: int, acceptance: Tensor) -> None:
+        """Add step ``t``'s acceptances of the watched chains to their burn-in's tally."""
+        if t % MALA_EVERY == 0:
+            watched = self._watching[rows]
+            self._watched[0, rows] += torch.where(watched, acceptance, 0.0)
+            self._watched[1, rows] += watched
+
+    def search_ended(self, rows: slice, ended: Tensor, step: int) -> None:
+        """Note, on the device, that the ``ended`` chains adapt again from ``step`` on."""
+        self._search_end[rows] = torch.where(ended, step, self._search_end[rows])
 
     def advance(
         self,
@@ -627,19 +709,24 @@ class _Phases:
         precise enough end too, and chains that diverged before their draws start over.
         """
         config, done = self.config, t + 1
-        self.phase[(self.phase == DRAWING) & (done - self.began >= config.num_draws)] = DONE
+        complete = (self.phase == DRAWING) & (done - self.began >= config.num_draws)
+        self.phase[complete] = DONE
+        self.stopped[complete] = done
         last = done == config.num_burnin + config.num_draws
         if done % CHECK_EVERY and done != config.num_burnin and not last:
             return
         healthy = traces.healthy[first_row : first_row + len(self.phase)].cpu().numpy()
         window = excess[:, :done].cpu().numpy()
-        watched = self._watched.cpu().numpy().copy() if self._watched is not None else None
+        watched = self._watched.cpu().numpy()
+        adapting = self.phase == ADAPTING
+        self.since[adapting] = np.maximum(self.since, self._search_end.cpu().numpy())[adapting]
         for group, part in zip(running, local, strict=True):
+            group.steps.refresh()
             for row in range(part.start, part.stop):
                 member = row - part.start
                 if self.phase[row] in (ADAPTING, BURNIN) and not healthy[row]:
                     self._restart(row, member, group, done, traces, first_row)
-                elif watched is not None and watched[1, row] >= HEAT_CHECKS:
+                elif watched[1, row] >= HEAT_CHECKS:
                     self._watched[:, row] = 0  # windows of HEAT_CHECKS measurements
                     heating = self.config.target_acceptance - HEAT_MARGIN
                     if watched[0, row] / watched[1, row] < heating:
@@ -649,16 +736,38 @@ class _Phases:
                 elif self.phase[row] == BURNIN:
                     self._end_burnin(row, member, group, done, window[row, self.since[row] :])
                 elif self.phase[row] == DRAWING:
-                    self._end_draws(row, done, healthy[row], excess)
+                    self._end_draws(row, done, healthy[row], window[row, self.began[row] :])
+        self._upload()
+
+    def _upload(self) -> None:
+        """Copy what the steps' masks need of the phases to the device.
+
+        ``_stop``: the step each chain stops stepping at (its draws' end; 0 when done).
+        """
+        stop = np.where(
+            self.phase == DRAWING, self.began + self.config.num_draws, np.iinfo(int).max
+        )
+        stop[self.phase == DONE] = 0
+        device = self.device
+        self._stop = torch.as_tensor(stop, device=device)
+        self._began = torch.as_tensor(self.began, device=device)
+        self._drawing = torch.as_tensor(self.phase == DRAWING, device=device)
+        self._adapting = torch.as_tensor(self.adapting(), device=device)
+        self._watching = torch.as_tensor(self.watching(), device=device)
 
     def _restart(
         self, row: int, member: int, group: _Running, done: int, traces: _Traces, first_row: int
     ) -> None:
-        """A chain that diverged before its draws adapts again from its start, or is done."""
+        """A chain that diverged before its draws adapts again from ``w*``, or is done.
+
+        From ``w*``, not from an earlier estimate's offset, since a search ends by putting
+        the chain back at ``w*`` (``_Running.restart_ended``).
+        """
         if not self.adapt or self.restarts[row] >= MAX_RESTARTS:
-            self.phase[row] = DONE
+            self.phase[row], self.stopped[row] = DONE, done
             return
         self.restarts[row] += 1
+        group.starts[member] = None
         group.place(member)
         group.steps.restart(self._one(member, group))
         traces.healthy[first_row + row] = True
@@ -709,33 +818,40 @@ class _Phases:
     def _one(member: int, group: _Running) -> Tensor:
         return _one_hot(member, len(group.masks), group.forked.anchor.device)
 
-    def _end_draws(self, row: int, done: int, healthy: bool, excess: Tensor) -> None:
+    def _end_draws(self, row: int, done: int, healthy: bool, draws: np.ndarray) -> None:
         """End a chain's draws when it diverged or (``relative_error``) is precise enough."""
-        if not healthy:
-            self.phase[row] = DONE
-        elif self.stop_early and done - self.began[row] >= MIN_DRAWS:
-            draws = excess[row, self.began[row] : done].cpu().numpy()
-            if precise(draws, self.config.num_chains, self.config.relative_error):
-                self.phase[row] = DONE
+        if not healthy or (
+            self.stop_early
+            and done - self.began[row] >= MIN_DRAWS
+            and precise(draws, self.config.num_chains, self.config.relative_error)
+        ):
+            self.phase[row], self.stopped[row] = DONE, done
 
     def finish(
         self,
         running: list[_Running],
         local: list[slice],
+        recorded: _Recorded,
         traces: _Traces,
         first_row: int,
         keep_ends: bool,
     ) -> None:
-        """Record each chain's burn-in, draws, step size and end."""
+        """Record each chain's draws (cut out of the wave's steps), burn-in, step size, end."""
         steps = self.config.num_burnin + self.config.num_draws
+        losses, distance = recorded.losses.cpu().numpy(), recorded.distance.cpu().numpy()
+        reference = recorded.reference.cpu().numpy()
         for group, part in zip(running, local, strict=True):
             sizes = group.steps.current.cpu().numpy()
             for member, row in enumerate(range(part.start, part.stop)):
                 chain = first_row + row
                 began = min(self.began[row], steps)
-                drawn = int(np.isfinite(traces.trace[chain].cpu().numpy()).sum())
+                drawn = slice(began, max(began, self.stopped[row]))
+                count = drawn.stop - drawn.start
+                traces.trace[chain, :count] = losses[row, drawn]
+                traces.reference[chain, :count] = reference[drawn]
+                traces.distance[chain, :count] = distance[row, drawn]
                 traces.burnin[chain] = began
-                traces.draws[chain] = drawn
+                traces.draws[chain] = int(np.isfinite(traces.trace[chain]).sum())
                 traces.step_size[chain] = sizes[member]
                 start = group.starts[member]
                 traces.warm[chain] = start is not None and start.offset is not None

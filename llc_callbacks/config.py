@@ -6,11 +6,14 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 from llc_callbacks.validation import check_bool, check_choice, check_float, check_int
 
 NBeta = float | Literal["batch", "dataset"]
 SAMPLERS = ("sgld", "rmsprop_sgld")
 VECTORIZE = ("auto", True, False)
+AUTOCAST = (None, "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,14 @@ class LLCConfig:
         observables_max_mb: The most memory (MB, float32) the recorded observables may take:
             chains x records x examples x 4 bytes; an estimate that would need more is
             refused before it starts.
+        autocast: Run the chains' forward and backward passes under ``torch.autocast`` in
+            this dtype (``"bfloat16"`` or ``"float16"``), as mixed-precision training does;
+            their float32 weights take the updates. ``None``: no autocast, but in a
+            callback, which follows the trainer's mixed precision (``bf16-mixed``,
+            ``16-mixed``; ``bf16=True``, ``fp16=True``).
+        compile: Compile the chains' batched forward and backward pass with
+            ``torch.compile(fullgraph=True)``; the first estimate pays the compilation
+            (see the README's "Cost"). Needs ``vectorize`` to batch the chains.
 
     Raises:
         ValueError: If a value is outside its accepted range; the message names the argument.
@@ -100,6 +111,8 @@ class LLCConfig:
     chains_in_flight: int | Literal["auto"] = "auto"
     observe_every: int = 10
     observables_max_mb: float = 256.0
+    autocast: Literal["bfloat16", "float16"] | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         check_int("num_chains", self.num_chains, minimum=1)
@@ -154,6 +167,18 @@ class LLCConfig:
                 ) from None
         check_int("observe_every", self.observe_every, minimum=1)
         check_float("observables_max_mb", self.observables_max_mb, positive=True)
+        check_choice("autocast", self.autocast, AUTOCAST)
+        check_bool("compile", self.compile)
+        if self.compile and self.vectorize is False:
+            raise ValueError(
+                "compile=True compiles the batched chains: it needs vectorize=True or 'auto',"
+                " got vectorize=False"
+            )
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """``autocast`` as a torch dtype."""
+        return None if self.autocast is None else getattr(torch, self.autocast)
 
     @property
     def observed_draws(self) -> int:

@@ -243,10 +243,11 @@ def fork(
         ValueError: If the model has nothing to sample.
         RuntimeError: When distributed, if forking failed on any rank (on every rank).
     """
+    options = {"autocast": config.autocast_dtype, "compile": config.compile}
     if not distributed or rank_and_world()[1] == 1:
-        return ForkedModel(model, loss_fn, device, config.vectorize)
+        return ForkedModel(model, loss_fn, device, config.vectorize, **options)
     forked = on_every_rank(
-        lambda: ForkedModel(model, loss_fn, device, config.vectorize, share_frozen=False)
+        lambda: ForkedModel(model, loss_fn, device, config.vectorize, share_frozen=False, **options)
     )
     # Ranks may hold different buffers (BatchNorm statistics are not synchronized): every
     # rank samples around rank zero's weights, written into its own copies.
@@ -485,7 +486,7 @@ def _sample(
         init_loss,
         nbeta,
         any(bool(group.forked.vectorized) for group in groups),
-        str(forked.precision).removeprefix("torch."),
+        forked.precision_name,
     )
 
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
-import functools
 import itertools
+import logging
 import warnings
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -77,24 +77,24 @@ class Layout:
     Attributes:
         names: Names of the sampled parameters (prefixed ``model.``).
         shapes: Their shapes.
+        numels: The number of weights of each parameter.
+        slices: Each parameter's slice of the flat weights.
     """
 
     names: tuple[str, ...]
     shapes: tuple[torch.Size, ...]
+    # Plain attributes, set once, which torch.compile reads without a graph break.
+    numels: list[int] = field(init=False, repr=False, compare=False)
+    slices: dict[str, slice] = field(init=False, repr=False, compare=False)
 
-    @functools.cached_property
-    def numels(self) -> list[int]:
-        """The number of weights of each parameter."""
-        return [shape.numel() for shape in self.shapes]
-
-    @functools.cached_property
-    def slices(self) -> dict[str, slice]:
-        """Each parameter's slice of the flat weights."""
-        ends = itertools.accumulate(self.numels)
-        return {
-            name: slice(end - shape.numel(), end)
-            for name, shape, end in zip(self.names, self.shapes, ends, strict=True)
+    def __post_init__(self) -> None:
+        numels = [shape.numel() for shape in self.shapes]
+        ends = itertools.accumulate(numels)
+        slices = {
+            name: slice(end - n, end) for name, n, end in zip(self.names, numels, ends, strict=True)
         }
+        object.__setattr__(self, "numels", numels)
+        object.__setattr__(self, "slices", slices)
 
     def narrow(self, names: Collection[str]) -> tuple[Layout, Tensor]:
         """The layout of ``names`` alone, and where its flat weights lie in this one's.
@@ -124,6 +124,11 @@ class ForkedModel:
         share_frozen: Use frozen parameters on ``device`` as they are, without a copy (a LoRA
             model's base weights): chains only read them. ``False`` copies them too, for a
             caller that overwrites ``constants``.
+        autocast: Evaluate losses (and their gradients) under ``torch.autocast`` in this
+            dtype; ``None``: in the model's own precision.
+        compile: Take the batched chains' losses and gradients with a function compiled
+            by ``torch.compile(fullgraph=True)``: ``torch.func.grad`` of their summed losses
+            (``loss_and_grad``).
 
     Attributes:
         layout: The sampled parameters' names and shapes, in flat order.
@@ -133,7 +138,9 @@ class ForkedModel:
             buffers, and frozen parameters elsewhere, are copies on ``device`` (buffers are
             copied so that a forward pass that writes one cannot touch the live model).
         precision: The dtype most of the model's floating-point weights are held in, which
-            the forward pass runs in and batches' floating-point tensors are cast to.
+            the forward pass runs in (but for ``autocast``) and batches' floating-point
+            tensors are cast to.
+        autocast: The dtype of ``torch.autocast`` around every loss, or ``None``.
         param_ids: Sampled parameter name by the live tensor's ``id``.
         aliases: For tied weights, each other name of a sampled parameter.
         vectorized: Whether chains run batched with ``vmap``; ``None`` until a batched
@@ -151,6 +158,8 @@ class ForkedModel:
         vectorize: bool | str,
         *,
         share_frozen: bool = True,
+        autocast: torch.dtype | None = None,
+        compile: bool = False,
     ) -> None:
         device = _indexed(torch.device(device))
         self._wrapper = _LossModule(model, loss_fn)
@@ -189,6 +198,18 @@ class ForkedModel:
         self._vectorize = vectorize
         self.vectorized: bool | None = None if vectorize == "auto" else bool(vectorize)
         self._model_name = type(model).__name__
+        self.autocast = autocast
+        self._compiled = torch.compile(self._grad_of_sum, fullgraph=True) if compile else None
+
+    @property
+    def precision_name(self) -> str:
+        """What the forward passes run in, as ``LLCResult.precision`` names it.
+
+        The dtype (``"float32"``, ``"bfloat16"``), or ``"<dtype>-mixed"`` under autocast.
+        """
+        if self.autocast is not None:
+            return f"{str(self.autocast).removeprefix('torch.')}-mixed"
+        return str(self.precision).removeprefix("torch.")
 
     @property
     def loss_fn(self) -> LossFn:
@@ -338,19 +359,45 @@ class ForkedModel:
             tensors.setdefault(alias, tensors[name])
         # Fresh containers for every call: a loss that pops keys must not empty the batch
         # for the next chain or for the paired forward pass.
-        return functional_call(
-            self._wrapper, tensors, (to_device(batch), observe), tie_weights=False
-        )
+        with _autocast(self.anchor.device, self.autocast):
+            return functional_call(
+                self._wrapper, tensors, (to_device(batch), observe), tie_weights=False
+            )
 
     def _vmapped(self, weights: Tensor, batch: Any, grads: Tensor) -> Tensor:
         # vmap batches the forward pass only; one ordinary backward pass through the batched
         # graph gives every chain's gradient (chains are independent, so the gradient of
         # their summed losses is each chain's own), faster than vmapping the backward too.
+        if self._compiled is not None:
+            try:
+                with _logging_ignored():
+                    losses, found = self._compiled(weights, batch)
+            except Exception as error:
+                self._compiled = None
+                self._report_fallback(error, "torch.compile", "run uncompiled", "compile=False")
+            else:
+                grads.copy_(found)
+                return losses
         leaves = self._leaves(weights, grads)
         with _attention_kernels(weights.device):
             losses = vmap(self._loss, in_dims=(0, None))(leaves, batch)
         _backward(losses.sum(), leaves)
         return losses.detach()
+
+    def _grad_of_sum(self, weights: Tensor, batch: Any) -> tuple[Tensor, Tensor]:
+        """The batched losses and ``torch.func.grad`` of their sum, as one traceable function.
+
+        What ``_vmapped`` computes, without autograd's leaves and hooks, so that
+        ``torch.compile`` takes it as one graph; the gradients come out as a new tensor.
+        """
+
+        def summed(flat: Tensor) -> tuple[Tensor, Tensor]:
+            with _attention_kernels(flat.device):
+                losses = vmap(self._loss, in_dims=(0, None))(self.unflatten(flat), batch)
+            return losses.sum(), losses
+
+        grads, losses = torch.func.grad(summed, has_aux=True)(weights)
+        return losses, grads
 
     def _looped(self, weights: Tensor, batch: Any, grads: Tensor) -> Tensor:
         losses = []
@@ -382,12 +429,17 @@ class ForkedModel:
             leaves[alias].grad = grad_views[name]
         return leaves
 
-    def _report_fallback(self, error: Exception) -> None:
+    def _report_fallback(
+        self,
+        error: Exception,
+        what: str = "torch.func.vmap",
+        instead: str = "run one after another",
+        skip: str = "vectorize=False",
+    ) -> None:
         reason = f"{type(error).__name__}: {error}".splitlines()[0]
         warnings.warn(
-            f"llc_callbacks: chains of {self._model_name} run one after another because "
-            f"torch.func.vmap does not support this model ({reason}). Pass vectorize=False to "
-            "skip the attempt.",
+            f"llc_callbacks: chains of {self._model_name} {instead} because {what} does not"
+            f" support this model ({reason}). Pass {skip} to skip the attempt.",
             stacklevel=5,
         )
 
@@ -404,20 +456,43 @@ def _backward(loss: Tensor, leaves: dict[str, Tensor]) -> None:
 
 
 def _attention_kernels(device: torch.device) -> contextlib.AbstractContextManager:
-    """Attention kernels that are right under ``vmap``: on CUDA, all but cuDNN's.
+    """Attention kernels that batch under ``vmap``: on CUDA all but cuDNN's, on CPU the math.
 
     Under ``vmap``, cuDNN's scaled-dot-product attention returned NaN losses for a bfloat16
     GPT-2 (torch 2.11, NVIDIA H200), while flash attention, memory-efficient attention and
-    the plain math gave the loop's numbers (``benchmarks/gpu_check.py``).
+    the plain math gave the loop's numbers (``benchmarks/gpu_check.py``). On CPU, torch 2.13
+    has no batching rule for its flash kernel: ``vmap`` would run it once per chain, where
+    the math (matrix products and a softmax) runs once for every chain.
     """
-    if device.type != "cuda":
-        return contextlib.nullcontext()
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel  # torch >= 2.3
     except ImportError:  # older torch has no cuDNN attention either
         return contextlib.nullcontext()
+    if device.type == "cpu":
+        return sdpa_kernel([SDPBackend.MATH])
+    if device.type != "cuda":
+        return contextlib.nullcontext()
     kernels = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     return sdpa_kernel(kernels)
+
+
+def _logging_ignored() -> contextlib.AbstractContextManager:
+    """Let ``torch.compile`` trace through log calls (transformers' ``warning_once``) whole.
+
+    A log call in a model's forward pass (transformers warns about its ``loss_type`` on every
+    forward) is a graph break, which ``fullgraph=True`` refuses; the compiled chains skip it.
+    """
+    methods = ("debug", "info", "warning", "warning_once", "error")
+    found = {getattr(logging.Logger, name) for name in methods if hasattr(logging.Logger, name)}
+    ignored = torch._dynamo.config.ignore_logging_functions | found
+    return torch._dynamo.config.patch(ignore_logging_functions=ignored)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` on ``device`` in ``dtype``, or nothing when ``dtype`` is ``None``."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def _indexed(device: torch.device) -> torch.device:

@@ -259,6 +259,16 @@ class LLCMonitor:
             check_int("dataset_size", dataset_size, minimum=2)
             self.dataset_size = dataset_size
 
+    def follow_precision(self, autocast: str | None) -> None:
+        """Run the chains under training's mixed precision, unless the config names its own.
+
+        Args:
+            autocast: ``"bfloat16"`` or ``"float16"`` when training runs under
+                ``torch.autocast`` in that dtype, else ``None`` (see ``LLCConfig.autocast``).
+        """
+        if self.config.autocast is None and autocast is not None:
+            self.config = dataclasses.replace(self.config, autocast=autocast)
+
     def is_due(self, step: int, *, final: bool = False) -> bool:
         """Whether an estimate is due after ``step`` optimizer steps (never twice for a step).
 

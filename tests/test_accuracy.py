@@ -65,14 +65,17 @@ def test_regular_model_gives_half_its_dimension():
 def test_normal_crossing_gives_the_smallest_exponent():
     model = NormalCrossing()
     data = teacher_data(model, 1)
-    # The posterior is a narrow cross through w* = 0; 16 chains of 8000 draws average over
-    # its slow mixing. The exact tempered-posterior mean at nβ = 46, γ = 0.3 is 0.228
-    # (1D quadrature); λ itself is the nβ → ∞ limit, 0.25.
+    # The posterior is a narrow cross through w* = 0, and a chain mixes slowly between its
+    # arms. The exact tempered-posterior mean at nβ = 46, γ = 0.3 is 0.228 (1D quadrature);
+    # λ itself is the nβ → ∞ limit, 0.25. 16 chains of 8000 draws at ε = 1e-3 gave 0.27 on
+    # average over 31 seeds, spread 0.045 (0.21 to 0.40): SGLD's bias at this step size, and
+    # a heavy upper tail. 64 chains halve the spread; the estimate must be nearer to 1/4
+    # than to the next exponent, the 1/2 of a regular direction: below 0.375, above 0.125.
     config = LLCConfig(
-        num_chains=16, num_burnin=1000, num_draws=8000, step_size=1e-3, localization=0.3
+        num_chains=64, num_burnin=1000, num_draws=8000, step_size=1e-3, localization=0.3
     )
     result = estimate_llc(model, mse_loss, data, config)
-    assert result.llc_mean == pytest.approx(0.25, rel=0.15)
+    assert 0.125 < result.llc_mean < 0.375
 
 
 def test_rmsprop_sgld_on_reduced_rank_regression():

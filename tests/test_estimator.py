@@ -40,9 +40,12 @@ def test_vectorized_and_sequential_chains_give_the_same_numbers(sampler, paired)
     ]
     assert [r.vectorized for r in results] == [True, False]
     # Same operations batched or not: only float rounding differs (about 1e-7 relative per
-    # step), far below the 1e-4 allowed after 50 steps.
+    # step), far below the 1e-4 allowed after 50 steps. A chain's LLC is a difference of
+    # losses: one near zero keeps the others' absolute error, not a relative one.
     np.testing.assert_allclose(results[0].loss_trace, results[1].loss_trace, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(results[0].llc_per_chain, results[1].llc_per_chain, rtol=1e-4)
+    per_chain = [r.llc_per_chain for r in results]
+    scale = np.abs(per_chain[0]).max()
+    np.testing.assert_allclose(*per_chain, rtol=1e-4, atol=1e-4 * scale)
 
 
 class ScaleByMaxWeight(nn.Module):
