@@ -14,6 +14,7 @@ on CUDA), which come only with the checks every ``CHECK_EVERY`` steps.
 """
 
 import argparse
+import time
 
 import torch
 from mlp import BATCH_SIZE, loss_fn, make_data, trained_model
@@ -42,7 +43,7 @@ def training_step_s(batch, optimizer_name: str, steps: int, repeats: int) -> flo
 SHORT, LONG = 50, 250
 
 
-def estimate(model, batches, chains: int, paired: bool, vectorize, draws: int):
+def estimate(model, batches, chains: int, paired: bool, vectorize, draws: int, compile=False):
     config = LLCConfig(
         num_chains=chains,
         num_burnin=0,
@@ -50,13 +51,16 @@ def estimate(model, batches, chains: int, paired: bool, vectorize, draws: int):
         paired=paired,
         vectorize=vectorize,
         mala=False,  # the step itself; the MALA check adds a gradient on every tenth draw
+        compile=compile,
     )
     return lambda: estimate_llc(model, loss_fn, batches, config, warn=False)
 
 
-def chain_step_s(model, batches, chains: int, paired: bool, vectorize, repeats: int) -> float:
+def chain_step_s(
+    model, batches, chains: int, paired: bool, vectorize, repeats: int, compile=False
+) -> float:
     def run(draws: int):
-        return estimate(model, batches, chains, paired, vectorize, draws)
+        return estimate(model, batches, chains, paired, vectorize, draws, compile)
 
     run(SHORT)()
     extra = best_of(repeats, run(LONG)) - best_of(repeats, run(SHORT))
@@ -106,6 +110,22 @@ def main() -> None:
                     f" {seconds / train['sgd']:>10.2f} {seconds / train['adam']:>11.2f}"
                     f" {operators:>15.1f} {reads:>11.3f}"
                 )
+    for chains in (4, 16):
+        compiled_costs(model, batches, chains, args.repeats)
+
+
+def compiled_costs(model, batches, chains: int, repeats: int) -> None:
+    """What ``compile=True`` costs once (its first estimate) and saves per chain step."""
+    start = time.perf_counter()
+    estimate(model, batches, chains, True, True, SHORT, compile=True)()
+    first = time.perf_counter() - start
+    plain_first = best_of(repeats, estimate(model, batches, chains, True, True, SHORT))
+    compiled = chain_step_s(model, batches, chains, True, True, repeats, compile=True)
+    plain = chain_step_s(model, batches, chains, True, True, repeats)
+    print(
+        f"compile=True, {chains} chains: first estimate {first:.1f} s ({plain_first:.2f} s"
+        f" uncompiled); then {compiled * 1e3:.3f} ms per chain step against {plain * 1e3:.3f}"
+    )
 
 
 if __name__ == "__main__":

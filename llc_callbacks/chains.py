@@ -9,7 +9,11 @@ Memory: a chain in flight holds its float32 weights and gradient (RMSprop: three
 their size, for its statistics and step), and all chains share the anchor, so ``k`` chains
 take ``1 + 2k`` times the sampled weights' float32 size, plus one forward and backward pass's
 activations; on the draws where MALA's acceptance is measured, ``1 + 4k`` (the weights before
-the step and the gradient after it).
+the step and the gradient after it). A model of up to ``PIECE / 2`` weights also holds its
+chains' noise for the next steps, at most 16 MB per chain (``_Noise``).
+
+A step neither reads the device nor copies host values to it: the decisions wait for the
+checks every ``CHECK_EVERY`` steps (``_Phases``), the one synchronisation between them.
 """
 
 from __future__ import annotations

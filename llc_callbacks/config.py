@@ -14,6 +14,7 @@ NBeta = float | Literal["batch", "dataset"]
 SAMPLERS = ("sgld", "rmsprop_sgld")
 VECTORIZE = ("auto", True, False)
 AUTOCAST = (None, "bfloat16", "float16")
+COMPILE = (False, True, "default", "reduce-overhead", "max-autotune")
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,10 @@ class LLCConfig:
             callback, which follows the trainer's mixed precision (``bf16-mixed``,
             ``16-mixed``; ``bf16=True``, ``fp16=True``).
         compile: Compile the chains' batched forward and backward pass with
-            ``torch.compile(fullgraph=True)``; the first estimate pays the compilation
-            (see the README's "Cost"). Needs ``vectorize`` to batch the chains.
+            ``torch.compile(fullgraph=True)``: ``True`` in its default mode, or a mode's
+            name (``"reduce-overhead"``: CUDA graphs, for shapes that stay the same); the
+            first estimate pays the compilation (see the README's "Cost"). Needs
+            ``vectorize`` to batch the chains; one chain at a time runs uncompiled.
 
     Raises:
         ValueError: If a value is outside its accepted range; the message names the argument.
@@ -112,7 +115,7 @@ class LLCConfig:
     observe_every: int = 10
     observables_max_mb: float = 256.0
     autocast: Literal["bfloat16", "float16"] | None = None
-    compile: bool = False
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False
 
     def __post_init__(self) -> None:
         check_int("num_chains", self.num_chains, minimum=1)
@@ -168,10 +171,10 @@ class LLCConfig:
         check_int("observe_every", self.observe_every, minimum=1)
         check_float("observables_max_mb", self.observables_max_mb, positive=True)
         check_choice("autocast", self.autocast, AUTOCAST)
-        check_bool("compile", self.compile)
-        if self.compile and self.vectorize is False:
+        check_choice("compile", self.compile, COMPILE)
+        if self.compile is not False and self.vectorize is False:
             raise ValueError(
-                "compile=True compiles the batched chains: it needs vectorize=True or 'auto',"
+                "compile compiles the batched chains: it needs vectorize=True or 'auto',"
                 " got vectorize=False"
             )
 
@@ -179,6 +182,13 @@ class LLCConfig:
     def autocast_dtype(self) -> torch.dtype | None:
         """``autocast`` as a torch dtype."""
         return None if self.autocast is None else getattr(torch, self.autocast)
+
+    @property
+    def compile_mode(self) -> str | None:
+        """``compile`` as ``torch.compile``'s mode, or ``None`` when the chains run eagerly."""
+        if self.compile is False:
+            return None
+        return "default" if self.compile is True else self.compile
 
     @property
     def observed_draws(self) -> int:

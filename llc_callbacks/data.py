@@ -68,7 +68,9 @@ def to_device(
     """A copy of a batch's containers with every tensor moved to ``device``.
 
     New containers (see ``map_tensors``), so that a loss function that pops keys never
-    touches the caller's batch. Tensors are not copied unless they move or change type.
+    touches the caller's batch. Tensors are not copied unless they move or change type; a
+    host tensor bound for CUDA goes through pinned memory, so that the copy does not make
+    the host wait for the device.
 
     Args:
         batch: A tensor or nested containers of tensors.
@@ -81,9 +83,19 @@ def to_device(
 
     def move(tensor: Tensor) -> Tensor:
         dtype = float_dtype if float_dtype is not None and tensor.is_floating_point() else None
+        if _from_host(tensor, device) and not tensor.is_pinned():
+            # From pageable memory CUDA copies synchronously; from pinned memory it does not.
+            tensor = tensor.pin_memory()
         return tensor.to(device=device, dtype=dtype, non_blocking=True)
 
     return map_tensors(batch, move)
+
+
+def _from_host(tensor: Tensor, device: torch.device | None) -> bool:
+    """Whether moving ``tensor`` to ``device`` copies host memory to a CUDA device."""
+    return (
+        device is not None and torch.device(device).type == "cuda" and tensor.device.type == "cpu"
+    )
 
 
 def example(batch: Any, index: int) -> Any:

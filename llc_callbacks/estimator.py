@@ -243,7 +243,7 @@ def fork(
         ValueError: If the model has nothing to sample.
         RuntimeError: When distributed, if forking failed on any rank (on every rank).
     """
-    options = {"autocast": config.autocast_dtype, "compile": config.compile}
+    options = {"autocast": config.autocast_dtype, "compile": config.compile_mode}
     if not distributed or rank_and_world()[1] == 1:
         return ForkedModel(model, loss_fn, device, config.vectorize, **options)
     forked = on_every_rank(

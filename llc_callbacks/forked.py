@@ -127,8 +127,8 @@ class ForkedModel:
         autocast: Evaluate losses (and their gradients) under ``torch.autocast`` in this
             dtype; ``None``: in the model's own precision.
         compile: Take the batched chains' losses and gradients with a function compiled
-            by ``torch.compile(fullgraph=True)``: ``torch.func.grad`` of their summed losses
-            (``loss_and_grad``).
+            by ``torch.compile(fullgraph=True)`` in this mode (``torch.func.grad`` of their
+            summed losses); ``None``: eagerly.
 
     Attributes:
         layout: The sampled parameters' names and shapes, in flat order.
@@ -159,7 +159,7 @@ class ForkedModel:
         *,
         share_frozen: bool = True,
         autocast: torch.dtype | None = None,
-        compile: bool = False,
+        compile: str | None = None,
     ) -> None:
         device = _indexed(torch.device(device))
         self._wrapper = _LossModule(model, loss_fn)
@@ -199,7 +199,11 @@ class ForkedModel:
         self.vectorized: bool | None = None if vectorize == "auto" else bool(vectorize)
         self._model_name = type(model).__name__
         self.autocast = autocast
-        self._compiled = torch.compile(self._grad_of_sum, fullgraph=True) if compile else None
+        self._compiled = (
+            None
+            if compile is None
+            else torch.compile(self._grad_of_sum, fullgraph=True, mode=compile)
+        )
 
     @property
     def precision_name(self) -> str:
@@ -375,9 +379,9 @@ class ForkedModel:
             except Exception as error:
                 self._compiled = None
                 self._report_fallback(error, "torch.compile", "run uncompiled", "compile=False")
-            else:
+            else:  # copies: CUDA graphs write their outputs over at the next call
                 grads.copy_(found)
-                return losses
+                return losses.clone()
         leaves = self._leaves(weights, grads)
         with _attention_kernels(weights.device):
             losses = vmap(self._loss, in_dims=(0, None))(leaves, batch)

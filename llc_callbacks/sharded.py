@@ -10,9 +10,9 @@ local to each shard, and sums over weights (distances, MALA's acceptance) are al
 The shards saved at ``w*``, the gradients and the buffers are written back afterwards,
 whatever happened.
 
-Chain ``i`` draws its noise from its own generator over the global flat weights, in pieces of
-``PIECE`` numbers as the unsharded chains do, and each rank adds the part that falls in its
-rows: the noise, and so the estimate, do not depend on the number of ranks.
+Chain ``i`` draws its noise from its own generator over the global flat weights, as the
+unsharded chains do (``chains._Noise``), and each rank adds the part that falls in its rows:
+the noise, and so the estimate, do not depend on the number of ranks.
 
 A failure on one rank before or after the model's forward pass (its data, its ``loss_fn``) is
 announced to the others at the next step's check, an all-reduce on entering the forward pass
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 
-from llc_callbacks.chains import ChainGroup, ChainStart, ChainTraces, run_chains
+from llc_callbacks.chains import ChainGroup, ChainStart, ChainTraces, run_chains, steps_ahead
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.data import cycle_batches, sampling_size
 from llc_callbacks.forked import LossFn
@@ -271,8 +271,9 @@ class ShardedChains:
 class _ShardNoise:
     """Adds noise to a sharded chain's rows (``samplers.AddNoise``).
 
-    The global weights' noise is drawn in ``PIECE`` s, as for an unsharded chain, and each
-    rank adds its rows' part.
+    The global weights' noise is drawn as an unsharded chain's (``chains._Noise``): several
+    steps at once for a model of up to ``PIECE / 2`` weights, else in ``PIECE`` s every
+    step; each rank adds its rows' part.
     """
 
     def __init__(
@@ -284,18 +285,32 @@ class _ShardNoise:
     ) -> None:
         (self.generator,) = generators
         self.shards, self.places, self.total = shards, places, total
+        self._ahead: Tensor | None = None
+        self._step = 0
 
     def __call__(self, weights: Tensor, scale: Tensor, factor: Tensor | None) -> None:
-        device = weights.device
-        for start in range(0, self.total, PIECE):
-            stop = min(start + PIECE, self.total)
-            xi = torch.randn(stop - start, generator=self.generator, device=device)
-            xi.mul_(scale[0])
-            for shard, place in zip(self.shards, self.places, strict=True):
-                low, high = max(start, shard.start), min(stop, shard.start + shard.local.numel())
-                if low < high:
-                    at = place.start + low - shard.start
-                    weights[0, at : at + high - low].add_(xi[low - start : high - start])
+        ahead = steps_ahead(self.total)
+        if ahead == 1:
+            for start in range(0, self.total, PIECE):
+                stop = min(start + PIECE, self.total)
+                xi = torch.randn(stop - start, generator=self.generator, device=weights.device)
+                self._add(weights, xi.mul_(scale[0]), start)
+            return
+        at = self._step % ahead
+        if at == 0:
+            shape = (ahead, self.total)
+            self._ahead = torch.randn(shape, generator=self.generator, device=weights.device)
+        self._step += 1
+        self._add(weights, self._ahead[at].mul_(scale[0]), 0)
+
+    def _add(self, weights: Tensor, xi: Tensor, start: int) -> None:
+        """Add this rank's part of the global noise ``xi``, which begins at weight ``start``."""
+        stop = start + len(xi)
+        for shard, place in zip(self.shards, self.places, strict=True):
+            low, high = max(start, shard.start), min(stop, shard.start + shard.local.numel())
+            if low < high:
+                at = place.start + low - shard.start
+                weights[0, at : at + high - low].add_(xi[low - start : high - start])
 
 
 def _guarded(batches: Iterator[Any], check: _Check) -> Iterator[Any]:

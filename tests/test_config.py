@@ -42,11 +42,22 @@ def test_defaults_are_valid_and_documented_values():
         ("chains_in_flight", 0, ">= 1 or 'auto'"),
         ("chains_in_flight", "all", ">= 1 or 'auto'"),
         ("chains_in_flight", True, ">= 1 or 'auto'"),
+        ("autocast", "bf16", "one of None, 'bfloat16', 'float16'"),
+        ("compile", "fast", "one of False, True, 'default', 'reduce-overhead'"),
+        ("compile", 1, "one of False, True"),
     ],
 )
 def test_bad_values_raise_naming_the_argument_and_the_range(argument, value, accepted):
     with pytest.raises(ValueError, match=rf"^{argument} .*{accepted}"):
         LLCConfig(**{argument: value})
+
+
+def test_compiled_chains_need_batched_chains():
+    with pytest.raises(ValueError, match="^compile .*vectorize=True or 'auto'"):
+        LLCConfig(compile=True, vectorize=False)
+    assert LLCConfig(compile=True).compile_mode == "default"
+    assert LLCConfig(compile="reduce-overhead").compile_mode == "reduce-overhead"
+    assert LLCConfig().compile_mode is None
 
 
 def test_dataset_nbeta_needs_a_dataset_size_and_only_then():

@@ -48,7 +48,7 @@ def test_ddp_splits_chains_logs_once_and_matches_a_single_process(tmp_path, mode
     assert logged_llc_steps(tmp_path) == STEPS  # rank zero logged each estimate once
     # Health checks (10 draws: chains disagree) are warned about on rank zero only.
     shown = [json.loads((tmp_path / f"warnings_{r}.json").read_text()) for r in (0, 1)]
-    assert any("llc_callbacks: at step 4" in message for message in shown[0])
+    assert any(message.startswith("llc_callbacks: at step ") for message in shown[0])
     assert shown[1] == []
 
     # One process, the same weights, batches and seeds: 3 chains in one vmap instead of 2 + 1

@@ -16,9 +16,10 @@ def test_the_demo_writes_the_png_and_a_wandb_run_with_llc_and_accuracy(
     tmp_path, wandb_rows, example
 ):
     # The demo's own preset, with chains as short as TINY's: too short to relax from a warm
-    # start, so cold.
+    # start, so cold. 4 chains: with 2, the rise to the peak fell within the chains' noise
+    # under some noise streams.
     short = LLCConfig.fast(
-        num_chains=2, num_burnin=5, num_draws=5, init_loss_batches=2, warm_start=False
+        num_chains=4, num_burnin=5, num_draws=5, init_loss_batches=2, warm_start=False
     )
     result = example("grokking").run(tmp_path, p=23, steps=300, estimates=5, config=short)
     assert png_size(result["png"]) == (800, 1200)
@@ -32,9 +33,12 @@ def test_the_demo_writes_the_png_and_a_wandb_run_with_llc_and_accuracy(
     curvature = [row for row in rows if "llc/curvature/hessian_trace" in row]
     assert len(curvature) == len(llc_steps)
     assert all("llc/free_energy" in row for row in rows if "llc/mean" in row)
-    # The LLC peaks while the network memorizes, then falls.
-    assert [stage.kind for stage in result["stages"]] == ["rising", "falling"]
-    assert result["stages"][0].end <= result["llc_peak"][0] <= result["stages"][1].start
+    # The LLC peaks while the network memorizes, then falls. The first estimates (steps 0
+    # and 1) may differ by less than the chains' noise: seeds 0-3 gave rising, falling and
+    # flat (0 to 1), rising, falling.
+    kinds = [stage.kind for stage in result["stages"]]
+    assert kinds[-2:] == ["rising", "falling"] and set(kinds[:-2]) <= {"flat"}
+    assert result["stages"][-2].end <= result["llc_peak"][0] <= result["stages"][-1].start
     dynamics = result["dynamics"]
     assert len(dynamics.steps) >= 8 and dynamics.projections.shape[1] == 3
     assert (tmp_path / "csv" / "version_0" / "essential_dynamics.npz").is_file()
