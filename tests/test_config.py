@@ -53,7 +53,7 @@ def test_bad_values_raise_naming_the_argument_and_the_range(argument, value, acc
 
 
 def test_compiled_chains_need_batched_chains():
-    with pytest.raises(ValueError, match="^compile .*vectorize=True or 'auto'"):
+    with pytest.raises(ValueError, match=r"^compile .*vectorize=True or 'auto'"):
         LLCConfig(compile=True, vectorize=False)
     assert LLCConfig(compile=True).compile_mode == "default"
     assert LLCConfig(compile="reduce-overhead").compile_mode == "reduce-overhead"
