@@ -33,9 +33,10 @@ Each check runs on its own: an exception fails that check, prints its traceback,
 script goes on to the next. Times on CUDA come from CUDA events around the timed code.
 
 ``--quick`` keeps the small models (the MLP, a GPT-2 of 3.6M parameters) and 1 and 4
-chains, and compiles one row (a GPT-2 of 0.6M); the test suite runs it with ``--device cpu --quick`` so that
-the script never rots. Matmuls run as the user's settings leave TF32 (printed first); the two
-checks that compare vmap and chains in flight at float32 rounding turn it off for themselves.
+chains, and compiles one row (a GPT-2 of 0.6M); the test suite runs it with ``--device cpu
+--quick`` so that the script never rots. Matmuls run as the user's settings leave TF32
+(printed first); the two checks that compare vmap and chains in flight at float32 rounding
+turn it off for themselves.
 """
 
 import argparse
