@@ -238,22 +238,15 @@ class _Noise:
     def __init__(self, generators: list[torch.Generator], movable: Tensor | None) -> None:
         self.generators = generators
         self.movable = movable
-        self._ahead: Tensor | None = None  # (chains, steps ahead, dim)
-        self._step = 0
+        self._ahead: NoiseAhead | None = None
 
     def __call__(self, weights: Tensor, scale: Tensor, factor: Tensor | None) -> None:
-        ahead = steps_ahead(weights.shape[1])
-        if ahead == 1:
+        if steps_ahead(weights.shape[1]) == 1:
             self._in_pieces(weights, scale, factor)
             return
         if self._ahead is None:
-            self._ahead = weights.new_empty((len(weights), ahead, weights.shape[1]))
-        at = self._step % ahead
-        if at == 0:
-            for row, generator in enumerate(self.generators):
-                torch.randn(self._ahead.shape[1:], generator=generator, out=self._ahead[row])
-        self._step += 1
-        xi = self._ahead[:, at]
+            self._ahead = NoiseAhead(self.generators, weights.shape[1], weights.device)
+        xi = self._ahead.next()
         if self.movable is not None:
             xi.mul_(self.movable)
         xi.mul_(scale.to(xi.dtype)[:, None])
@@ -277,6 +270,32 @@ class _Noise:
                     target.add_(xi)
                 else:
                     target.addcmul_(factor[row, piece], xi)
+
+
+class NoiseAhead:
+    """Chains' standard normal noise, drawn ``steps_ahead(dim)`` steps at a time.
+
+    Each chain draws from its own generator, once every so many steps; a step takes a view.
+
+    Args:
+        generators: Each chain's generator.
+        dim: The number of weights a chain moves.
+        device: Where the noise lives.
+    """
+
+    def __init__(self, generators: list[torch.Generator], dim: int, device: torch.device) -> None:
+        self.generators = generators
+        self._drawn = torch.empty((len(generators), steps_ahead(dim), dim), device=device)
+        self._step = 0
+
+    def next(self) -> Tensor:
+        """This step's noise, ``(chains, dim)``: a view the caller may scale in place."""
+        at = self._step % self._drawn.shape[1]
+        if at == 0:
+            for row, generator in enumerate(self.generators):
+                torch.randn(self._drawn.shape[1:], generator=generator, out=self._drawn[row])
+        self._step += 1
+        return self._drawn[:, at]
 
 
 def steps_ahead(dim: int) -> int:
@@ -617,7 +636,8 @@ class _Phases:
 
     The phases live on the host, where the decisions are taken every ``CHECK_EVERY`` steps
     (the one read of the device between them), and a copy on the device gives each step's
-    masks (``now``): nothing between two checks waits for the device.
+    masks (``moving``, ``adapting_now``, ``diagnostic``): nothing between two checks waits for
+    the device.
     """
 
     def __init__(

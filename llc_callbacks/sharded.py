@@ -36,7 +36,14 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 
-from llc_callbacks.chains import ChainGroup, ChainStart, ChainTraces, run_chains, steps_ahead
+from llc_callbacks.chains import (
+    ChainGroup,
+    ChainStart,
+    ChainTraces,
+    NoiseAhead,
+    run_chains,
+    steps_ahead,
+)
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.data import cycle_batches, sampling_size
 from llc_callbacks.forked import LossFn
@@ -285,23 +292,18 @@ class _ShardNoise:
     ) -> None:
         (self.generator,) = generators
         self.shards, self.places, self.total = shards, places, total
-        self._ahead: Tensor | None = None
-        self._step = 0
+        self._ahead: NoiseAhead | None = None
 
     def __call__(self, weights: Tensor, scale: Tensor, factor: Tensor | None) -> None:
-        ahead = steps_ahead(self.total)
-        if ahead == 1:
+        if steps_ahead(self.total) == 1:
             for start in range(0, self.total, PIECE):
                 stop = min(start + PIECE, self.total)
                 xi = torch.randn(stop - start, generator=self.generator, device=weights.device)
                 self._add(weights, xi.mul_(scale[0]), start)
             return
-        at = self._step % ahead
-        if at == 0:
-            shape = (ahead, self.total)
-            self._ahead = torch.randn(shape, generator=self.generator, device=weights.device)
-        self._step += 1
-        self._add(weights, self._ahead[at].mul_(scale[0]), 0)
+        if self._ahead is None:
+            self._ahead = NoiseAhead([self.generator], self.total, weights.device)
+        self._add(weights, self._ahead.next()[0].mul_(scale[0]), 0)
 
     def _add(self, weights: Tensor, xi: Tensor, start: int) -> None:
         """Add this rank's part of the global noise ``xi``, which begins at weight ``start``."""
