@@ -751,9 +751,9 @@ class _Phases:
                 if self.phase[row] in (ADAPTING, BURNIN) and not healthy[row]:
                     self._restart(row, member, group, done, traces, first_row)
                 elif watched[1, row] >= HEAT_CHECKS:
+                    mean = watched[0, row] / watched[1, row]
                     self._watched[:, row] = 0  # windows of HEAT_CHECKS measurements
-                    heating = self.config.target_acceptance - HEAT_MARGIN
-                    if watched[0, row] / watched[1, row] < heating:
+                    if mean < self.config.target_acceptance - HEAT_MARGIN:
                         self._cool(row, member, group, done)
                 elif self.phase[row] == ADAPTING:
                     self._end_adaptation(row, member, group, done)

@@ -11,7 +11,7 @@ from models import DropoutBatchNormNet, classification_batches, cross_entropy
 
 from llc_callbacks import LLCConfig, LLCMonitor, Restrictions, estimate_llc
 from llc_callbacks.adaptation import MIN_DRAWS, StepSizes, precise, settled
-from llc_callbacks.chains import ChainStart
+from llc_callbacks.chains import COLD_MARGIN, MAX_RESTARTS, ChainStart, _Phases
 
 # An isotropic quadratic in DIM dimensions: its localized posterior is N(0, I / H) with
 # H = nbeta * CURVATURE + gamma, and MALA's acceptance depends on the step size alone.
@@ -57,7 +57,9 @@ def step_size_for(target: float) -> float:
 
 def test_adaptation_reaches_the_step_size_whose_acceptance_is_the_target():
     known = step_size_for(0.9)
-    config = LLCConfig(num_chains=4, num_burnin=1000, num_draws=200, nbeta=NBETA)
+    config = LLCConfig(
+        num_chains=4, num_burnin=1000, num_draws=200, nbeta=NBETA, localization=GAMMA
+    )
     result = estimate_llc(Quadratic(), quadratic_loss, [torch.zeros(8)] * 4, config, warn=False)
     # Each chain adapts on its own single-step acceptances: 200 of them here, each near 0 or
     # 1 at this size, so its average is within about +-0.03 of the target and the step size
@@ -125,6 +127,26 @@ def test_the_search_ends_where_the_acceptance_crosses_the_target_and_restarts_sh
     assert steps.current[0] == pytest.approx(1e-3 * 2)  # back to the last size accepted
     steps.restart(torch.tensor([False, True]))
     assert steps.current[1] == pytest.approx(1e-3 * 2**2 / 10)
+
+
+def test_a_chain_heating_up_in_its_burn_in_starts_over_with_smaller_steps(monkeypatch):
+    # The burn-in's watched acceptances are replaced by a constant: below the target's margin
+    # every window of HEAT_CHECKS cools the chain (at most MAX_RESTARTS times), above it none;
+    # until the first window ends, the two runs are the same chains.
+    watch = _Phases.watch
+    config = LLCConfig(num_chains=2, num_burnin=1500, num_draws=100, nbeta=NBETA)
+    step_sizes = {}
+    for acceptance in (0.5, 0.95):
+        monkeypatch.setattr(
+            _Phases,
+            "watch",
+            lambda self, rows, t, a, c=acceptance: watch(self, rows, t, torch.full_like(a, c)),
+        )
+        data = [torch.zeros(8)] * 4
+        result = estimate_llc(Quadratic(), quadratic_loss, data, config, warn=False)
+        step_sizes[acceptance] = result.step_sizes
+    ratio = step_sizes[0.5] / step_sizes[0.95]
+    np.testing.assert_allclose(ratio, COLD_MARGIN**MAX_RESTARTS, rtol=1e-6)
 
 
 class TwoQuadratics(torch.nn.Module):
