@@ -11,8 +11,8 @@ layers) at a teacher of rank ``r``, with data ``y = teacher(x) + N(0, I)`` (unit
 the relative error, the MALA acceptance, the failed checks, the chain steps per chain and the
 wall time, measured in this run. ``default`` is ``LLCConfig()`` (a cold estimate: adapted step
 sizes, settled burn-ins, draws until 5% precision); ``fixed`` the defaults before adaptation
-(``step_size=2e-4``, 1,000 + 1,000 steps); ``calibrated`` the offline sweep ``calibrate``, whose
-chosen row is the estimate, and the whole sweep's time.
+(``step_size=2e-4``, ``localization=1``, 1,000 + 1,000 steps); ``calibrated`` the offline
+sweep ``calibrate``, whose chosen row is the estimate, and the whole sweep's time.
 """
 
 import argparse
@@ -41,7 +41,7 @@ LARGE = [
     ([150, 200, 200, 150], 30),
 ]
 MODELS = {"small": SMALL, "large": LARGE, "all": SMALL + LARGE}
-FIXED = LLCConfig(step_size=2e-4, relative_error=None)
+FIXED = LLCConfig(step_size=2e-4, localization=1.0, relative_error=None)
 SETTINGS = {
     "default": LLCConfig(),
     "fixed": FIXED,

@@ -1,6 +1,6 @@
 """What an estimate costs along a training run, and how right it is: the defaults against the
-old behaviour (cold chains, a fixed step size, fixed lengths), in training steps of the same
-batch timed in the same run.
+old behaviour (cold chains, a fixed step size, ``localization=1``, fixed lengths), in
+training steps of the same batch timed in the same run.
 
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/cost.py [--sizes 99 825 5400 11900] [--mlp]``
 
@@ -46,7 +46,7 @@ DLNS = {
     11900: ([50, 70, 70, 50], 10),
 }
 POINTS, DRIFT = 8, 0.12
-OLD = LLCConfig(step_size=2e-4, relative_error=None, warm_start=False)
+OLD = LLCConfig(step_size=2e-4, localization=1.0, relative_error=None, warm_start=False)
 
 
 def sgd_step_seconds(model: nn.Module, loss, batch, repeats: int = 200) -> float:

@@ -6,12 +6,12 @@ to 100% thousands of steps later. The LLC rises while the network memorizes and 
 orders of magnitude as weight decay compresses it into the generalizing solution.
 
 The LLC here is ``LLCConfig.fast()``'s, strongly localized: a curve's shape, at about a
-sixth of the defaults' time. The defaults' weak localization does not fit this network: with
-31,675 parameters and 1,044 training examples, chains at ``localization=1`` leave the basin
-and sample losses far past chance level, the same (about 1,300) whether the network
-memorizes or generalizes; their estimates warn ``under_mixed`` and ``localization`` (see the
-README). The Hessian trace, the empirical Fisher trace and the top Hessian eigenvalue are
-measured at the same steps, and the summary says how each moved.
+sixth of the defaults' time. The defaults' localization does not fit this network: with
+31,675 parameters and 1,044 training examples, chains at ``localization=5`` (or 1) leave the
+basin and sample losses far past chance level, about the same (950 to 1,300) whether the
+network memorizes or generalizes; their estimates warn R-hat and ``localization`` (see
+``docs/accuracy.md``). The Hessian trace, the empirical Fisher trace and the top Hessian
+eigenvalue are measured at the same steps, and the summary says how each moved.
 
 The LLC curve's stages are found twice: online, by the callback, which logs each boundary
 once enough later estimates confirm it (``llc/stage``), and at the end over the whole curve

@@ -21,13 +21,15 @@ COMPILE = (False, True, "default", "reduce-overhead", "max-autotune")
 class LLCConfig:
     """Hyperparameters of one LLC estimate; keep them fixed through a training run.
 
-    The defaults aim at the learning coefficient itself: a weak localization (``1``) that
-    leaves the posterior's shape to the loss, ``nbeta = B / log B``, and 4 chains that tune
-    themselves (``llc_callbacks.adaptation``): each adapts its step size during burn-in
-    towards a MALA acceptance of 0.9, ends its burn-in once its loss has settled (at most
-    1,000 steps), and draws until the estimate's standard error is 5% of it (at most 1,000
-    draws). In a monitor or callback each estimate after the first starts its chains where
-    the previous one left them, with their step sizes. Checked against deep linear networks
+    The defaults aim at the learning coefficient itself: a localization (``5``) weak enough
+    to leave the posterior's shape to the loss and strong enough for chains to relax, within
+    an estimate, along the directions the loss leaves flat (over about ``1 / (eps gamma)``
+    steps), ``nbeta = B / log B``, and 4 chains that tune themselves
+    (``llc_callbacks.adaptation``): each adapts its step size during burn-in towards a MALA
+    acceptance of 0.9, ends its burn-in once its loss has settled (at most 1,000 steps), and
+    draws until the estimate's standard error is 5% of it (at most 1,000 draws). In a
+    monitor or callback each estimate after the first starts its chains where the previous
+    one left them, with their step sizes. Checked against deep linear networks
     whose learning coefficient is known, from 30 to 100,000 weights
     (``benchmarks/accuracy.py``, figures in ``docs/accuracy.md``).
 
@@ -100,7 +102,7 @@ class LLCConfig:
     target_acceptance: float = 0.9
     relative_error: float | None = 0.05
     warm_start: bool = True
-    localization: float = 1.0
+    localization: float = 5.0
     nbeta: NBeta = "batch"
     dataset_size: int | None = None
     sampler: Literal["sgld", "rmsprop_sgld"] = "sgld"

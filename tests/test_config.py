@@ -86,7 +86,7 @@ def test_config_is_frozen():
 
 def test_defaults_aim_at_the_learning_coefficient_and_fast_is_the_localized_preset():
     config = LLCConfig()
-    assert (config.localization, config.step_size) == (1.0, "adapt")
+    assert (config.localization, config.step_size) == (5.0, "adapt")
     assert (config.num_burnin, config.num_draws, config.mala) == (1000, 1000, True)
     assert (config.target_acceptance, config.relative_error, config.warm_start) == (
         0.9,
