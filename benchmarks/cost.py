@@ -11,7 +11,9 @@ identity as ``s`` grows. The function, and so λ, stay the same; the curvature t
 changes (by up to e^2 across the trajectory). A monitor estimates at each point, as in
 training. Per estimate: the estimate, its error against λ, the mean burn-in and draws per
 chain, whether the chains started warm, and the estimate's time over one SGD step (forward,
-backward, update) of the same batch size on the same model, timed in this run.
+backward, update) of the same batch size on the same model, timed in this run; and the
+chain steps of the first and later estimates against the old ones', a count that does not
+drift with the machine's load.
 
 ``--mlp``: the MLP of ``mlp.py`` (hidden width 32) over its own Adam training, estimated at
 5 points with the defaults (warm-started) and with long cold chains (8 chains x (2,000 +
@@ -93,7 +95,7 @@ def trajectory(size: int) -> None:
         f"{'point':>5} {'setting':>8} {'estimate':>9} {'error':>7} {'burn-in':>8} {'draws':>6}"
         f" {'warm':>5} {'steps':>8}  health"
     )
-    costs = {}
+    costs, chain_steps = {}, {}
     for name, config in (("default", LLCConfig()), ("old", OLD)):
         monitor = LLCMonitor(config, every_n_steps=1)
         for point in range(POINTS):
@@ -103,6 +105,7 @@ def trajectory(size: int) -> None:
             seconds = time.perf_counter() - start
             result = monitor.last_result
             costs.setdefault(name, []).append(seconds / step)
+            chain_steps.setdefault(name, []).append(int((result.burnin + result.draws).sum()))
             print(
                 f"{point:5d} {name:>8} {result.llc_mean:9.1f} {result.llc_mean / truth - 1:+7.1%}"
                 f" {result.burnin.mean():8.0f} {result.draws.mean():6.0f} {result.warm!s:>5}"
@@ -114,6 +117,12 @@ def trajectory(size: int) -> None:
         f"first estimate: {default[0] / old[0]:.2f} of the old one's cost;"
         f" later ones: {default[1:].mean() / old[1:].mean():.2f} on average"
         f" ({default[1:].mean():,.0f} against {old[1:].mean():,.0f} training steps)"
+    )
+    default, old = np.array(chain_steps["default"]), np.array(chain_steps["old"])
+    later = default[1:].mean() / old[1:].mean()
+    print(
+        f"in chain steps (a count, which does not drift): first {default[0] / old[0]:.2f},"
+        f" later {later:.2f} ({default[1:].mean():,.0f} against {old[1:].mean():,.0f})"
     )
 
 
