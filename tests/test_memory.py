@@ -56,14 +56,7 @@ print(json.dumps({"extra": extra, "before_mb": before >> 20, "peak_mb": peak >> 
 
 @pytest.mark.parametrize("in_flight", [1, 4])
 def test_extra_peak_memory_is_one_anchor_and_two_copies_per_chain_in_flight(in_flight):
-    # A minimal environment: after some orders of the suite the inherited one (variables the
-    # libraries of earlier tests set) raised the peak by half a copy.
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": os.environ.get("HOME", "/tmp"),
-        "OMP_NUM_THREADS": "1",
-        "MALLOC_MMAP_THRESHOLD_": "65536",
-    }
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     done = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(in_flight)],
         env=env,
