@@ -112,18 +112,13 @@ def trajectory(size: int) -> None:
                 f" {seconds / step:8,.0f}  {','.join(result.problems()) or '-'}",
                 flush=True,
             )
-    default, old = np.array(costs["default"]), np.array(costs["old"])
-    print(
-        f"first estimate: {default[0] / old[0]:.2f} of the old one's cost;"
-        f" later ones: {default[1:].mean() / old[1:].mean():.2f} on average"
-        f" ({default[1:].mean():,.0f} against {old[1:].mean():,.0f} training steps)"
-    )
-    default, old = np.array(chain_steps["default"]), np.array(chain_steps["old"])
-    later = default[1:].mean() / old[1:].mean()
-    print(
-        f"in chain steps (a count, which does not drift): first {default[0] / old[0]:.2f},"
-        f" later {later:.2f} ({default[1:].mean():,.0f} against {old[1:].mean():,.0f})"
-    )
+    for unit, counts in (("training steps", costs), ("chain steps", chain_steps)):
+        default, old = np.array(counts["default"]), np.array(counts["old"])
+        print(
+            f"in {unit}: the first estimate {default[0] / old[0]:.2f} of the old one;"
+            f" later ones {default[1:].mean() / old[1:].mean():.2f} on average"
+            f" ({default[1:].mean():,.0f} against {old[1:].mean():,.0f})"
+        )
 
 
 def mlp() -> None:
