@@ -33,7 +33,7 @@ Each check runs on its own: an exception fails that check, prints its traceback,
 script goes on to the next. Times on CUDA come from CUDA events around the timed code.
 
 ``--quick`` keeps the small models (the MLP, a GPT-2 of 3.6M parameters) and 1 and 4
-chains, and compiles one row (a GPT-2 of 0.6M); the test suite runs it with ``--device cpu
+chains, and compiles one row (the MLP's); the test suite runs it with ``--device cpu
 --quick`` so that the script never rots. Matmuls run as the user's settings leave TF32
 (printed first); the two checks that compare vmap and chains in flight at float32 rounding
 turn it off for themselves.
@@ -259,10 +259,11 @@ FULL_PLAN: list[tuple[Build, list[Row]]] = [
     (gpt2_0b5, rows(FEW_COUNTS, BF16) + rows((4,), None)),
     (gpt2_1b3, rows(FEW_COUNTS, BF16) + rows((4,), None)),
 ]
+# The compiled row on the MLP: compiling it takes 14 s on CPU, a GPT-2 of 0.6M 60 s (the
+# compiled GPT-2 is tests/test_throughput.py's).
 QUICK_PLAN: list[tuple[Build, list[Row]]] = [
-    (mlp, rows((1, 4), None) + rows((1, 4), BF16)),
+    (mlp, rows((1, 4), None) + rows((1, 4), BF16) + rows((4,), BF16, True)),
     (partial(gpt2, 4, 256), rows((1, 4), None) + rows((1, 4), BF16)),
-    (partial(gpt2, 2, 128), rows((4,), BF16, True)),  # the smallest graph that compiles
 ]
 
 
@@ -448,13 +449,16 @@ def half_precision(device: torch.device, quick: bool) -> None:
     found = {}
     for name, m in (("bfloat16", model), ("float32", reference)):
         run = partial(estimate_llc, m, gpt2_loss, data, config, device=device, warn=False)
-        result, seconds = timed(device, run)
-        found[name] = result.llc_mean
-        spread = result.llc_std
-        print(f"        {name}: llc {result.llc_mean:.3f} +- {spread:.3f}, {seconds:.1f} s")
-    gap = abs(found["bfloat16"] - found["float32"])
-    passed = gap <= max(spread, 1e-6) * 2
-    check("a bfloat16 model estimates", passed, f"gap {gap:.3f}")
+        found[name], seconds = timed(device, run)
+        result = found[name]
+        print(f"        {name}: llc {result.llc_mean:.3f} +- {result.llc_std:.3f}, {seconds:.1f} s")
+    gap = abs(found["bfloat16"].llc_mean - found["float32"].llc_mean)
+    # Two means of 4 chains each: within twice their combined standard error. The bfloat16
+    # chains' spread depends on the processor's bfloat16 kernels (0.093 on an AVX-512 CPU
+    # without bfloat16 instructions, against 0.010 in float32), so it enters the bound.
+    error = np.hypot(*(r.llc_std / np.sqrt(config.num_chains) for r in found.values()))
+    passed = gap <= 2 * max(error, 1e-6)
+    check("a bfloat16 model estimates", passed, f"gap {gap:.3f}, bound {2 * error:.3f}")
     if not passed and device.type == "cuda":  # which attention kernel goes wrong
         from torch.nn.attention import SDPBackend, sdpa_kernel
 

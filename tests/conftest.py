@@ -14,6 +14,16 @@ from llc_callbacks.integrations.wandb import history_rows, offline_run_dir
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _torch_seeded():
+    """Every test starts from the same torch RNG state, whichever tests ran before it.
+
+    pytest-randomly reseeds ``random`` and numpy before each test, not torch: a test that
+    draws from torch's global generator would otherwise see numbers that depend on the order.
+    """
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def wandb_dir(tmp_path, monkeypatch):
     """W&B in offline mode, writing under ``tmp_path``; finished and torn down afterwards.

@@ -3,9 +3,7 @@
 import csv
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import pytest
 import torch
 from ddp_script import CONFIG, STEPS, estimate_loader, loss_fn, observables
 from lightning_helpers import Classifier
+from processes import python
 
 from llc_callbacks import LLCMonitor
 
@@ -22,14 +21,7 @@ HERE = Path(__file__).parent
 
 
 def run_script(out: Path, mode: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
-    return subprocess.run(
-        [sys.executable, HERE / "ddp_script.py", out, mode],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return python(HERE / "ddp_script.py", out, mode)
 
 
 def logged_llc_steps(out: Path) -> list[int]:

@@ -3,15 +3,13 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from model_parallel_script import STEPS
+from processes import TORCHRUN, python, run
 
 pytestmark = pytest.mark.slow  # make test-fast skips it
 
@@ -21,10 +19,7 @@ HERE = Path(__file__).parent
 @pytest.fixture(scope="module")
 def records(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("fsdp")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node=2", str(HERE / "fsdp_script.py"), str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    done = run([*TORCHRUN, HERE / "fsdp_script.py", out])
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads((out / f"rank_{rank}.json").read_text()) for rank in (0, 1)]
 
@@ -82,9 +77,7 @@ def test_a_failure_on_one_rank_is_raised_on_both_and_training_goes_on(records):
 
 def run_lightning(out: Path, mode: str) -> list[dict]:
     out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
-    command = [sys.executable, str(HERE / "model_parallel_script.py"), str(out), mode]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    done = python(HERE / "model_parallel_script.py", out, mode)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads((out / f"rank_{rank}.json").read_text()) for rank in (0, 1)]
 

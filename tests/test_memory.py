@@ -1,25 +1,38 @@
 """An estimate's extra memory stays at its floor: 1 + 2k float32 copies for k chains in flight.
 
-Measured as the peak resident memory of a fresh process, with glibc returning freed memory
-at once (``MALLOC_MMAP_THRESHOLD_``), on a deep MLP whose activations are negligible (batches
-of 4) and whose largest weight is 1/16 of the model: the floor plus the gradient of one
-weight being made is 1 + 2k + k/16, and any further copy of the weights per chain, or a
-temporary of the weights' size, adds at least 1.
+Measured as the peak anonymous resident memory of a fresh process, with glibc returning freed
+memory at once (``MALLOC_MMAP_THRESHOLD_``) and no transparent huge pages, on a deep MLP whose
+activations are negligible (batches of 4) and whose largest weight is 1/16 of the model: the
+floor plus the gradient of one weight being made is 1 + 2k + k/16, and any further copy of
+the weights per chain, or a temporary of the weights' size, adds at least 1.
+
+Only the process's own allocations count: the peak resident memory less the file-backed pages
+(shared libraries' code, mapped as it is first run, more or fewer of them depending on what
+the machine's page cache holds from earlier work) and with huge pages off (whether the kernel
+hands them out depends on how fragmented memory is), so that what ran before cannot move it.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from processes import python
 
 pytestmark = pytest.mark.slow  # make test-fast skips it
 
 SCRIPT = """
-import json, resource, sys
-import psutil, torch
+import ctypes, json, sys
+
+ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: no huge pages in this process
+
+import torch
 from llc_callbacks import LLCConfig, estimate_llc
+
+
+def resident(*fields):  # the sum of these fields of /proc/self/status, in bytes
+    with open("/proc/self/status") as status:
+        kilobytes = dict(line.split(":", 1) for line in status)
+    return sum(int(kilobytes[field].split()[0]) for field in fields) * 1024
+
 
 torch.manual_seed(0)
 layers = [torch.nn.Linear(2048, 2048) for _ in range(16)]
@@ -46,9 +59,10 @@ config = LLCConfig(
 tiny = torch.nn.Sequential(torch.nn.Linear(8, 8))
 estimate_llc(tiny, loss_fn, [(torch.randn(4, 8), torch.randn(4, 8))], config, warn=False)
 size = sum(p.numel() for p in model.parameters()) * 4
-before = psutil.Process().memory_info().rss
+before = resident("RssAnon")
 estimate_llc(model, loss_fn, data, config, warn=False)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# The peak less the pages that are not anonymous, which only grow during an estimate.
+peak = resident("VmHWM") - resident("RssFile", "RssShmem")
 extra = (peak - before) / size
 print(json.dumps({"extra": extra, "before_mb": before >> 20, "peak_mb": peak >> 20}))
 """
@@ -56,14 +70,7 @@ print(json.dumps({"extra": extra, "before_mb": before >> 20, "peak_mb": peak >> 
 
 @pytest.mark.parametrize("in_flight", [1, 4])
 def test_extra_peak_memory_is_one_anchor_and_two_copies_per_chain_in_flight(in_flight):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(in_flight)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = python("-c", SCRIPT, in_flight, MALLOC_MMAP_THRESHOLD_="65536")
     assert done.returncode == 0, done.stderr[-3000:]
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     extra = measured["extra"]

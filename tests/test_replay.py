@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ from hf_helpers import TokenData, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning_helpers import LAYERS, Classifier, loader, trainer
+from processes import HANG_S, TORCHRUN, environment, run
 from replay_script import COLD, CONFIG, token_loader
 
 from llc_callbacks import LLCMonitor
@@ -231,12 +231,16 @@ def test_each_estimate_follows_the_one_before(transformers_run):
     assert logged(rows)[8] != pytest.approx(expected[8], rel=1e-3)
 
 
+# The watcher's wait for a new checkpoint: far above the training process's start and its
+# one-second steps, however loaded the machine (it ends the watch only when training fails).
+IDLE = 600
+
+
 def test_watch_follows_a_folder_that_training_writes_to_its_end(tmp_path):
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     training = subprocess.Popen(
         [sys.executable, str(HERE / "replay_training.py"), str(run)],
-        env=env,
+        env=environment(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -247,9 +251,9 @@ def test_watch_follows_a_folder_that_training_writes_to_its_end(tmp_path):
         return pretrained_loader()(checkpoint)
 
     try:
-        rows = gpt2(run, follow=watch, load=load, poll=0.2, idle=120, output=tmp_path / "llc.csv")
+        rows = gpt2(run, follow=watch, load=load, poll=0.2, idle=IDLE, output=tmp_path / "llc.csv")
     finally:
-        _, errors = training.communicate(timeout=300)
+        _, errors = training.communicate(timeout=HANG_S)
     assert training.returncode == 0, errors[-3000:]
     assert [row["step"] for row in rows] == [4, 8, 12]  # stopped at max_steps
     assert alive[4]  # estimated while training went on
@@ -262,10 +266,7 @@ def test_watch_follows_a_folder_that_training_writes_to_its_end(tmp_path):
 @pytest.mark.slow
 def test_torchrun_shares_checkpoints_or_chains_among_ranks(transformers_run, tmp_path):
     folder, expected = transformers_run
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
-    script = [str(HERE / "replay_script.py"), str(folder), str(tmp_path)]
-    done = subprocess.run(torchrun + script, env=env, capture_output=True, text=True, timeout=300)
+    done = run([*TORCHRUN, HERE / "replay_script.py", folder, tmp_path])
     assert done.returncode == 0, done.stderr[-3000:]
     shared = logged(json.loads((tmp_path / "checkpoints.json").read_text())["log_history"])
     alone = gpt2(folder, config=COLD)
@@ -276,7 +277,7 @@ def test_torchrun_shares_checkpoints_or_chains_among_ranks(transformers_run, tmp
     (tmp_path / "setup.py").write_text(SETUP.replace("LLCMonitor(CONFIG)", "LLCMonitor(COLD)"))
     command = ["-m", "llc_callbacks.cli", "replay", str(folder), "-o", str(tmp_path / "cli.csv")]
     command += ["--setup", f"{tmp_path / 'setup.py'}:setup"]
-    done = subprocess.run(torchrun + command, env=env, capture_output=True, text=True, timeout=300)
+    done = run([*TORCHRUN, *command])
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == [str(tmp_path / "cli.csv"), str(tmp_path / "cli.png")]
     assert logged(read_rows(tmp_path / "cli.csv")) == pytest.approx(logged(alone), rel=1e-5)
@@ -367,8 +368,7 @@ def test_the_console_script_replays_hub_revisions(transformers_run, tmp_path):
     command += ["step12", "--cache-dir", str(tmp_path / "hub"), "-o", str(output)]
     command += ["--setup", f"{tmp_path / 'setup.py'}:setup"]
     # Offline: from_pretrained(repo, revision=...) reads the cache without asking the Hub.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE)}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = run(command, HF_HUB_OFFLINE="1")
     assert done.returncode == 0, done.stderr[-3000:]
     assert logged(read_rows(output)) == pytest.approx(expected, rel=1e-5)
 

@@ -2,12 +2,10 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from processes import TORCHRUN, run
 from torchrun_script import CHECK_LOSS_CALLS, STEPS, loss_calls_per_estimate
 
 pytestmark = pytest.mark.slow  # make test-fast skips it
@@ -17,10 +15,7 @@ HERE = Path(__file__).parent
 
 def two_ranks(script: str, out: Path) -> list[dict]:
     """Run ``tests/<script>`` under torchrun with 2 processes; each rank's JSON record."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node=2", str(HERE / script), str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = run([*TORCHRUN, HERE / script, out])
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads((out / f"rank_{r}.json").read_text()) for r in (0, 1)]
 
