@@ -7,12 +7,14 @@ here; the trainer-specific parts (hooks, loss, data, logging calls) stay in its 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from llc_callbacks.attribution import warn
 from llc_callbacks.dynamics import EssentialDynamics
 from llc_callbacks.monitor import LLCMonitor
 from llc_callbacks.plotting import (
@@ -73,6 +75,67 @@ def build_monitor(arguments: Mapping[str, Any]) -> TrainerMonitor:
         raise ValueError(f"dynamics must be EssentialDynamics, got {type(dynamics).__name__}")
     monitor_arguments = {k: v for k, v in arguments.items() if k not in ADAPTER_ARGUMENTS}
     return TrainerMonitor(**monitor_arguments)
+
+
+def next_run(
+    owner: str,
+    arguments: Mapping[str, Any],
+    monitor: TrainerMonitor,
+    dynamics: EssentialDynamics | None,
+) -> TrainerMonitor:
+    """A fresh monitor for a callback that runs again, its essential dynamics emptied.
+
+    A callback reused in another trainer, ``fit`` or ``train()`` starts that run afresh, so
+    that nothing of the run before (history, schedule position, chains, budget, warnings)
+    is written into it; a resume then loads its checkpoint's state into the fresh monitor.
+    The run before keeps its history on the monitor it had. One warning says so.
+
+    Args:
+        owner: The callback's class name, for the warning.
+        arguments: The callback's arguments, as given to ``build_monitor``.
+        monitor: The monitor of the run before.
+        dynamics: The callback's essential dynamics, if any.
+    """
+    warn(
+        f"llc_callbacks: this {owner} ran before, so its LLC history, schedule and chains"
+        " start over for this run (the run before keeps its history in its monitor). Build"
+        " one callback per run to keep each run's monitor at hand.",
+        monitor.origin,
+    )
+    if dynamics is not None:
+        dynamics.restart()
+    fresh = build_monitor(arguments)
+    fresh.origin = monitor.origin
+    return fresh
+
+
+class HeldError:
+    """An exception from a step's estimate, held until the trainer has saved that step.
+
+    Trainers save a step's checkpoint after their callbacks' step hooks, so an interrupt
+    (Ctrl-C) or a failure under ``on_error="raise"`` inside an estimate would lose it. The
+    adapters hold it instead and raise it at the next hook that comes after the save (the
+    next step's start, the end of training, transformers' ``on_save``), before another
+    optimizer step. The monitor's state leaves the interrupted estimate out, so a resume
+    from that checkpoint runs it.
+    """
+
+    def __init__(self) -> None:
+        self._error: BaseException | None = None
+
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        """Hold what the block raises (``KeyboardInterrupt`` and any ``Exception``)."""
+        try:
+            yield
+        except (KeyboardInterrupt, Exception) as error:
+            self._error = error
+
+    def release(self) -> None:
+        """Raise the held exception, if there is one."""
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 def dataset_size(dataset: object) -> int | None:

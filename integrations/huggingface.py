@@ -157,6 +157,9 @@ class LLCTrainerCallback(TrainerCallback):
         arguments = dict(locals())  # the signature's arguments, by name
         del arguments["self"]
         self.monitor = common.build_monitor(arguments)
+        self._arguments = arguments
+        self._runs = 0
+        self._held = common.HeldError()
         self.dynamics = dynamics
         self.trainer: Trainer | None = None
         self.loss_fn = loss_fn
@@ -176,7 +179,7 @@ class LLCTrainerCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         """Find the Trainer being built with ``callbacks=[...]``."""
-        self.trainer = self.trainer or _running_trainer()
+        self.trainer = _running_trainer() or self.trainer
 
     def on_train_begin(
         self,
@@ -189,29 +192,44 @@ class LLCTrainerCallback(TrainerCallback):
     ) -> None:
         """Restore a resumed run's history, check the inputs, and estimate if ``at_start``.
 
+        The callback follows the Trainer that runs it: a callback that ran before (in this or
+        another Trainer) starts this run with a fresh monitor (``common.next_run``).
+
         Raises:
             RuntimeError: If no Trainer runs the callback.
             ValueError: If another LLC callback of the Trainer has the same prefix.
         """
-        self.trainer = self.trainer or _running_trainer()
+        self.trainer = _running_trainer() or self.trainer
         if self.trainer is None:
             raise RuntimeError(
                 "LLCTrainerCallback found no transformers.Trainer running it: pass it to"
                 " Trainer(callbacks=[...]) or trainer.add_callback(...)"
             )
+        if self._runs:
+            self.monitor = common.next_run(
+                "LLCTrainerCallback", self._arguments, self.monitor, self.dynamics
+            )
+        self._runs += 1
         common.refuse_same_prefix(self, self.trainer.callback_handler.callbacks)
         self.monitor.follow_precision("bfloat16" if args.bf16 else "float16" if args.fp16 else None)
         with self.monitor.checking("choosing the LLC estimates' loss"):
             own = self.loss_fn is None
             self._objective = trl_trainers.objective(self.trainer) if own else None
+        if own and self._objective is None and args.label_smoothing_factor > 0:
+            self.monitor.warn_once(
+                "label_smoothing",
+                f"label_smoothing_factor={args.label_smoothing_factor}: the Trainer's loss is"
+                " smoothed, not the negative log-likelihood the LLC is defined for. Pass"
+                " loss_fn=model_loss (llc_callbacks.integrations.huggingface) to sample the"
+                " model's own loss.",
+            )
         saved = state.stateful_callbacks or {}
         common.warn_if_state_is_stale(self.monitor, "LLCTrainerCallback", self.state_key, saved)
         if self.state_key in saved:
             common.load_callback_state(self.monitor, self.dynamics, saved[self.state_key])
             if self._objective is not None:
                 self._objective.load_state_dict(saved[self.state_key].get("objective", {}))
-        if self.monitor.schedule.log_spaced:
-            self.monitor.set_total_steps(state.max_steps)
+        self.monitor.set_total_steps(state.max_steps)
         if self.dynamics is not None:
             self.dynamics.set_total_steps(state.max_steps)
         size = common.dataset_size(self.trainer.train_dataset)
@@ -224,6 +242,12 @@ class LLCTrainerCallback(TrainerCallback):
         self._maybe_estimate(args, state, control, model)
         self._maybe_record(state, model)
 
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Raise what the last step's estimate raised, now that its checkpoint is written."""
+        self._held.release()
+
     def on_step_end(
         self,
         args: TrainingArguments,
@@ -232,12 +256,23 @@ class LLCTrainerCallback(TrainerCallback):
         model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
-        """Estimate and record the essential dynamics after an optimizer step, where due."""
-        if self._objective is not None and self._objective.observe(self.trainer):
-            self._save_state(state)
-            self._maybe_start(control, model)
-        self._maybe_estimate(args, state, control, model)
-        self._maybe_record(state, model)
+        """Estimate and record the essential dynamics after an optimizer step, where due.
+
+        The Trainer saves the step's checkpoint after this hook: what the estimate raises (an
+        interrupt, a failure under ``on_error="raise"``) is raised once it is written.
+        """
+        with self._held.holding():
+            if self._objective is not None and self._objective.observe(self.trainer):
+                self._save_state(state)
+                self._maybe_start(control, model)
+            self._maybe_estimate(args, state, control, model)
+            self._maybe_record(state, model)
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Raise what the step's estimate raised, now that the step is saved."""
+        self._held.release()
 
     def on_train_end(
         self,
@@ -248,6 +283,7 @@ class LLCTrainerCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         """Estimate at the end of training if ``at_end``; the end-of-run figures and files."""
+        self._held.release()
         self._maybe_estimate(args, state, control, model, final=True)
         self._maybe_record(state, model, final=True)
         sinks = self._image_sinks(args, state)

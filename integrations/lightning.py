@@ -145,6 +145,9 @@ class LLCCallback(Callback):
         arguments = dict(locals())  # the signature's arguments, by name
         del arguments["self"]
         self.monitor = common.build_monitor(arguments)
+        self._arguments = arguments
+        self._fits = 0
+        self._held = common.HeldError()
         self.dynamics = dynamics
         self._probe = dynamics.probe if dynamics is not None else None
         self.loss_fn = loss_fn
@@ -179,6 +182,11 @@ class LLCCallback(Callback):
                 "LLCCallback needs loss_fn=... with manual optimization: training_step steps"
                 " the optimizer itself, so it cannot serve as the loss."
             )
+        if self._fits:  # a callback that fitted before starts afresh (a resume loads after)
+            self.monitor = common.next_run(
+                "LLCCallback", self._arguments, self.monitor, self.dynamics
+            )
+        self._fits += 1
         common.refuse_same_prefix(self, trainer.callbacks)
         self.monitor.follow_precision(MIXED_PRECISION.get(str(trainer.precision)))
 
@@ -193,8 +201,7 @@ class LLCCallback(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         total = trainer.estimated_stepping_batches
         if math.isfinite(total):
-            if self.monitor.schedule.log_spaced:
-                self.monitor.set_total_steps(int(total))
+            self.monitor.set_total_steps(int(total))
             if self.dynamics is not None:
                 self.dynamics.set_total_steps(int(total))
         if self.dynamics is not None:
@@ -221,14 +228,24 @@ class LLCCallback(Callback):
         self._maybe_record(trainer, pl_module)
 
     @override
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._held.release()  # the step before was saved: raise what its estimate raised
+
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._maybe_estimate(trainer, pl_module)
-        self._maybe_record(trainer, pl_module)
+        # Lightning runs ModelCheckpoint's hook after every other callback's: what this
+        # step's estimate raises waits until the step's checkpoint is written.
+        with self._held.holding():
+            self._maybe_estimate(trainer, pl_module)
+            self._maybe_record(trainer, pl_module)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._held.release()
         self._maybe_estimate(trainer, pl_module, final=True)
         self._maybe_record(trainer, pl_module, final=True)
         step, sinks = trainer.global_step, self._image_sinks(trainer)

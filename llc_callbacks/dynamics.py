@@ -132,6 +132,12 @@ class EssentialDynamics:
         )
         self.max_dims = max_dims
         self.seed = seed
+        self._given_total_steps = total_steps
+        self.restart()
+
+    def restart(self) -> None:
+        """Forget every record and the run's length (unless given at construction): a new run."""
+        self.schedule = dataclasses.replace(self.schedule, total_steps=self._given_total_steps)
         self.steps: list[int] = []
         self.vectors: list[np.ndarray] = []
         self._last_step = -1

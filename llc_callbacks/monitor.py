@@ -249,9 +249,21 @@ class LLCMonitor:
         self.settings = _settings(self.schedule, self.config)
 
     def set_total_steps(self, total_steps: int) -> None:
-        """Tell a ``log_spaced`` schedule how long training is, unless it was given already."""
+        """Tell the monitor how long training is, for a ``log_spaced`` schedule (unless given).
+
+        Warns, once, when no estimate would run (``every_n_steps=1000`` in a run of 150
+        steps, without ``at_start`` or ``at_end``), or when some of ``steps`` come after the
+        run's last step.
+        """
         if self.schedule.total_steps is None:
             self.schedule = dataclasses.replace(self.schedule, total_steps=total_steps)
+        beyond = self.schedule.beyond(total_steps)
+        ends = self.schedule.at_start or self.schedule.at_end
+        if beyond is None or (beyond[1] and ends and self.schedule.steps is None):
+            return
+        said, every = beyond
+        outcome = "no LLC estimate runs" if every and not ends else "those estimates do not run"
+        self.warn_once("schedule", f"{said}: {outcome}. Schedule them within the run.")
 
     def set_dataset_size(self, dataset_size: int) -> None:
         """Tell the monitor the training set's size for the free energy, unless it was given."""
@@ -275,7 +287,18 @@ class LLCMonitor:
         Args:
             step: Optimizer steps completed.
             final: Whether training has just ended (for ``at_end``).
+
+        Raises:
+            ValueError: If ``step`` comes before the last estimate's: the monitor followed
+                another run, whose history it holds.
         """
+        if step < self._last_step:
+            raise ValueError(
+                f"step {step} comes before this LLCMonitor's last estimate, at step"
+                f" {self._last_step}: it followed another run and holds that run's history."
+                " Build one LLCMonitor per run (or load_state_dict a checkpoint's state to"
+                " resume one)."
+            )
         return (
             self.enabled
             and step > self._last_step

@@ -89,6 +89,22 @@ class Schedule:
             return step in due
         return step > 0 and step % self.every_n_steps == 0
 
+    def beyond(self, total_steps: int) -> tuple[str, bool] | None:
+        """What of the schedule falls after the last step of a run of ``total_steps`` steps.
+
+        Returns:
+            ``None`` when nothing does; else what does, for a warning, and whether that is
+            every estimate of the schedule but ``at_start`` and ``at_end``.
+        """
+        if self.steps is not None:
+            late = [step for step in self.steps if step > total_steps]
+            said = f"steps {late} come after the run's {total_steps} optimizer steps"
+            return (said, len(late) == len(self.steps)) if late else None
+        if self.every_n_steps is not None and self.every_n_steps > total_steps:
+            said = f"every_n_steps={self.every_n_steps} is more than the run's {total_steps}"
+            return said + " optimizer steps", True
+        return None
+
 
 def log_spaced_steps(total_steps: int, num: int) -> list[int]:
     """About ``num`` distinct steps spaced evenly in log scale from 1 to ``total_steps``."""

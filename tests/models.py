@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import struct
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +37,20 @@ def fails_in_chains(loss_fn):
     def loss(model, batch):
         if torch.is_grad_enabled():
             raise RuntimeError("boom")
+        return loss_fn(model, batch)
+
+    return loss
+
+
+def interrupted_at(loss_fn, now: Callable[[], int], step: int):
+    """``loss_fn``, except that its first call where ``now()`` is ``step`` (inside that step's
+    estimate) sends this process SIGINT, as Ctrl-C does: KeyboardInterrupt in the chains."""
+    sent = []
+
+    def loss(model, batch):
+        if now() == step and not sent:
+            sent.append(step)
+            os.kill(os.getpid(), signal.SIGINT)
         return loss_fn(model, batch)
 
     return loss

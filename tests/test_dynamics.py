@@ -238,6 +238,19 @@ def test_log_spaced_schedule_takes_total_steps_later():
     assert recorded == dynamics.steps == [1, 10, 100, 1000]
 
 
+def test_a_restart_forgets_the_records_and_the_length_of_the_run_before():
+    dynamics = EssentialDynamics(latent_probe(), outputs_fn=outputs, log_spaced=4)
+    dynamics.set_total_steps(1000)
+    model = Latent()
+    for step in range(1001):
+        dynamics.maybe_record(step, model)
+    dynamics.restart()
+    assert dynamics.steps == dynamics.vectors == []
+    dynamics.set_total_steps(100)  # the next run's length, not the last run's
+    recorded = [step for step in range(101) if dynamics.maybe_record(step, model)]
+    assert recorded == dynamics.steps == [1, 5, 22, 100]
+
+
 def test_bad_arguments_give_clear_errors():
     probe = latent_probe()
     with pytest.raises(ValueError, match="max_dims must be an integer >= 2"):

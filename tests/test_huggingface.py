@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +23,14 @@ from hf_helpers import (
     tiny_bert,
     tiny_gpt2,
 )
-from models import BOWL_CONFIG, BOWL_TURNS, TINY, fails_in_chains
+from models import BOWL_CONFIG, BOWL_TURNS, TINY, fails_in_chains, interrupted_at
 from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader, Subset
+from transformers import set_seed
 
 from llc_callbacks import EssentialDynamics, Probe, Restrictions, token_losses
 from llc_callbacks.forked import ForkedModel
-from llc_callbacks.integrations.huggingface import LLCTrainerCallback
+from llc_callbacks.integrations.huggingface import LLCTrainerCallback, model_loss
 
 
 def train(tmp_path, callback_kwargs=None, resume=None, **changes):
@@ -72,6 +74,71 @@ def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
     # Every step's loss is logged, also at the steps where the LLC was logged.
     assert losses(watched) == losses(plain)
     assert [step for step, _ in losses(plain)] == list(range(1, 13))
+
+
+def test_a_callback_reused_by_another_trainer_logs_each_runs_own_llc(tmp_path):
+    # Both Trainers built first (a notebook cell run twice), then trained in turn; the second
+    # runs longer than the first, past the first's last estimate.
+    callback = LLCTrainerCallback(TINY, every_n_steps=4)
+    first = make_trainer(tmp_path / "a", max_steps=8)
+    first.add_callback(callback)
+    second = make_trainer(tmp_path / "b", max_steps=16)
+    second.add_callback(callback)
+    first.train()
+    first_rows, first_monitor = llc_rows(first), callback.monitor
+    set_seed(0)  # training's dropout draws from the global generator, as alone's below
+    with pytest.warns(UserWarning, match="LLCTrainerCallback ran before, so its LLC history"):
+        second.train()
+    assert callback.trainer is second
+    assert llc_rows(first) == first_rows and [s for s, _ in first_rows] == [4, 8]
+    assert [row["step"] for row in first_monitor.history] == [4, 8]
+    # The second run's LLC is what a callback of its own would have logged.
+    alone = make_trainer(tmp_path / "alone", max_steps=16)
+    own = LLCTrainerCallback(TINY, every_n_steps=4)
+    alone.add_callback(own)
+    set_seed(0)
+    alone.train()
+    assert [step for step, _ in llc_rows(second)] == [4, 8, 12, 16]
+    assert llc_rows(second) == llc_rows(alone)
+    assert_same_history(callback.monitor.history, own.monitor.history)
+
+
+def test_an_interrupt_in_an_estimate_keeps_the_steps_checkpoint_and_a_resume_continues(tmp_path):
+    # Cold chains, so that the resumed history can equal an uninterrupted one exactly.
+    kwargs = {"config": dataclasses.replace(TINY, warm_start=False), "every_n_steps": 3}
+    interrupted = make_trainer(tmp_path / "run", save_strategy="steps", save_steps=6)
+    loss = interrupted_at(model_loss, lambda: interrupted.state.global_step, 6)
+    callback = LLCTrainerCallback(**kwargs, loss_fn=loss)
+    interrupted.add_callback(callback)
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C inside the step-6 estimate
+        interrupted.train()
+    assert interrupted.state.global_step == 6  # no step after it
+    checkpoint = tmp_path / "run" / "checkpoint-6"
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert saved["global_step"] == 6
+    history = saved["stateful_callbacks"][callback.state_key]["history"]
+    assert [row["step"] for row in history] == [3]  # the interrupted estimate is left out
+    resumed, resumed_callback = train(
+        tmp_path / "resumed", {**kwargs, "loss_fn": model_loss}, resume=str(checkpoint)
+    )
+    full, full_callback = train(tmp_path / "full", {**kwargs, "loss_fn": model_loss})
+    assert [row["step"] for row in resumed_callback.monitor.history] == [3, 6, 9, 12]
+    assert_same_history(resumed_callback.monitor.history, full_callback.monitor.history)
+    assert llc_rows(resumed) == llc_rows(full)  # step 3's row came with the checkpoint
+
+
+def test_label_smoothing_is_said_and_the_models_own_loss_clears_it(tmp_path):
+    with pytest.warns(UserWarning, match="label_smoothing_factor=0.1: .* loss_fn=model_loss"):
+        _, smoothed = train(tmp_path / "a", {"steps": [6]}, label_smoothing_factor=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, own = train(
+            tmp_path / "b", {"steps": [6], "loss_fn": model_loss}, label_smoothing_factor=0.1
+        )
+    assert not [w for w in caught if "label_smoothing" in str(w.message)]
+    # Same training, same weights: the two callbacks sampled different losses.
+    (a,), (b,) = smoothed.monitor.history, own.monitor.history
+    assert a["llc/init_loss"] != pytest.approx(b["llc/init_loss"], rel=1e-3)
 
 
 def test_wandb_run_file_holds_the_llc_next_to_the_loss(tmp_path, wandb_dir, wandb_rows):

@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import json
 import math
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -13,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 from compare import assert_same_history
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning_helpers import BowlModule, Classifier, dataset, loader, trainer
-from models import BOWL_CONFIG, BOWL_TURNS, TINY, fails_in_chains
+from models import BOWL_CONFIG, BOWL_TURNS, TINY, fails_in_chains, interrupted_at
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -218,6 +220,38 @@ def test_resume_continues_schedule_history_and_seeds(tmp_path):
     assert_same_history(resumed.monitor.history, full.monitor.history)
 
 
+def test_an_interrupt_in_an_estimate_keeps_the_steps_checkpoint_and_a_resume_continues(tmp_path):
+    data = loader(shuffle=False, batch_size=256)  # as above: training itself resumes exactly
+
+    def make_module():
+        return Classifier(dropout=0.0)
+
+    cold = dataclasses.replace(TINY, warm_start=False)
+    found = {}
+    loss = interrupted_at(training_step_loss, lambda: found["trainer"].global_step, 6)
+    callback = LLCCallback(cold, every_n_steps=3, loss_fn=loss)
+    saving = ModelCheckpoint(tmp_path / "checkpoints", every_n_train_steps=6, save_top_k=-1)
+    L.seed_everything(0, verbose=False)
+    found["trainer"] = run = trainer(
+        tmp_path, callbacks=[callback, saving], enable_checkpointing=True, max_steps=12
+    )
+    try:
+        with pytest.raises(SystemExit):  # Lightning's answer to Ctrl-C (inside the estimate)
+            run.fit(make_module(), data)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignored it since
+    assert run.global_step == 6  # no step after it
+    (checkpoint,) = (tmp_path / "checkpoints").glob("*step=6.ckpt")
+    state = torch.load(checkpoint, weights_only=False)["callbacks"][callback.state_key]
+    assert [row["step"] for row in state["history"]] == [3]  # the interrupted one left out
+    resumed = LLCCallback(cold, every_n_steps=3, loss_fn=training_step_loss)
+    fit(tmp_path / "resumed", [resumed], make_module, data, checkpoint, max_steps=12)
+    full = LLCCallback(cold, every_n_steps=3, loss_fn=training_step_loss)
+    fit(tmp_path / "full", [full], make_module, data, max_steps=12)
+    assert [row["step"] for row in resumed.monitor.history] == [3, 6, 9, 12]
+    assert_same_history(resumed.monitor.history, full.monitor.history)
+
+
 def test_a_warm_started_run_resumes_with_its_step_sizes_and_cold_chains(tmp_path):
     data = loader(shuffle=False, batch_size=256)
 
@@ -242,6 +276,32 @@ def test_a_warm_started_run_resumes_with_its_step_sizes_and_cold_chains(tmp_path
     assert after.burnin.tolist() == [adapted] * TINY.num_chains
     assert np.all(np.abs(np.log(after.step_sizes / ended)) <= adapted * np.log(2))
     assert math.isfinite(row["llc/mean"])
+
+
+def test_a_callback_fitted_again_starts_a_new_history_and_checkpoints_only_it(tmp_path):
+    callback = LLCCallback(TINY, every_n_steps=4)
+    fit(tmp_path / "a", [callback], max_steps=8)
+    first_history = callback.monitor.history
+    with pytest.warns(UserWarning, match="LLCCallback ran before, so its LLC history"):
+        _, second = fit(tmp_path / "b", [callback], logger=CSVLogger(tmp_path / "b"))
+    assert [row["step"] for row in first_history] == [4, 8]  # kept on the first run's monitor
+    # The second fit logs its own estimates, those of a callback of its own.
+    alone = LLCCallback(TINY, every_n_steps=4)
+    fit(tmp_path / "alone", [alone], logger=CSVLogger(tmp_path / "alone"))
+    assert [row["step"] for row in callback.monitor.history] == [4, 8, 12]
+    assert_same_history(callback.monitor.history, alone.monitor.history)
+    logged = [int(r["step"]) for r in csv_rows(second.logger) if r.get("llc/mean")]
+    assert logged == [4, 8, 12]
+    second.save_checkpoint(tmp_path / "second.ckpt")
+    saved = torch.load(tmp_path / "second.ckpt", weights_only=False)["callbacks"]
+    assert_same_history(saved[callback.state_key]["history"], callback.monitor.history)
+
+
+def test_a_schedule_that_cannot_fire_in_the_run_is_said_when_training_starts(tmp_path):
+    callback = LLCCallback(TINY, every_n_steps=1000)
+    with pytest.warns(UserWarning, match="every_n_steps=1000 .* 12 optimizer steps: no LLC"):
+        fit(tmp_path, [callback])
+    assert callback.monitor.history == []
 
 
 def test_two_differently_configured_callbacks_keep_separate_state(tmp_path):

@@ -66,6 +66,39 @@ def test_state_dict_resumes_without_repeating_or_skipping():
     assert resumed.history[:2] == first.history
 
 
+def test_a_monitor_that_followed_another_loop_raises_naming_the_fix():
+    monitor = LLCMonitor(TINY, every_n_steps=5)
+    train(monitor)
+    first = [dict(row) for row in monitor.history]
+    with pytest.raises(
+        ValueError,
+        match=r"step 0 comes before .* last estimate, at step 10.* one LLCMonitor per run",
+    ):
+        train(monitor)  # a second loop counts from step 0 again
+    assert monitor.history == first  # nothing of the second run was written into the first's
+
+
+@pytest.mark.parametrize(
+    ("schedule", "said"),
+    [
+        ({"every_n_steps": 1000}, "every_n_steps=1000 is more than the run's 150 optimizer"),
+        ({"steps": [200, 300]}, r"steps \[200, 300\] come after .*: no LLC estimate runs"),
+        ({"steps": [100, 300]}, r"steps \[300\] come after .*: those estimates do not run"),
+        ({"steps": [200], "at_end": True}, r"steps \[200\] .*: those estimates do not run"),
+    ],
+)
+def test_a_schedule_beyond_the_run_is_said_when_its_length_is_known(schedule, said):
+    monitor = LLCMonitor(TINY, **schedule)
+    with pytest.warns(UserWarning, match=said):
+        monitor.set_total_steps(150)
+    # The advice, followed: scheduled within the run, nothing is said.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LLCMonitor(TINY, every_n_steps=100, at_end=True).set_total_steps(150)
+        LLCMonitor(TINY, steps=[100, 150]).set_total_steps(150)
+        LLCMonitor(TINY, at_end=True).set_total_steps(50)  # every 100 steps is the default
+
+
 def test_errors_warn_and_report_nan_or_raise():
     def broken(model, batch):
         raise ValueError("bad batch")
