@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-# A guard against a hang, not a speed check: the slowest script (benchmarks/gpu_check.py
-# --quick) takes 1.5 minutes on a quiet 2-core machine and 2.3 beside a full test suite.
+# A guard against a hang, not a speed check: the slowest scripts (the FSDP2 runs under
+# torchrun, benchmarks/gpu_check.py --quick) take about a minute on a quiet 2-core machine
+# and up to three beside two more test suites.
 HANG_S = 30 * 60
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
