@@ -146,7 +146,7 @@ class LLCCallback(Callback):
         del arguments["self"]
         self.monitor = common.build_monitor(arguments)
         self._arguments = arguments
-        self._fits = 0
+        self._runs = 0
         self._held = common.HeldError()
         self.dynamics = dynamics
         self._probe = dynamics.probe if dynamics is not None else None
@@ -182,11 +182,11 @@ class LLCCallback(Callback):
                 "LLCCallback needs loss_fn=... with manual optimization: training_step steps"
                 " the optimizer itself, so it cannot serve as the loss."
             )
-        if self._fits:  # a callback that fitted before starts afresh (a resume loads after)
+        if self._runs:  # a callback that fitted before starts afresh (a resume loads after)
             self.monitor = common.next_run(
                 "LLCCallback", self._arguments, self.monitor, self.dynamics
             )
-        self._fits += 1
+        self._runs += 1
         common.refuse_same_prefix(self, trainer.callbacks)
         self.monitor.follow_precision(MIXED_PRECISION.get(str(trainer.precision)))
 

@@ -257,13 +257,9 @@ class LLCMonitor:
         """
         if self.schedule.total_steps is None:
             self.schedule = dataclasses.replace(self.schedule, total_steps=total_steps)
-        beyond = self.schedule.beyond(total_steps)
-        ends = self.schedule.at_start or self.schedule.at_end
-        if beyond is None or (beyond[1] and ends and self.schedule.steps is None):
-            return
-        said, every = beyond
-        outcome = "no LLC estimate runs" if every and not ends else "those estimates do not run"
-        self.warn_once("schedule", f"{said}: {outcome}. Schedule them within the run.")
+        missed = self.schedule.beyond(total_steps)
+        if missed is not None:
+            self.warn_once("schedule", f"{missed}. Schedule them within the run.")
 
     def set_dataset_size(self, dataset_size: int) -> None:
         """Tell the monitor the training set's size for the free energy, unless it was given."""

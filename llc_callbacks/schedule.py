@@ -89,20 +89,27 @@ class Schedule:
             return step in due
         return step > 0 and step % self.every_n_steps == 0
 
-    def beyond(self, total_steps: int) -> tuple[str, bool] | None:
-        """What of the schedule falls after the last step of a run of ``total_steps`` steps.
+    def beyond(self, total_steps: int) -> str | None:
+        """What of the schedule a run of ``total_steps`` optimizer steps never reaches.
 
         Returns:
-            ``None`` when nothing does; else what does, for a warning, and whether that is
-            every estimate of the schedule but ``at_start`` and ``at_end``.
+            ``None`` when every estimate falls within the run (``every_n_steps`` beyond it
+            with ``at_start`` or ``at_end`` counts as within: those still estimate); else
+            what falls after it, and what that costs, for a warning.
         """
+        ends = self.at_start or self.at_end
         if self.steps is not None:
             late = [step for step in self.steps if step > total_steps]
-            said = f"steps {late} come after the run's {total_steps} optimizer steps"
-            return (said, len(late) == len(self.steps)) if late else None
-        if self.every_n_steps is not None and self.every_n_steps > total_steps:
-            said = f"every_n_steps={self.every_n_steps} is more than the run's {total_steps}"
-            return said + " optimizer steps", True
+            if not late:
+                return None
+            every = len(late) == len(self.steps) and not ends
+            outcome = "no LLC estimate runs" if every else "those estimates do not run"
+            return f"steps {late} come after the run's {total_steps} optimizer steps: {outcome}"
+        if self.every_n_steps is not None and self.every_n_steps > total_steps and not ends:
+            return (
+                f"every_n_steps={self.every_n_steps} is more than the run's {total_steps}"
+                " optimizer steps: no LLC estimate runs"
+            )
         return None
 
 

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import lightning.pytorch as L
 import torch
+from clocks import Clock
 from lightning.pytorch.loggers import CSVLogger
 from lightning_helpers import Classifier, dataset
 from ranks import leave
@@ -40,18 +41,10 @@ def observables() -> dict[str, DataLoader]:
     return {"probe": DataLoader(Subset(dataset(), range(8)), batch_size=8)}
 
 
-class WorkClock:
-    """The budget's clock in budget mode: it moves with work, not seconds, so that how loaded
-    the machine is cannot change the plan. Each loss call costs 1 ms, a training step 50 ms,
-    70 ms on rank 1: the ranks' clocks differ, as real ones do."""
-
-    now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-CLOCK = WorkClock()
+# The budget's clock in budget mode: it moves with work, not seconds, so that how loaded the
+# machine is cannot change the plan. Each loss call costs 1 ms, a training step 50 ms, 70 ms
+# on rank 1: the ranks' clocks differ, as real ones do.
+CLOCK = Clock()
 
 
 def loss_fn(module, batch):

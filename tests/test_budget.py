@@ -5,21 +5,12 @@ import itertools
 
 import pytest
 import torch
+from clocks import Clock
 from models import TINY, ShuffledBatches
 
 from llc_callbacks import LLCConfig, LLCMonitor
 from llc_callbacks import budget as budget_module
 from llc_callbacks.budget import PACE_FLAT, PACE_MOVING, Budget, pace
-
-
-class Clock:
-    """A stand-in for ``time.perf_counter`` that moves only when told."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
