@@ -72,8 +72,7 @@ class Calibration:
         fallback = min(healthy or [row["step_size"] for row in self.rows])
         warnings.warn(
             "llc_callbacks: no step size passed calibration (see Calibration.rows); using"
-            f" {fallback:g}. Raise num_burnin or num_draws, widen the step sizes, or check that"
-            " the weights are at a minimum.",
+            f" {fallback:g}. {_advice(self.rows)}",
             stacklevel=2,
         )
         return fallback
@@ -176,6 +175,22 @@ def _row(setting: LLCConfig, result: LLCResult) -> dict[str, Any]:
 
 def _healthy(row: dict[str, Any]) -> bool:
     return not set(row["problems"]) & set(DISQUALIFYING) and math.isfinite(row["llc_mean"])
+
+
+def _advice(rows: list[dict[str, Any]]) -> str:
+    """What would let a setting pass: told by the smallest step size swept, and why it failed."""
+    smallest = min(rows, key=lambda row: row["step_size"])
+    failed = set(smallest["problems"]) & set(DISQUALIFYING)
+    if failed & {"localization", "below_init"}:
+        return (
+            f"The smallest step size failed {', '.join(sorted(failed))}: lower localization"
+            " (pass localizations=[...]) or calibrate at weights that are a local minimum."
+        )
+    return (
+        f"Pass smaller step_sizes: the smallest, {smallest['step_size']:g}, had MALA acceptance"
+        f" {smallest.get('mala_acceptance', math.nan):.2f} (it must reach {MALA_TARGET})"
+        + (" and diverged." if "diverged" in failed else ".")
+    )
 
 
 def _between(passed: dict[str, Any], failed: dict[str, Any]) -> float | None:

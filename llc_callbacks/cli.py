@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from llc_callbacks.curvature import CURVATURES
 from llc_callbacks.distributed import rank_and_world
-from llc_callbacks.history import llc_prefix, loss_key, read_rows, series
+from llc_callbacks.history import health_key, histories, llc_prefix, loss_key, read_rows, series
 from llc_callbacks.keys import CURVATURE, metric_key
 from llc_callbacks.plotting import Curves, component_names, plot_components, plot_llc_curve
 from llc_callbacks.replay import (
@@ -59,11 +59,14 @@ Draw the LLC over training to a PNG, from a Lightning metrics.csv, a transformer
 trainer_state.json or a W&B offline run folder: the LLC with its chain spread (+/- std)
 as a band, the loss dashed on a second axis, a curve per run when given several, and
 the curvature a run logged in a panel below; a single run's rising and falling stages
-are shaded. --restriction NAME draws the restricted LLC NAME (a layer's or a head's,
-with its own spread where logged) of each run beside its full LLC, in the same axes.
---components draws every restricted LLC of one run instead: a heatmap (component x
-step) marking each one's stage boundaries, above their curves. Prints the path of the
-PNG it wrote."""
+are shaded. Estimates that failed a health check (llc/healthy 0) are hollow markers.
+Where the LLC's step does not increase from one estimate to the next (a second fit from
+an earlier checkpoint logged into the same file), a new LLC history begins: a curve of
+its own, dash-dotted and labelled "(restart k)". --restriction NAME draws the
+restricted LLC NAME (a layer's or a head's, with its own spread where logged) of each
+run beside its full LLC, in the same axes. --components draws every restricted LLC of
+one run instead: a heatmap (component x step) marking each one's stage boundaries,
+above their curves. Prints the path of the PNG it wrote."""
 PLOT_EXAMPLES = """\
 examples:
   llc-callbacks plot lightning_logs/version_0/metrics.csv
@@ -77,9 +80,11 @@ metrics.csv, a transformers trainer_state.json or a W&B offline run folder. The
 estimates are fitted with a piecewise-linear curve, in units of their chain spread
 (llc_callbacks.stages.detect_stages); each stage is rising, falling or flat, and its
 row gives its first and last step, the LLC's change and the loss's relative change
-over it. A stage is flagged where the LLC moves while the loss stays flat.
---restriction NAME reads the restricted LLC NAME (a layer's or a head's) instead of
-the full LLC."""
+over it. A stage is flagged where the LLC moves while the loss stays flat. Where the
+LLC's step does not increase from one estimate to the next (a second fit from an earlier
+checkpoint logged into the same file), a new LLC history begins: each history is fitted
+on its own and printed as a table of its own, under a line naming it. --restriction
+NAME reads the restricted LLC NAME (a layer's or a head's) instead of the full LLC."""
 STAGES_EXAMPLES = """\
 examples:
   llc-callbacks stages lightning_logs/version_0/metrics.csv
@@ -438,17 +443,29 @@ def _check_restrictions(
 
 
 def _print_stages(run: Path, restriction: str | None) -> None:
+    """Print the stages of a run's LLC, a table per history (``histories``)."""
     rows, prefix = _llc_rows(run)
     if restriction is not None:
         _check_restrictions(run, rows, prefix, [restriction])
-    print(f"{'start':>8} {'end':>8} {'kind':8} {'LLC change':>11} {'loss change':>12} flagged")
-    for stage in detect_stages(rows, prefix, restriction, loss=loss_key(rows)):
-        loss = "-" if stage.loss_change is None else f"{stage.loss_change:+.1%}"
-        flagged = "yes" if stage.flagged else ""
-        print(
-            f"{stage.start:8d} {stage.end:8d} {stage.kind:8} {stage.change:+11.4g}"
-            f" {loss:>12} {flagged}"
-        )
+    mean, loss = metric_key(prefix, "mean", restriction), loss_key(rows)
+    parts = histories(rows, mean)
+    for index, part in enumerate(parts):
+        if len(parts) > 1:
+            steps = [int(row["step"]) for row in part if mean in row]
+            if index:
+                print()
+            restarted = f" (restart {index})" if index else ""
+            print(
+                f"history {index + 1} of {len(parts)}{restarted}: steps {steps[0]} to {steps[-1]}"
+            )
+        print(f"{'start':>8} {'end':>8} {'kind':8} {'LLC change':>11} {'loss change':>12} flagged")
+        for stage in detect_stages(part, prefix, restriction, loss=loss):
+            change = "-" if stage.loss_change is None else f"{stage.loss_change:+.1%}"
+            flagged = "yes" if stage.flagged else ""
+            print(
+                f"{stage.start:8d} {stage.end:8d} {stage.kind:8} {stage.change:+11.4g}"
+                f" {change:>12} {flagged}"
+            )
 
 
 def _folder(run: Path) -> Path:
@@ -473,33 +490,38 @@ def _plot(
 
 
 def _curves(run: Path, loss: str | None, label: str | None, names: list[str]) -> list[Curves]:
-    """A run's full LLC (with its loss and curvature), then its restricted LLCs ``names``."""
+    """A run's full LLC (with its loss and curvature), then its restricted LLCs ``names``.
+
+    Each LLC's histories (``histories``) are curves of their own, the first history first.
+    """
     rows, prefix = _llc_rows(run)
     _check_restrictions(run, rows, prefix, names)
     loss = loss or loss_key(rows)
     if loss is not None and not any(loss in row for row in rows):
         raise ValueError(f"{run} has no '{loss}' values")
-    curvature = {
-        name: series(rows, metric_key(prefix, f"{CURVATURE}/{name}"))
-        for name in CURVATURES
-        if any(metric_key(prefix, f"{CURVATURE}/{name}") in row for row in rows)
-    }
-    full = Curves(
-        series(rows, metric_key(prefix, "mean")),
-        series(rows, metric_key(prefix, "std")),
-        series(rows, loss) if loss else None,
-        label or ("full LLC" if names else None),
-        curvature,
-    )
-    restricted = [
-        Curves(
-            series(rows, metric_key(prefix, "mean", name)),
-            series(rows, metric_key(prefix, "std", name)),
-            label=name if label is None else f"{label}: {name}",
-        )
-        for name in names
-    ]
-    return [full, *restricted]
+    curves = []
+    for name in (None, *names):
+        mean, healthy = metric_key(prefix, "mean", name), health_key(rows, prefix, name)
+        for index, part in enumerate(histories(rows, mean)):
+            llc = series(part, mean, healthy)
+            spread = series(part, metric_key(prefix, "std", name))
+            if name is None:
+                keys = {
+                    quantity: metric_key(prefix, f"{CURVATURE}/{quantity}")
+                    for quantity in CURVATURES
+                }
+                curvature = {
+                    quantity: series(part, key)
+                    for quantity, key in keys.items()
+                    if any(key in row for row in part)
+                }
+                title = label or ("full LLC" if names else None)
+                losses = series(part, loss) if loss else None
+                curves.append(Curves(llc, spread, losses, title, curvature, restart=index))
+            else:
+                title = name if label is None else f"{label}: {name}"
+                curves.append(Curves(llc, spread, label=title, restart=index))
+    return curves
 
 
 def _plot_components(runs: list[Path], output: Path | None, loss: str | None) -> Path:

@@ -136,15 +136,28 @@ def _detrended(series: np.ndarray) -> np.ndarray:
 
 
 def problems(
-    llc_mean: float, init_loss: float, diagnostics: dict[str, float], config: LLCConfig
+    llc_mean: float,
+    init_loss: float,
+    diagnostics: dict[str, float],
+    config: LLCConfig,
+    *,
+    burnin: np.ndarray,
+    draws: np.ndarray,
 ) -> dict[str, str]:
     """The checks an estimate fails, each with what to change.
+
+    The advice names the setting that acts on the chains as they ran: a burn-in that ended
+    by the settling rule (``adaptation.settled``) is not lengthened by a larger ``num_burnin``,
+    nor are draws that each chain ended at its own precision (``relative_error``) by a larger
+    ``num_draws``.
 
     Args:
         llc_mean: The estimate.
         init_loss: ``L(w*)``.
         diagnostics: As returned by ``chain_diagnostics``.
         config: The hyperparameters used.
+        burnin: The burn-in steps of each chain that did not diverge.
+        draws: The draws of each chain that did not diverge.
 
     Returns:
         ``{check: message}`` for each failing check, among ``init_loss`` (not finite),
@@ -157,45 +170,61 @@ def problems(
     if not math.isfinite(init_loss):
         return {"init_loss": f"the loss at the current weights is {init_loss}; the LLC is NaN."}
     found = {}
-    chains, adapted = config.num_chains, config.step_size == "adapt"
+    chains = config.num_chains
     step_size = diagnostics.get("step_size", config.step_size)
-    if adapted:  # the advice is about what steers the adaptation
+    if config.step_size == "adapt":  # the advice is about what steers the adaptation
         smaller = f"raise target_acceptance (now {config.target_acceptance:g})"
-        larger = f"raise num_burnin (now {config.num_burnin}) so that chains can settle"
     else:
         smaller = f"lower step_size (now {step_size:g})"
-        larger = f"raise num_burnin (now {config.num_burnin}) or step_size (now {step_size:g})"
     diverged = int(diagnostics["num_diverged"])
     if diverged == chains:
         found["diverged"] = (
             f"all {chains} chains diverged (loss became NaN or infinite); the LLC is NaN."
-            f" {smaller.capitalize()} or raise localization."
+            f" {smaller.capitalize()} or raise localization (now {config.localization:g})."
         )
         return found
     if diverged:
         found["diverged"] = (
             f"{diverged} of {chains} chains diverged and are left out of the LLC; {smaller}."
         )
+    steps_too_large = diagnostics.get("mala_acceptance", 1.0) < MALA_MIN
     if llc_mean < 0:
+        cause = (
+            f"the steps are too large: {smaller}"
+            if steps_too_large
+            else "they are not a local minimum (early in training, or the loss still falls"
+            f" fast): raise localization (now {config.localization:g}) to hold the chains"
+            " nearer them, or estimate once the loss levels off"
+        )
         found["below_init"] = (
             f"the LLC is negative ({llc_mean:.3g}): sampled losses fall below the loss at the"
-            " current weights, which are not a local minimum or the step size"
-            f" ({step_size:.3g}) is too large."
+            f" current weights, so {cause}."
         )
+    longer = _longer_draws(config, draws)
+    capped = int((burnin >= config.num_burnin).sum())
+    if capped:
+        settle = (
+            f"raise num_burnin (now {config.num_burnin}; {capped} of {len(burnin)} chains"
+            " burned in for all of it)"
+        )
+        if config.step_size != "adapt":
+            settle += f" or step_size (now {step_size:g})"
+    else:  # each burn-in ended once its loss had levelled off
+        settle = _slow_directions(config, step_size, burnin + draws) or longer
     if diagnostics["climb"] > CLIMB_MAX and diagnostics["trend_z"] > CLIMB_Z:
         found["under_mixed"] = (
             f"chains still climbing: the draws' last half lies {diagnostics['climb']:.0%} above"
-            f" their mean, so the LLC is biased low: {larger}."
+            f" their mean, so the LLC is biased low: {settle}."
         )
     elif abs(diagnostics["trend_z"]) > DRIFT_Z:
         found["drifting"] = (
             f"chains still drifting (the draws' last half differs from their first tenth by"
-            f" {diagnostics['trend_z']:.1f} standard errors): {larger}."
+            f" {diagnostics['trend_z']:.1f} standard errors): {settle}."
         )
     if diagnostics["rhat"] > RHAT_MAX:
         found["rhat"] = (
-            f"chains disagree (R-hat {diagnostics['rhat']:.2f} > {RHAT_MAX}): raise num_draws"
-            " or num_burnin."
+            f"chains disagree (R-hat {diagnostics['rhat']:.2f} > {RHAT_MAX}, over the"
+            f" {int(draws.min())} draws every chain has): {longer}."
         )
     if diagnostics["loc_sensitivity"] < LOC_SENSITIVITY_MIN:
         found["localization"] = (
@@ -203,12 +232,46 @@ def problems(
             f" localization is {diagnostics['loc_sensitivity']:.2f}), so the LLC is biased low."
             f" Lower localization (now {config.localization:g})."
         )
-    if diagnostics.get("mala_acceptance", 1.0) < MALA_MIN:
+    if steps_too_large:
         found["step_too_large"] = (
             f"MALA acceptance is {diagnostics['mala_acceptance']:.2f} (healthy near 0.9): the"
             f" steps are too large for the curvature and the LLC is biased high: {smaller}."
         )
     return found
+
+
+def _longer_draws(config: LLCConfig, draws: np.ndarray) -> str:
+    """What makes every chain draw longer: ``num_draws``, unless chains stopped before it."""
+    if config.relative_error is not None and draws.size and (draws < config.num_draws).any():
+        return (
+            f"pass relative_error=None (now {config.relative_error:g}) so that every chain"
+            f" draws num_draws (now {config.num_draws}) instead of stopping at its own"
+            f" precision (here after {_span(draws)} draws)"
+        )
+    return f"raise num_draws (now {config.num_draws})"
+
+
+def _slow_directions(config: LLCConfig, step_size: float, ran: np.ndarray) -> str | None:
+    """Advice when the directions that only the localization holds outlast the chains.
+
+    Along them a chain relaxes over about ``2 / (step_size * localization)`` steps (its
+    distance from ``w*`` is an AR(1) series with that time constant); if that exceeds every
+    chain's steps, no burn-in that the settling rule ends lets them arrive.
+    """
+    relaxation = 2 / (step_size * config.localization)
+    if relaxation <= ran.max():
+        return None
+    return (
+        f"raise localization (now {config.localization:g}): along the directions that only it"
+        f" holds, chains relax over about 2 / (step size x localization) = {relaxation:,.0f}"
+        f" steps, more than the {_span(ran)} they ran"
+    )
+
+
+def _span(values: np.ndarray) -> str:
+    """``"100"`` or ``"100 to 150"``: the least and the most of some counts."""
+    low, high = int(values.min()), int(values.max())
+    return f"{low:,}" if low == high else f"{low:,} to {high:,}"
 
 
 def _trend_z(healthy: np.ndarray) -> float:

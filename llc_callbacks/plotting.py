@@ -33,6 +33,8 @@ FIGSIZE, DPI = (8.0, 4.5), 100  # 800 x 450 pixels
 # Shades of rising and falling stages; flagged ones (the LLC moves, the loss stays flat) hatched.
 STAGE_COLORS = {"rising": "tab:red", "falling": "tab:green"}
 FLAGGED_HATCH = "//"
+# The legend entry of estimates that failed a health check, drawn hollow.
+UNHEALTHY = "unhealthy"
 # k-means of component curves (cluster_curves): seeded restarts, each at most so many steps.
 KMEANS_RESTARTS, KMEANS_ITERATIONS, KMEANS_SEED = 10, 100, 0
 
@@ -90,6 +92,9 @@ class Curves(NamedTuple):
         label: The run's name in the legend.
         curvature: Curvature measured at the LLC's steps, by name (``hessian_trace``, ...),
             drawn in a panel below, each scaled to its largest magnitude.
+        restart: Which LLC history of the run these are (``llc_callbacks.history.histories``):
+            0 for its first, ``k`` for its ``k``-th restart, which continues the run of the
+            curves before it.
     """
 
     llc: Series
@@ -97,43 +102,59 @@ class Curves(NamedTuple):
     loss: Series | None = None
     label: str | None = None
     curvature: Mapping[str, Series] | None = None
+    restart: int = 0
 
 
 def plot_llc_curve(*runs: Curves, path: str | Path | None = None) -> Figure:
     """The LLC over training, a curve per run, with its chain spread and the loss.
 
-    Each run's spread is a band around its curve; the losses are dashed, on a second axis. A
-    single run's rising and falling stages (``llc_callbacks.stages``) are shaded, and hatched
-    where the loss stays flat over them (flagged).
+    Each run's spread is a band around its curve; the losses are dashed, on a second axis.
+    Estimates that failed a health check (``Series.healthy``) are hollow markers, with a
+    legend entry "unhealthy". A restarted history (``Curves.restart`` above 0) is a curve of
+    its own in its run's colour, dash-dotted and labelled "(restart k)", never joined to the
+    history before it. A single run's rising and falling stages (``llc_callbacks.stages``),
+    fitted in each history on its own, are shaded, and hatched where the loss stays flat over
+    them (flagged).
     Where runs hold curvature, a panel below draws the LLC and each curvature quantity divided
     by its largest magnitude, on the same step axis, so that their shapes compare.
+
+    Args:
+        runs: The curves of each run, a run's restarted histories after its first.
+        path: Where to save the PNG.
+
+    Returns:
+        The figure; its first axes holds the LLC.
 
     Raises:
         ValueError: If no run is given.
     """
     if not runs:
         raise ValueError("plot_llc_curve needs the curves of at least one run")
-    curved = [run for run in runs if run.curvature]
+    numbers = _run_numbers(runs)
+    single = numbers[-1] == 0
+    curved = [(run, number) for run, number in zip(runs, numbers, strict=True) if run.curvature]
     figure = _figure(rows=2 if curved else 1)
     if curved:
         axes, below = figure.subplots(2, 1, sharex=True)
-        for index, run in enumerate(curved):
-            style = "-" if index == 0 else ":"
-            _scaled(below, run.llc, f"LLC{_suffix(run, len(curved))}", "black", style)
-            for number, (name, values) in enumerate(sorted(run.curvature.items())):
-                label = f"{name.replace('_', ' ')}{_suffix(run, len(curved))}"
-                _scaled(below, values, label, f"C{number + 1}", style)
+        several = len({number for _, number in curved}) > 1
+        for run, number in curved:
+            style = "-." if run.restart else "-" if number == 0 else ":"
+            suffix = (f" ({run.label})" if several and run.label else "") + _restarted(run)
+            _scaled(below, run.llc, f"LLC{suffix}", "black", style)
+            for index, (name, values) in enumerate(sorted(run.curvature.items())):
+                _scaled(below, values, f"{name.replace('_', ' ')}{suffix}", f"C{index + 1}", style)
         below.set_ylabel("/ largest magnitude")
         below.set_xlabel("step")
         below.legend(fontsize="small", ncol=2)
     else:
         axes = figure.subplots()
     losses = axes.twinx() if any(run.loss is not None and run.loss.steps for run in runs) else None
-    single = len(runs) == 1
-    for index, run in enumerate(runs):
-        color = "tab:blue" if single else f"C{index}"
-        name = run.label or ("LLC" if single else f"run {index}")
-        axes.plot(run.llc.steps, run.llc.values, marker="o", markersize=3, color=color, label=name)
+    marked = False
+    for run, number in zip(runs, numbers, strict=True):
+        color = "tab:blue" if single else f"C{number}"
+        name = (run.label or ("LLC" if single else f"run {number}")) + _restarted(run)
+        style = "-." if run.restart else "-"
+        marked |= _draw_estimates(axes, run.llc, color, style, name, marked)
         if run.spread is not None and run.spread.steps == run.llc.steps:
             low = [m - s for m, s in zip(run.llc.values, run.spread.values, strict=True)]
             high = [m + s for m, s in zip(run.llc.values, run.spread.values, strict=True)]
@@ -144,15 +165,61 @@ def plot_llc_curve(*runs: Curves, path: str | Path | None = None) -> Figure:
                 run.loss.steps, run.loss.values, color=loss_color, linewidth=1, linestyle="--"
             )
     if single:
-        _shade_stages(axes, runs[0])
+        for run in runs:
+            _shade_stages(axes, run)
     if not curved:
         axes.set_xlabel("step")
     axes.set_ylabel("LLC (± chain std)")
     if losses is not None:
         losses.set_ylabel("loss (dashed)")
-    if not single:
+    if marked or len(runs) > 1:
         axes.legend(fontsize="small")
     return _save(figure, path)
+
+
+def _run_numbers(runs: Sequence[Curves]) -> list[int]:
+    """Each curves' run, from 0: a restarted history continues the run of the curves before."""
+    numbers: list[int] = []
+    for run in runs:
+        numbers.append(numbers[-1] + (run.restart == 0) if numbers else 0)
+    return numbers
+
+
+def _restarted(run: Curves) -> str:
+    return f" (restart {run.restart})" if run.restart else ""
+
+
+def _draw_estimates(
+    axes: Axes, values: Series, color: str, style: str, label: str, marked: bool
+) -> bool:
+    """Draw an LLC curve with its unhealthy estimates hollow; whether it has any.
+
+    The first hollow markers (``marked`` still ``False``) carry the legend entry.
+    """
+    unhealthy = {index for index, ok in enumerate(values.healthy or ()) if not ok}
+    healthy = [index for index in range(len(values.steps)) if index not in unhealthy]
+    axes.plot(
+        values.steps,
+        values.values,
+        marker="o",
+        markersize=3,
+        color=color,
+        linestyle=style,
+        label=label,
+        markevery=healthy if unhealthy else None,
+    )
+    if unhealthy:
+        axes.plot(
+            [values.steps[index] for index in sorted(unhealthy)],
+            [values.values[index] for index in sorted(unhealthy)],
+            linestyle="none",
+            marker="o",
+            markersize=5,
+            markerfacecolor="white",
+            markeredgecolor=color,
+            label=None if marked else UNHEALTHY,
+        )
+    return bool(unhealthy)
 
 
 def plot_components(
@@ -607,10 +674,6 @@ def _scaled(axes, values: Series, label: str, color: str, style: str) -> None:
     largest = max((abs(v) for v in values.values if math.isfinite(v)), default=0.0)
     scaled = [v / largest for v in values.values] if largest > 0 else values.values
     axes.plot(values.steps, scaled, color=color, linestyle=style, marker=".", label=label)
-
-
-def _suffix(run: Curves, runs: int) -> str:
-    return f" ({run.label})" if runs > 1 and run.label else ""
 
 
 def _save(figure: Figure, path: str | Path | None) -> Figure:

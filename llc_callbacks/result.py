@@ -111,8 +111,7 @@ class LLCResult:
         """
         if self.error is not None:
             return {"failed": f"the estimate failed and is NaN: {self.error}"}
-        found = problems(self.llc_mean, self.init_loss, self.diagnostics, self.config)
-        return {**found, **restricted_problems(self.restricted)}
+        return {**self._own_problems(), **restricted_problems(self.restricted)}
 
     def to_metrics(self, prefix: str = "llc") -> dict[str, float]:
         """Flat metrics for a logger.
@@ -138,12 +137,23 @@ class LLCResult:
         fields = {"mean": self.llc_mean, "std": self.llc_std}
         if self.error is not None:
             return {**fields, "healthy": 0.0}
-        own = problems(self.llc_mean, self.init_loss, self.diagnostics, self.config)
-        fields["healthy"] = float(not own)
+        fields["healthy"] = float(not self._own_problems())
         fields.update({f"chain_{i}": float(v) for i, v in enumerate(self.llc_per_chain)})
         fields["init_loss"] = self.init_loss
         fields.update({f"{DIAGNOSTICS}/{k}": float(v) for k, v in self.diagnostics.items()})
         return fields
+
+    def _own_problems(self) -> dict[str, str]:
+        """The checks this estimate fails, its restrictions' aside."""
+        kept = np.isfinite(self.llc_per_chain)
+        return problems(
+            self.llc_mean,
+            self.init_loss,
+            self.diagnostics,
+            self.config,
+            burnin=self.burnin[kept],
+            draws=self.draws[kept],
+        )
 
 
 def restricted_problems(results: dict[str, LLCResult]) -> dict[str, str]:

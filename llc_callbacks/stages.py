@@ -185,8 +185,9 @@ def detect_stages(
     curve's second differences.
 
     Args:
-        rows: Rows with ``step`` and the metrics (``monitor.history``, or
-            ``llc_callbacks.history.read_rows(run)``).
+        rows: Rows with ``step`` and the metrics of one LLC history (``monitor.history``,
+            or one of ``llc_callbacks.history.histories`` of a run's ``read_rows``): the
+            estimates are taken in step order.
         prefix: The metric prefix.
         restriction: A restricted LLC's name, or ``None`` for the full LLC.
         loss: The key of a loss logged in ``rows``, to flag stages where it stays flat.

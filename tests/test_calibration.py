@@ -1,10 +1,13 @@
-"""Health checks and calibrate() (issue: trustworthy estimates)."""
+"""Health checks, the advice of their warnings followed, and calibrate()."""
 
+import copy
 import dataclasses
+import itertools
 import math
 import warnings
 
 import pytest
+import torch
 from models import (
     DropoutBatchNormNet,
     classification_batches,
@@ -74,6 +77,8 @@ def test_a_step_size_100_times_the_recommended_is_flagged_divergent(rrr, calibra
     with pytest.warns(UserWarning, match="chains diverged.*Lower step_size"):
         result = estimate_llc(model, mse_loss, data, config)
     assert "diverged" in result.problems()
+    lowered = dataclasses.replace(config, step_size=calibration.recommended.step_size)
+    assert "diverged" not in estimate_llc(model, mse_loss, data, lowered, warn=False).problems()
 
 
 def test_a_burn_in_of_a_few_steps_is_flagged_as_under_mixed(rrr, calibration):
@@ -86,6 +91,62 @@ def test_a_burn_in_of_a_few_steps_is_flagged_as_under_mixed(rrr, calibration):
     assert not {"under_mixed", "drifting"} & set(healthy.problems())
     # The draws' last half sits far above their mean without burn-in; after it, within noise.
     assert result.diagnostics["climb"] > 0.1 > abs(healthy.diagnostics["climb"])
+
+
+def test_chains_that_disagree_are_told_the_setting_that_acts_and_following_it_clears_it():
+    def estimate(**changes):  # fresh batches: the same data order for every setting
+        model, data = rrr_problem(*RRR)
+        return estimate_llc(model, mse_loss, data, LLCConfig(seed=1, **changes), warn=False)
+
+    default = estimate()
+    # Seed 1: every chain stops at its own 5% error after 100 to 150 draws, and the chains
+    # disagree (R-hat 1.19, against RHAT_MAX 1.1).
+    assert "pass relative_error=None" in default.problems()["rhat"]
+    # What the warning said before, raising num_draws, changes nothing: no chain reaches it.
+    assert estimate(num_draws=3000).llc_mean == default.llc_mean
+    followed = estimate(relative_error=None)  # R-hat 1.016 (seed 2: 1.18, then 1.018)
+    assert "rhat" not in followed.problems()
+
+
+def test_a_climb_that_outlasts_the_chains_is_told_to_raise_localization_and_that_clears_it():
+    def estimate(localization):
+        model, data = dln_problem(*DLN)
+        config = LLCConfig(seed=1, localization=localization)
+        return estimate_llc(model, gaussian_nll, data, config, warn=False)
+
+    # At localization 0.1 the chains relax over about 68,000 steps along the directions that
+    # only the localization holds; the settling rule ends burn-in after 700 to 950 steps and
+    # the draws still climb (9% above their mean). A longer burn-in cap would not act.
+    weak = estimate(0.1)
+    assert "raise localization (now 0.1)" in weak.problems()["under_mixed"]
+    assert (weak.burnin < weak.config.num_burnin).all()
+    followed = estimate(5.0)  # relaxation about 570 steps: climb 0.5%
+    assert not {"under_mixed", "drifting"} & set(followed.problems())
+
+
+def test_an_estimate_away_from_a_minimum_is_told_so_and_at_the_minimum_it_clears(rrr):
+    model, data = rrr
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for weight in moved.parameters():
+            weight.add_(0.3 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
+    away = estimate_llc(moved, mse_loss, data, warn=False)
+    assert "estimate once the loss levels off" in away.problems()["below_init"]
+    optimizer = torch.optim.Adam(moved.parameters(), lr=1e-2)
+    for batch in itertools.islice(itertools.cycle(list(data)), 500):
+        optimizer.zero_grad()
+        mse_loss(moved, batch).backward()
+        optimizer.step()
+    trained = estimate_llc(moved, mse_loss, data, warn=False)
+    assert "below_init" not in trained.problems() and trained.llc_mean > 0
+
+
+def test_steps_too_large_for_the_target_acceptance_clear_when_it_is_raised(rrr):
+    model, data = rrr
+    low = estimate_llc(model, mse_loss, data, LLCConfig(target_acceptance=0.5), warn=False)
+    # Acceptance 0.63 at target 0.5 (+56% on λ = 35); 0.92 at the default target 0.9.
+    assert "raise target_acceptance (now 0.5)" in low.problems()["step_too_large"]
+    assert "step_too_large" not in estimate_llc(model, mse_loss, data, warn=False).problems()
 
 
 DLN = ([6, 5, 5, 4, 6], 1)  # λ = 10.5
@@ -122,6 +183,8 @@ def test_steps_too_large_are_flagged_and_the_default_is_not(dln, dln_default):
     # ε = 3e-3: acceptance 0.60 and +54%; the default adapts its step sizes towards 0.9.
     assert "step_too_large" in large.problems() and "step_too_large" not in dln_default.problems()
     assert large.llc_mean > dln_default.llc_mean
+    lowered = estimate_llc(model, gaussian_nll, data, LLCConfig(step_size=3e-4), warn=False)
+    assert "step_too_large" not in lowered.problems()
 
 
 @pytest.mark.slow
@@ -162,12 +225,16 @@ def test_a_monitor_warns_about_each_failed_check_once_per_run():
 
 
 @pytest.mark.slow
-def test_no_passing_step_size_falls_back_with_a_warning(rrr):
+def test_no_passing_step_size_falls_back_with_advice_that_acts(rrr):
     model, data = rrr
     calibration = calibrate(model, mse_loss, data, SWEEP, step_sizes=[10.0, 100.0])
     assert calibration.recommended is None
-    with pytest.warns(UserWarning, match="no step size passed calibration.*using 10"):
+    advice = "no step size passed calibration.*using 10. Pass smaller step_sizes: the smallest, 10,"
+    with pytest.warns(UserWarning, match=advice):
         assert calibration.chosen_step_size() == 10.0
+    # Following the advice: a smaller step size passes.
+    widened = calibrate(model, mse_loss, data, SWEEP, step_sizes=[10.0, 100.0, 1e-3])
+    assert widened.recommended is not None
 
 
 def test_calibrate_sweeps_nbeta_and_localization_too(rrr):

@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from lightning.pytorch.loggers import CSVLogger
 from models import FIGURE_SIZE, png_size
 
 from llc_callbacks import cli
 from llc_callbacks.cli import main
+from llc_callbacks.plotting import plot_llc_curve
 
 STEPS = [3 * (i + 1) for i in range(12)]
 # The full LLC rises then levels off; layer0 rises all along, layer1 rises then falls.
@@ -215,3 +217,94 @@ def test_the_installed_script_exits_2_on_an_unknown_restriction(tmp_path):
     assert done.returncode == 2
     assert done.stdout == ""
     assert_names_the_unknown_restriction(done.stderr, run, "layer0, layer1")
+
+
+# Two LLC histories in one metrics.csv, as two fits with one CSVLogger write it: the first
+# to step 45, the second resumed from the checkpoint at step 10 under other settings (a new
+# LLC history). Estimates by step; the first history's at step 30 failed a health check, and
+# layer1 logged its own health (unhealthy at step 20) where layer0 did not.
+FIRST = {10: 1.0, 20: 2.0, 30: 3.0, 40: 4.0}
+SECOND = {20: 2.5, 30: 2.5, 40: 2.5, 50: 2.5}
+
+
+def estimate(step: int, value: float, first: bool) -> dict[str, float]:
+    healthy = 0.0 if first and step == 30 else 1.0
+    row = {"llc/mean": value, "llc/std": 0.01, "llc/healthy": healthy}
+    row |= {"llc/layer0/mean": value / 2, "llc/layer0/std": 0.01}
+    layer1 = {"llc/layer1/mean": value / 4, "llc/layer1/std": 0.01}
+    return row | layer1 | {"llc/layer1/healthy": 0.0 if first and step == 20 else 1.0}
+
+
+def restarted_run(folder: Path) -> Path:
+    """The metrics.csv of a run whose LLC restarted at step 20, losses every 5 steps."""
+    logger = CSVLogger(folder)
+    for start, end, estimates in ((5, 45, FIRST), (15, 55, SECOND)):
+        for step in range(start, end + 1, 5):
+            logger.log_metrics({"train_loss": 2.0 - step / 50}, step=step)
+            if step in estimates:
+                logger.log_metrics(estimate(step, estimates[step], estimates is FIRST), step)
+        logger.save()
+    return Path(logger.log_dir) / "metrics.csv"
+
+
+def drawn(monkeypatch) -> list:
+    """The figures `plot` draws from now on."""
+    figures = []
+
+    def keep(*runs, path=None):
+        figures.append(plot_llc_curve(*runs, path=path))
+        return figures[-1]
+
+    monkeypatch.setattr(cli, "plot_llc_curve", keep)
+    return figures
+
+
+def test_plot_draws_each_history_of_a_restarted_run_on_its_own(tmp_path, capsys, monkeypatch):
+    figures = drawn(monkeypatch)
+    plot(capsys, str(restarted_run(tmp_path)))
+    (figure,) = figures
+    llc, loss = figure.axes  # the loss on the second axis
+    for line in llc.lines + loss.lines:  # no curve steps back (a jump joining two histories)
+        steps = list(line.get_xdata())
+        assert steps == sorted(set(steps)), line.get_label()
+    curves = {line.get_label(): line for line in llc.lines if line.get_label().startswith("LLC")}
+    assert {label: list(line.get_xdata()) for label, line in curves.items()} == {
+        "LLC": list(FIRST),
+        "LLC (restart 1)": list(SECOND),
+    }
+    assert curves["LLC (restart 1)"].get_linestyle() == "-."
+    assert [list(line.get_xdata()) for line in loss.lines] == [
+        list(range(5, 50, 5)),
+        list(range(15, 60, 5)),
+    ]
+
+
+def test_plot_draws_unhealthy_estimates_hollow(tmp_path, capsys, monkeypatch):
+    figures = drawn(monkeypatch)
+    run = restarted_run(tmp_path)
+    plot(capsys, str(run), "--restriction", "layer0", "--restriction", "layer1")
+    axes = figures[0].axes[0]
+    lines = {line.get_label(): line for line in axes.lines}
+    # Filled markers at the healthy estimates only: layer0 takes the full LLC's health,
+    # layer1 logged its own.
+    assert lines["full LLC"].get_markevery() == [0, 1, 3]
+    assert lines["layer0"].get_markevery() == [0, 1, 3]
+    assert lines["layer1"].get_markevery() == [0, 2, 3]
+    assert lines["full LLC (restart 1)"].get_markevery() is None  # all healthy
+    # Hollow markers at the others, the first with the legend entry.
+    hollow = [line for line in axes.lines if line.get_markerfacecolor() == "white"]
+    assert [list(line.get_xdata()) for line in hollow] == [[30], [30], [20]]
+    assert [line.get_label() == "unhealthy" for line in hollow] == [True, False, False]
+    assert "unhealthy" in [text.get_text() for text in axes.get_legend().get_texts()]
+
+
+def test_stages_fits_each_history_of_a_restarted_run_on_its_own(tmp_path, capsys):
+    assert main(["stages", str(restarted_run(tmp_path))]) == 0
+    first, second = capsys.readouterr().out.split("\n\n")
+    assert first.splitlines()[0] == "history 1 of 2: steps 10 to 40"
+    assert second.splitlines()[0] == "history 2 of 2 (restart 1): steps 20 to 50"
+    tables = [stage_rows("\n".join(text.splitlines()[1:])) for text in (first, second)]
+    assert [[row[:3] for row in table] for table in tables] == [
+        [["10", "40", "rising"]],
+        [["20", "50", "flat"]],
+    ]
