@@ -11,6 +11,9 @@ Beside the times, counts that do not drift with the machine's load, from the sam
 estimates: the operators one step of all the chains dispatches (``OperatorCount``: a proxy
 for CUDA launches), and the host reads per step (``HostReads``: each one a synchronisation
 on CUDA), which come only with the checks every ``CHECK_EVERY`` steps.
+
+Last, a chain step under CPU autocast (bfloat16, float16) against a float32 one: the factors
+that ``LLCMonitor`` quotes when it is asked for autocast on the CPU.
 """
 
 import argparse
@@ -43,7 +46,9 @@ def training_step_s(batch, optimizer_name: str, steps: int, repeats: int) -> flo
 SHORT, LONG = 50, 250
 
 
-def estimate(model, batches, chains: int, paired: bool, vectorize, draws: int, compile=False):
+def estimate(
+    model, batches, chains: int, paired: bool, vectorize, draws: int, compile=False, autocast=None
+):
     config = LLCConfig(
         num_chains=chains,
         num_burnin=0,
@@ -52,15 +57,16 @@ def estimate(model, batches, chains: int, paired: bool, vectorize, draws: int, c
         vectorize=vectorize,
         mala=False,  # the step itself; the MALA check adds a gradient on every tenth draw
         compile=compile,
+        autocast=autocast,
     )
     return lambda: estimate_llc(model, loss_fn, batches, config, warn=False)
 
 
 def chain_step_s(
-    model, batches, chains: int, paired: bool, vectorize, repeats: int, compile=False
+    model, batches, chains: int, paired: bool, vectorize, repeats: int, compile=False, autocast=None
 ) -> float:
     def run(draws: int):
-        return estimate(model, batches, chains, paired, vectorize, draws, compile)
+        return estimate(model, batches, chains, paired, vectorize, draws, compile, autocast)
 
     run(SHORT)()
     extra = best_of(repeats, run(LONG)) - best_of(repeats, run(SHORT))
@@ -112,6 +118,7 @@ def main() -> None:
                 )
     for chains in (4, 16):
         compiled_costs(model, batches, chains, args.repeats)
+    cpu_autocast_costs(model, batches, args.repeats)
 
 
 def compiled_costs(model, batches, chains: int, repeats: int) -> None:
@@ -126,6 +133,17 @@ def compiled_costs(model, batches, chains: int, repeats: int) -> None:
         f"compile=True, {chains} chains: first estimate {first:.1f} s ({plain_first:.2f} s"
         f" uncompiled); then {compiled * 1e3:.3f} ms per chain step against {plain * 1e3:.3f}"
     )
+
+
+def cpu_autocast_costs(model, batches, repeats: int) -> None:
+    """A chain step under CPU autocast against a float32 one (the factor ``LLCMonitor`` quotes)."""
+    plain = chain_step_s(model, batches, 4, True, "auto", repeats)
+    for dtype in ("bfloat16", "float16"):
+        mixed = chain_step_s(model, batches, 4, True, "auto", repeats, autocast=dtype)
+        print(
+            f"autocast={dtype!r} on CPU, 4 chains: {mixed * 1e3:.3f} ms per chain step against"
+            f" {plain * 1e3:.3f} in float32, {mixed / plain:.1f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -211,7 +211,12 @@ class LLCTrainerCallback(TrainerCallback):
             )
         self._runs += 1
         common.refuse_same_prefix(self, self.trainer.callback_handler.callbacks)
-        self.monitor.follow_precision("bfloat16" if args.bf16 else "float16" if args.fp16 else None)
+        self.monitor.follow_precision(
+            "bfloat16" if args.bf16 else "float16" if args.fp16 else None,
+            next(model.parameters()).device.type,
+        )
+        if self.dataloader is None:  # the Trainer's batches: a step's share of its examples
+            self.monitor.follow_batches_per_step(_batches_per_step(self.trainer, args))
         with self.monitor.checking("choosing the LLC estimates' loss"):
             own = self.loss_fn is None
             self._objective = trl_trainers.objective(self.trainer) if own else None
@@ -433,12 +438,22 @@ def _log_table(prefix: str, name: str, columns: list[str], rows: list[list], ste
     wandb.log({f"train/{prefix}/{name}": table, "train/global_step": step})
 
 
+def _batches_per_step(trainer: Trainer, args: TrainingArguments) -> int:
+    """The per-process batches of one optimizer step: accumulation x data-parallel processes.
+
+    As ``Trainer.get_total_train_batch_size`` counts them: tensor-, context- and
+    sequence-parallel processes share their batches.
+    """
+    shared = trainer.get_tp_size() * trainer.get_cp_size() * trainer.get_sp_size()
+    return args.gradient_accumulation_steps * (args.world_size // shared)
+
+
 @contextmanager
 def _chains_ready(model: nn.Module) -> Iterator[None]:
     """While chains run, undo accelerate's autocast wrapper of ``model.forward``, if any.
 
-    The chains run their own autocast (``LLCConfig.autocast``, the Trainer's by default)
-    around the loss and its gradient.
+    The chains run their own autocast (``LLCConfig.autocast``, by default the Trainer's on
+    CUDA, none on the CPU) around the loss and its gradient.
     """
     original = model.__dict__.get("_original_forward")
     patched = model.__dict__.get("forward")

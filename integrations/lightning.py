@@ -188,7 +188,13 @@ class LLCCallback(Callback):
             )
         self._runs += 1
         common.refuse_same_prefix(self, trainer.callbacks)
-        self.monitor.follow_precision(MIXED_PRECISION.get(str(trainer.precision)))
+        self.monitor.follow_precision(
+            MIXED_PRECISION.get(str(trainer.precision)), trainer.strategy.root_device.type
+        )
+        if self.dataloader is None:  # the trainer's batches: a step's share of its examples
+            # Data-parallel replicas only: tensor-parallel ranks share their batches.
+            replicas = (trainer.distributed_sampler_kwargs or {}).get("num_replicas", 1)
+            self.monitor.follow_batches_per_step(trainer.accumulate_grad_batches * replicas)
 
     @override
     def on_load_checkpoint(

@@ -55,9 +55,15 @@ class LLCConfig:
         localization: Strength gamma of the pull back towards the current weights; the
             estimate falls as it grows (``LLCResult.diagnostics["loc_sensitivity"]``).
         nbeta: Inverse temperature n*beta. ``"batch"`` uses ``B / log B`` with ``B`` the
-            sampling batch size (devinterp's convention); ``"dataset"`` uses ``n / log n``
-            with ``n = dataset_size`` (needs a much smaller step size); a number is used as is.
+            examples of ``batches_per_step`` sampling batches (devinterp's convention);
+            ``"dataset"`` uses ``n / log n`` with ``n = dataset_size`` (needs a much smaller
+            step size); a number is used as is.
         dataset_size: The ``n`` of ``nbeta="dataset"``; must be left unset otherwise.
+        batches_per_step: ``nbeta="batch"`` counts the examples of this many sampling
+            batches: the micro-batches of one optimizer step (gradient accumulation steps x
+            data-parallel ranks), so that the estimate does not depend on how a step's batch
+            is split. ``None``: 1 in ``estimate_llc`` and a hand-written loop, the trainer's
+            in the callbacks.
         sampler: ``"sgld"`` or ``"rmsprop_sgld"`` (RMSprop-preconditioned SGLD).
         rmsprop_alpha: Decay of the running mean of squared gradients (``rmsprop_sgld``).
         rmsprop_eps: Added to ``sqrt(v)`` in the preconditioner ``1 / (sqrt(v) + eps)``.
@@ -83,8 +89,9 @@ class LLCConfig:
         autocast: Run the chains' forward and backward passes under ``torch.autocast`` in
             this dtype (``"bfloat16"`` or ``"float16"``), as mixed-precision training does;
             their float32 weights take the updates. ``None``: no autocast, but in a
-            callback, which follows the trainer's mixed precision (``bf16-mixed``,
-            ``16-mixed``; ``bf16=True``, ``fp16=True``).
+            callback whose chains run on CUDA, which follows the trainer's mixed precision
+            (``bf16-mixed``, ``16-mixed``; ``bf16=True``, ``fp16=True``); on the CPU
+            autocast is slower than float32 (``LLCMonitor`` warns when it is asked for).
         compile: Compile the chains' batched forward and backward pass with
             ``torch.compile(fullgraph=True)``: ``True`` in its default mode, or a mode's
             name (``"reduce-overhead"``: CUDA graphs, for shapes that stay the same); the
@@ -105,6 +112,7 @@ class LLCConfig:
     localization: float = 5.0
     nbeta: NBeta = "batch"
     dataset_size: int | None = None
+    batches_per_step: int | None = None
     sampler: Literal["sgld", "rmsprop_sgld"] = "sgld"
     rmsprop_alpha: float = 0.99
     rmsprop_eps: float = 0.1
@@ -151,6 +159,7 @@ class LLCConfig:
             raise ValueError(
                 f"dataset_size is only used with nbeta='dataset', got nbeta={self.nbeta!r}"
             )
+        check_int("batches_per_step", self.batches_per_step, minimum=1, optional=True)
         check_choice("sampler", self.sampler, SAMPLERS)
         check_float("rmsprop_alpha", self.rmsprop_alpha, positive=True)
         if self.rmsprop_alpha >= 1:
@@ -229,18 +238,20 @@ class LLCConfig:
             batch_size: Number of examples in one sampling minibatch.
 
         Returns:
-            ``B / log B``, ``n / log n`` or the given number, as ``nbeta`` asks.
+            ``B / log B`` with ``B = batch_size x batches_per_step``, ``n / log n`` or the
+            given number, as ``nbeta`` asks.
 
         Raises:
-            ValueError: If ``nbeta="batch"`` and the batch holds fewer than 2 examples.
+            ValueError: If ``nbeta="batch"`` and ``B`` is below 2.
         """
         if self.nbeta == "batch":
-            if batch_size < 2:
+            examples = batch_size * (self.batches_per_step or 1)
+            if examples < 2:
                 raise ValueError(
                     f"nbeta='batch' needs a sampling batch size of at least 2, got {batch_size};"
                     " pass nbeta as a number"
                 )
-            return batch_size / math.log(batch_size)
+            return examples / math.log(examples)
         if self.nbeta == "dataset":
             return self.dataset_size / math.log(self.dataset_size)
         return float(self.nbeta)

@@ -27,7 +27,7 @@ from llc_callbacks.chains import ChainStart
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.curvature import CURVATURES, estimate_curvature
 from llc_callbacks.distributed import rank_and_world
-from llc_callbacks.estimator import estimate_llc
+from llc_callbacks.estimator import estimate_llc, model_device
 from llc_callbacks.forked import LossFn
 from llc_callbacks.isolation import warnings_once
 from llc_callbacks.keys import (
@@ -49,6 +49,14 @@ from llc_callbacks.stages import Boundary, StageTracker
 from llc_callbacks.validation import check_bool, check_choice, check_int
 
 ON_ERROR = ("warn", "raise")
+# A chain step under CPU autocast against a float32 one, measured on CPU with
+# benchmarks/step_cost.py (4 chains of its MLP, one thread, 2026-12-07, AMD EPYC): float16
+# 3.0x; bfloat16 0.9x with the CPU's AVX-512 BF16 instructions and 4.6x without them (oneDNN
+# and ATen held to AVX2). A 2-layer GPT-2 (n_embd 128) measured 8.6x, 1.1x and 6.0x.
+CPU_AUTOCAST = {
+    "bfloat16": "4.6x as long as one in float32 (0.9x on CPUs with AVX-512 BF16 instructions)",
+    "float16": "3.0x as long as one in float32",
+}
 # With observables, how many of the most influential examples each estimate lists per pair.
 OBSERVED_TOP = 5
 logger = logging.getLogger(__name__)
@@ -267,15 +275,42 @@ class LLCMonitor:
             check_int("dataset_size", dataset_size, minimum=2)
             self.dataset_size = dataset_size
 
-    def follow_precision(self, autocast: str | None) -> None:
-        """Run the chains under training's mixed precision, unless the config names its own.
+    def follow_precision(self, autocast: str | None, device_type: str) -> None:
+        """Run CUDA chains under training's mixed precision, unless the config names its own.
+
+        Chains on another device run in float32: CPU autocast is slower than float32
+        (``CPU_AUTOCAST``); one log line says so.
 
         Args:
             autocast: ``"bfloat16"`` or ``"float16"`` when training runs under
                 ``torch.autocast`` in that dtype, else ``None`` (see ``LLCConfig.autocast``).
+            device_type: Where the chains run, as ``torch.device.type`` (``"cuda"``).
         """
-        if self.config.autocast is None and autocast is not None:
+        if self.config.autocast is not None or autocast is None:
+            return
+        if device_type == "cuda":
             self.config = dataclasses.replace(self.config, autocast=autocast)
+        elif rank_and_world()[0] == 0:
+            logger.info(
+                "llc_callbacks: training runs under %s autocast; the chains run in float32 on"
+                " %s, where autocast is slower (LLCConfig(autocast=...) to follow it anyway)",
+                autocast,
+                device_type,
+            )
+
+    def follow_batches_per_step(self, batches_per_step: int) -> None:
+        """Count an optimizer step's examples in ``nbeta="batch"``, unless the config sets it.
+
+        Args:
+            batches_per_step: The training batches of one optimizer step: gradient
+                accumulation steps x data-parallel ranks (see ``LLCConfig.batches_per_step``).
+
+        Raises:
+            ValueError: If ``batches_per_step`` is not an integer >= 1.
+        """
+        check_int("batches_per_step", batches_per_step, minimum=1)
+        if self.config.batches_per_step is None:
+            self.config = dataclasses.replace(self.config, batches_per_step=batches_per_step)
 
     def is_due(self, step: int, *, final: bool = False) -> bool:
         """Whether an estimate is due after ``step`` optimizer steps (never twice for a step).
@@ -343,6 +378,7 @@ class LLCMonitor:
             warnings_once(self._shown, self.origin),
         ):
             self.schedule.due_steps  # noqa: B018 (log_spaced needs total_steps by now)
+            self._warn_if_cpu_autocast(model, device)
             if "free_energy" in self.extra_metrics and self.dataset_size is None:
                 raise ValueError(
                     "extra_metrics includes 'free_energy', which needs the training set's"
@@ -378,6 +414,18 @@ class LLCMonitor:
                 metric_key(self.prefix, "num_sampled", name): float(n) for name, n in counts
             } | {metric_key(self.prefix, "num_chains"): float(self.config.num_chains)}
         return {}
+
+    def _warn_if_cpu_autocast(self, model: nn.Module, device: torch.device | str | None) -> None:
+        """Warn, once, when the config asks for autocast and the chains run on the CPU."""
+        autocast = self.config.autocast
+        device = torch.device(device) if device is not None else model_device(model)
+        if autocast is not None and device.type == "cpu":
+            self.warn_once(
+                "cpu_autocast",
+                f"LLCConfig(autocast={autocast!r}) with the chains on the CPU, where a chain"
+                f" step under autocast took {CPU_AUTOCAST[autocast]} (benchmarks/step_cost.py)."
+                " Leave autocast unset to run the chains in float32.",
+            )
 
     def maybe_estimate(
         self,

@@ -30,6 +30,9 @@ def test_defaults_are_valid_and_documented_values():
         ("localization", math.inf, ">= 0"),
         ("nbeta", 0.0, "> 0"),
         ("nbeta", "auto", "'batch', 'dataset' or a positive number"),
+        ("batches_per_step", 0, ">= 1"),
+        ("batches_per_step", 2.0, ">= 1"),
+        ("batches_per_step", True, ">= 1"),
         ("sampler", "sgnht", "one of"),
         ("rmsprop_alpha", 1.0, r"\(0, 1\)"),
         ("rmsprop_alpha", 0.0, "> 0"),
@@ -77,6 +80,13 @@ def test_resolve_nbeta_follows_each_convention():
     assert LLCConfig(nbeta=30).resolve_nbeta(256) == 30.0
     with pytest.raises(ValueError, match="batch size of at least 2"):
         LLCConfig().resolve_nbeta(1)
+
+
+def test_batch_nbeta_counts_the_examples_of_an_optimizer_step():
+    # 4 accumulated batches of 4 are one step of 16 examples, as one batch of 16 is.
+    assert LLCConfig(batches_per_step=4).resolve_nbeta(4) == LLCConfig().resolve_nbeta(16)
+    assert LLCConfig(batches_per_step=2).resolve_nbeta(1) == pytest.approx(2 / math.log(2))
+    assert LLCConfig(nbeta=30, batches_per_step=4).resolve_nbeta(4) == 30.0
 
 
 def test_config_is_frozen():

@@ -1,6 +1,7 @@
 """LLCCallback under strategy="ddp" with 2 CPU processes (gloo), run as a script."""
 
 import csv
+import dataclasses
 import json
 import math
 import subprocess
@@ -44,8 +45,10 @@ def test_ddp_splits_chains_logs_once_and_matches_a_single_process(tmp_path, mode
     assert shown[1] == []
 
     # One process, the same weights, batches and seeds: 3 chains in one vmap instead of 2 + 1
-    # (or, with one in flight, 1 + 1 + 1).
-    single = LLCMonitor(CONFIG, steps=STEPS, distributed=False, observables=observables())
+    # (or, with one in flight, 1 + 1 + 1). The callback's nbeta="batch" counted the batches
+    # of both ranks' step (batches_per_step=2); one process is told so.
+    config = dataclasses.replace(CONFIG, batches_per_step=2)
+    single = LLCMonitor(config, steps=STEPS, distributed=False, observables=observables())
     for step, row in zip(STEPS, histories[0], strict=True):
         module = Classifier(dropout=0.0)
         module.load_state_dict(torch.load(tmp_path / f"weights_{step}.pt"))

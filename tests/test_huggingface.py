@@ -28,7 +28,7 @@ from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader, Subset
 from transformers import set_seed
 
-from llc_callbacks import EssentialDynamics, Probe, Restrictions, token_losses
+from llc_callbacks import EssentialDynamics, LLCConfig, Probe, Restrictions, token_losses
 from llc_callbacks.forked import ForkedModel
 from llc_callbacks.integrations.huggingface import LLCTrainerCallback, model_loss
 
@@ -216,21 +216,49 @@ def test_the_default_loss_is_what_the_trainer_optimizes(tmp_path):
     assert math.isfinite(smooth.monitor.history[0]["llc/mean"])
 
 
-def test_mixed_precision_chains_run_under_autocast_and_the_model_keeps_its_forward(tmp_path):
+def test_mixed_precision_chains_on_the_cpu_run_in_float32_and_the_model_keeps_its_forward(
+    tmp_path,
+):
+    # CPU autocast is slower than float32 (LLCMonitor's CPU_AUTOCAST): chains on the CPU run
+    # the model's own forward, not accelerate's autocast wrapper, in float32. At step 0 the
+    # weights are the seeded initialization in both runs, so the estimates are the same.
     _, plain = train(tmp_path / "fp32", {"steps": [0]}, max_steps=1)
     trainer, mixed = train(tmp_path / "bf16", {"steps": [0, 2]}, max_steps=2, bf16=True)
-    # The same weights at step 0: the chains differ only by bfloat16 autocast.
-    assert mixed.monitor.last_result.precision == "bfloat16-mixed"
-    assert plain.monitor.last_result.precision == "float32"
-    estimate = mixed.monitor.history[0]["llc/mean"]
-    assert math.isfinite(estimate) and estimate != plain.monitor.history[0]["llc/mean"]
+    assert mixed.monitor.config.autocast is None
+    assert mixed.monitor.last_result.precision == plain.monitor.last_result.precision == "float32"
+    assert mixed.monitor.history[0]["llc/mean"] == plain.monitor.history[0]["llc/mean"]
     # accelerate's autocast wrapper is still the model's forward after the estimates.
     assert "_original_forward" in vars(trainer.model) and "forward" in vars(trainer.model)
+
+
+@pytest.mark.slow
+def test_batch_nbeta_counts_an_accumulated_steps_examples(tmp_path):
+    # One step of 16 examples, as 4 accumulated batches of 4 or as one batch of 16: nearly
+    # the same weights (transformers normalises the accumulated loss over the step's tokens;
+    # only dropout's masks differ), and nbeta = 16 / log 16 for both, so the estimates agree.
+    config = LLCConfig(num_chains=4, num_burnin=200, num_draws=200)
+    results = {}
+    for name, changes in {
+        "one batch": {"per_device_train_batch_size": 16},
+        "accumulated": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 4},
+    }.items():
+        _, callback = train(tmp_path / name, {"config": config, "steps": [12]}, **changes)
+        results[name] = callback.monitor.last_result
+    assert results["accumulated"].config.batches_per_step == 4
+    one, accumulated = results["one batch"], results["accumulated"]
+    assert one.nbeta == accumulated.nbeta == pytest.approx(16 / math.log(16))
+    # Within 3 combined standard errors (std over 4 chains / sqrt(4), each): seed 0 reads
+    # 5.58 +- 0.15 and 5.53 +- 0.13 (seeds 1 to 3 differed by 0.07, 0.13 and 2.1 at combined
+    # errors of 0.26, 0.48 and 2.2). Counting the micro-batch alone (nbeta = 4 / log 4) read
+    # 7.98 +- 0.42, 5.3 combined errors from the batch of 16.
+    error = math.hypot(one.llc_std, accumulated.llc_std) / math.sqrt(config.num_chains)
+    assert abs(one.llc_mean - accumulated.llc_mean) < 3 * error
 
 
 def test_gradient_accumulation_neither_repeats_nor_skips(tmp_path):
     _, callback = train(tmp_path, {"every_n_steps": 2}, max_steps=6, gradient_accumulation_steps=3)
     assert [row["step"] for row in callback.monitor.history] == [2, 4, 6]
+    assert callback.monitor.config.batches_per_step == 3  # nbeta counts a step's examples
 
 
 @pytest.mark.slow

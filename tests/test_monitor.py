@@ -295,3 +295,46 @@ def test_a_failing_restriction_fails_alone():
     strict = LLCMonitor(TINY, every_n_steps=1, restrictions=restrictions, on_error="raise")
     with pytest.raises(ValueError, match="matches no sampled parameter"):
         strict.estimate(1, model, cross_entropy, data)
+
+
+def test_trainers_mixed_precision_is_followed_on_cuda_only(caplog):
+    on_cuda = LLCMonitor(TINY)
+    on_cuda.follow_precision("bfloat16", "cuda")  # a device type, no GPU needed
+    assert on_cuda.config.autocast == "bfloat16"
+    on_cpu = LLCMonitor(TINY)
+    with caplog.at_level("INFO", logger="llc_callbacks.monitor"):
+        on_cpu.follow_precision("float16", "cpu")
+    assert on_cpu.config.autocast is None
+    assert "float16 autocast; the chains run in float32 on cpu" in caplog.text
+    explicit = LLCMonitor(dataclasses.replace(TINY, autocast="float16"))
+    explicit.follow_precision("bfloat16", "cuda")
+    assert explicit.config.autocast == "float16"
+
+
+def test_explicit_autocast_on_the_cpu_warns_once_with_the_measured_factor():
+    model, data = DropoutBatchNormNet(), classification_batches()
+    monitor = LLCMonitor(dataclasses.replace(TINY, autocast="bfloat16"), every_n_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in (1, 2):
+            monitor.maybe_estimate(step, model, cross_entropy, data)
+    said = [str(w.message) for w in caught if "autocast='bfloat16'" in str(w.message)]
+    assert len(said) == 1
+    assert "chains on the CPU" in said[0] and "4.6x as long as one in float32" in said[0]
+    assert monitor.last_result.precision == "bfloat16-mixed"  # warned, not overridden
+    plain = LLCMonitor(TINY, every_n_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plain.maybe_estimate(1, model, cross_entropy, data)
+    assert not [w for w in caught if "autocast" in str(w.message)]
+
+
+def test_batches_per_step_follows_the_trainer_unless_the_config_sets_it():
+    followed = LLCMonitor(TINY)
+    followed.follow_batches_per_step(4)
+    assert followed.config.batches_per_step == 4
+    explicit = LLCMonitor(dataclasses.replace(TINY, batches_per_step=1))
+    explicit.follow_batches_per_step(4)
+    assert explicit.config.batches_per_step == 1
+    with pytest.raises(ValueError, match=r"^batches_per_step must be an integer >= 1, got 0"):
+        followed.follow_batches_per_step(0)
