@@ -2,9 +2,11 @@
 
 Usage: python ddp_script.py OUT_DIR MODE, MODE "ok", "one_in_flight" (as "ok", one chain held in
 memory at a time), "fail_on_rank_1" or "budget" (estimates spaced by max_overhead over 40
-steps, the budget's clock counting work, and made to differ between the ranks).
-Modes but "budget" record observables. Writes each rank's history and the warnings it showed
-to OUT_DIR/history_<rank>.json and OUT_DIR/warnings_<rank>.json, rank 0's weights at the
+steps, the budget's clock counting work, and made to differ between the ranks; the chains
+sample the trainer's own batches). Modes but "budget" record observables and sample a loader
+of their own. Writes each rank's history, the warnings it showed and the batches per
+optimizer step its monitor counts to OUT_DIR/history_<rank>.json,
+OUT_DIR/warnings_<rank>.json and OUT_DIR/batches_<rank>.json, rank 0's weights at the
 scheduled steps to OUT_DIR/weights_<step>.pt, and a CSVLogger run under OUT_DIR.
 """
 
@@ -81,7 +83,7 @@ if __name__ == "__main__":
         config,
         **schedule,
         loss_fn=loss_fn,
-        dataloader=estimate_loader(),
+        dataloader=None if budget else estimate_loader(),
         observables=None if budget else observables(),
     )
     trainer = L.Trainer(
@@ -103,4 +105,5 @@ if __name__ == "__main__":
     (OUT / f"history_{rank}.json").write_text(json.dumps(callback.monitor.history))
     shown = [str(w.message) for w in caught if "llc_callbacks" in str(w.message)]
     (OUT / f"warnings_{rank}.json").write_text(json.dumps(shown))
+    (OUT / f"batches_{rank}.json").write_text(json.dumps(callback.monitor.config.batches_per_step))
     leave()

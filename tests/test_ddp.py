@@ -1,7 +1,6 @@
 """LLCCallback under strategy="ddp" with 2 CPU processes (gloo), run as a script."""
 
 import csv
-import dataclasses
 import json
 import math
 import subprocess
@@ -40,15 +39,15 @@ def test_ddp_splits_chains_logs_once_and_matches_a_single_process(tmp_path, mode
     assert [row["step"] for row in histories[0]] == STEPS
     assert logged_llc_steps(tmp_path) == STEPS  # rank zero logged each estimate once
     # Health checks (10 draws: chains disagree) are warned about on rank zero only.
+    # The chains sample a loader of the script's own, whose batches count as they are.
+    assert [json.loads((tmp_path / f"batches_{r}.json").read_text()) for r in (0, 1)] == [None] * 2
     shown = [json.loads((tmp_path / f"warnings_{r}.json").read_text()) for r in (0, 1)]
     assert any(message.startswith("llc_callbacks: at step ") for message in shown[0])
     assert shown[1] == []
 
     # One process, the same weights, batches and seeds: 3 chains in one vmap instead of 2 + 1
-    # (or, with one in flight, 1 + 1 + 1). The callback's nbeta="batch" counted the batches
-    # of both ranks' step (batches_per_step=2); one process is told so.
-    config = dataclasses.replace(CONFIG, batches_per_step=2)
-    single = LLCMonitor(config, steps=STEPS, distributed=False, observables=observables())
+    # (or, with one in flight, 1 + 1 + 1).
+    single = LLCMonitor(CONFIG, steps=STEPS, distributed=False, observables=observables())
     for step, row in zip(STEPS, histories[0], strict=True):
         module = Classifier(dropout=0.0)
         module.load_state_dict(torch.load(tmp_path / f"weights_{step}.pt"))
@@ -91,6 +90,8 @@ def test_a_budget_plans_the_same_steps_on_every_rank(tmp_path):
     assert steps == [row["step"] for row in histories[1]]
     assert len(steps) >= 2 and steps[0] == 1
     assert logged_llc_steps(tmp_path) == steps
+    # The chains sample the trainer's batches: nbeta="batch" counts both ranks' of a step.
+    assert [json.loads((tmp_path / f"batches_{r}.json").read_text()) for r in (0, 1)] == [2, 2]
 
 
 @pytest.fixture(autouse=True)
