@@ -448,7 +448,7 @@ def _print_stages(run: Path, restriction: str | None) -> None:
     if restriction is not None:
         _check_restrictions(run, rows, prefix, [restriction])
     mean, loss = metric_key(prefix, "mean", restriction), loss_key(rows)
-    parts = histories(rows, mean)
+    parts = histories(rows, mean, metric_key(prefix, "restart"))
     for index, part in enumerate(parts):
         if len(parts) > 1:
             steps = [int(row["step"]) for row in part if mean in row]
@@ -502,7 +502,7 @@ def _curves(run: Path, loss: str | None, label: str | None, names: list[str]) ->
     curves = []
     for name in (None, *names):
         mean, healthy = metric_key(prefix, "mean", name), health_key(rows, prefix, name)
-        for index, part in enumerate(histories(rows, mean)):
+        for index, part in enumerate(histories(rows, mean, metric_key(prefix, "restart"))):
             llc = series(part, mean, healthy)
             spread = series(part, metric_key(prefix, "std", name))
             if name is None:

@@ -12,7 +12,8 @@ history. A fit resumed under the same settings that estimates again at steps the
 estimated after the checkpoint reads as a new history from the first of those steps, as the
 file cannot tell it from a restart under other settings (a new LLC history; the monitor
 warns). A transformers ``trainer_state.json`` keeps only the checkpoint's log history on
-resume, so its steps increase across a restart, which then goes unseen.
+resume, so its steps increase across a restart: there the monitor's ``{prefix}/restart``
+marker, logged with a new history's first estimate, tells.
 """
 
 from __future__ import annotations
@@ -111,16 +112,22 @@ def series(rows: list[dict[str, float]], key: str, healthy: str | None = None) -
     )
 
 
-def histories(rows: list[dict[str, float]], key: str) -> list[list[dict[str, float]]]:
+def histories(
+    rows: list[dict[str, float]], key: str, restart: str | None = None
+) -> list[list[dict[str, float]]]:
     """A run's rows split into its histories of ``key``, in file order.
 
     A new history starts at a row of ``key`` whose step is at or before that of the last row
     of ``key``; it takes the rows from where the file's step goes back after that last row
-    (or from that row itself, if the step does not go back before it).
+    (or from that row itself, if the step does not go back before it). It also starts at a
+    row that logged ``restart``: the monitor marks the first estimate of a history that a
+    resume under other settings started anew, which a transformers ``trainer_state.json``
+    shows with steps that still increase.
 
     Args:
         rows: A run's rows in file order (``read_rows``).
         key: The metric whose histories to find, such as ``llc/mean``.
+        restart: The key of the monitor's restart marker (``{prefix}/restart``).
 
     Returns:
         The rows of each history, together all of ``rows`` in their order; one list (all of
@@ -133,6 +140,8 @@ def histories(rows: list[dict[str, float]], key: str) -> list[list[dict[str, flo
         if last is not None and row["step"] <= rows[last]["step"]:
             back = (i for i in range(last + 1, index) if rows[i]["step"] < rows[i - 1]["step"])
             cuts.append(next(back, index))
+        elif last is not None and restart in row:
+            cuts.append(index)
         last = index
     return [rows[start:end] for start, end in pairwise([0, *cuts, len(rows)])]
 

@@ -6,6 +6,8 @@ restricted LLC ``name``.
 Fields are ``mean``, ``std``, ``healthy`` (1 when every health check passed, else 0),
 ``chain_<i>``, ``init_loss``, ``num_sampled``, ``num_chains``, ``step_size``,
 ``free_energy``, ``free_energy_std``, ``stage`` (a confirmed stage boundary's step),
+``restart`` (1 with the first estimate of a history that a resume under other settings
+started anew),
 ``diag/<diagnostic>``, ``curvature/<quantity>``, ``kernel/<a>:<b>`` (the loss kernel's
 mean correlation between observables ``a`` and ``b``) and ``susceptibility/<source>``.
 Restriction names hold no ``/`` except a combination's one (``"<weights>/<source>"``), so the

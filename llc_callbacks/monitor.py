@@ -83,8 +83,9 @@ class LLCMonitor:
     Each estimate returns (for the caller to log) ``{prefix}/mean``, ``{prefix}/std`` and
     ``{prefix}/healthy`` (1 when every health check passed; a failed check is also one
     warning per run saying what to change), and ``{prefix}/<name>/mean`` and ``std`` per
-    restriction; ``extra_metrics`` adds groups of keys. ``history`` keeps every metric of
-    every estimate, logged or not.
+    restriction; ``extra_metrics`` adds groups of keys; ``{prefix}/restart`` marks the first
+    estimate of a history that a stale checkpoint started anew (``load_state_dict``).
+    ``history`` keeps every metric of every estimate, logged or not.
 
     Example, in a hand-written loop::
 
@@ -249,6 +250,8 @@ class LLCMonitor:
         self._started = False
         self._last_step = -1
         self._warned: set[str] = set()
+        # Whether the next estimate begins a history that a stale checkpoint started anew.
+        self._restarted = False
         self._shown: set[tuple[str, type[Warning]]] = set()
         # Where warnings point from inside a trainer's hooks: the line that built this.
         self.origin = construction_site()
@@ -551,6 +554,9 @@ class LLCMonitor:
                 metrics.update(
                     {metric_key(self.prefix, f"{CURVATURE}/{k}"): v for k, v in found.items()}
                 )
+        if self._restarted:
+            metrics[metric_key(self.prefix, "restart")] = 1.0
+            self._restarted = False
         self._last_step = step
         self.history.append({"step": step, **metrics})
         boundaries: dict[str, float] = {}
@@ -639,6 +645,7 @@ class LLCMonitor:
             "last_step": self._last_step,
             "total_steps": self.schedule.total_steps,
             "warned": sorted(self._warned),
+            "restarted": self._restarted,
             "step_sizes": {
                 name or "": [None if s is None else s.step_size for s in starts]
                 for name, starts in self._starts.items()
@@ -652,7 +659,8 @@ class LLCMonitor:
 
         A state saved under other settings (another schedule or config: estimates that do
         not compare) is not loaded: one warning names each field that differs, and the run
-        starts a new history.
+        starts a new history, whose first estimate also returns ``{prefix}/restart`` (1) so
+        that plots of the logged rows draw it apart (``llc_callbacks.history.histories``).
         """
         changed = changed_settings(state.get("settings", {}), self.settings)
         if changed:
@@ -661,10 +669,12 @@ class LLCMonitor:
                 f"the checkpoint's LLC state was saved with other settings ({changed}): this"
                 " run starts a new LLC history. Pass the saved values to continue it.",
             )
+            self._restarted = True
             return
         self.history = [dict(row) for row in state["history"]]
         self._last_step = int(state["last_step"])
         self._warned = set(state.get("warned", ()))
+        self._restarted = bool(state.get("restarted", False))
         self._starts = {
             name or None: [None if s is None else ChainStart(None, s) for s in sizes]
             for name, sizes in state.get("step_sizes", {}).items()

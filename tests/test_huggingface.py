@@ -30,6 +30,7 @@ from transformers import set_seed
 
 from llc_callbacks import EssentialDynamics, LLCConfig, Probe, Restrictions, token_losses
 from llc_callbacks.forked import ForkedModel
+from llc_callbacks.history import histories, read_rows
 from llc_callbacks.integrations.huggingface import LLCTrainerCallback, model_loss
 
 
@@ -173,6 +174,29 @@ def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):
     assert [row["step"] for row in callback.monitor.history] == [0, 3, 6, 9, 12]
     assert_same_history(callback.monitor.history, full_callback.monitor.history)
     assert llc_rows(resumed) == llc_rows(full)
+
+
+def test_a_resume_under_other_settings_is_marked_so_that_plots_draw_it_apart(tmp_path):
+    kwargs = {"every_n_steps": 3, "config": TINY}
+    train(tmp_path / "full", kwargs, save_strategy="steps", save_steps=6)
+    other = {"steps": [9, 12], "config": dataclasses.replace(TINY, num_chains=3)}
+    with pytest.warns(UserWarning, match="starts a new LLC history"):
+        train(
+            tmp_path / "resumed",
+            other,
+            resume=str(tmp_path / "full" / "checkpoint-6"),
+            save_strategy="steps",
+            save_steps=6,
+        )
+    # The checkpoint's log history (estimates at 3 and 6) goes on with the new one's (9, 12):
+    # steps that increase, told apart by the marker on the new history's first estimate.
+    rows = read_rows(tmp_path / "resumed" / "checkpoint-12")
+    assert [row["step"] for row in rows if "llc/restart" in row] == [9]
+    parts = histories(rows, "llc/mean", "llc/restart")
+    assert [[row["step"] for row in part if "llc/mean" in row] for part in parts] == [
+        [3, 6],
+        [9, 12],
+    ]
 
 
 def test_a_warm_started_run_resumes_with_its_step_sizes_in_trainer_state(tmp_path):

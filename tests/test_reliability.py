@@ -201,6 +201,8 @@ def test_a_resume_with_another_config_warns_that_the_history_starts_anew(tmp_pat
     with pytest.warns(UserWarning, match=changed + ".*starts a new LLC history"):
         resumed.fit(Classifier(), loader(), ckpt_path=checkpoint)
     assert [row["step"] for row in other.monitor.history] == [6, 9, 12]
+    # The new history's first estimate carries the marker that plots draw it apart by.
+    assert [row.get("llc/restart") for row in other.monitor.history] == [1.0, None, None]
 
     renamed = LLCCallback(TINY, every_n_steps=3, prefix="probe")
     resumed = trainer(tmp_path / "renamed", callbacks=[renamed])
@@ -216,3 +218,4 @@ def test_a_resume_with_another_config_warns_that_the_history_starts_anew(tmp_pat
         resumed.fit(Classifier(), loader(), ckpt_path=checkpoint)
     assert not [m for m in llc_warnings(caught) if "new LLC history" in m]
     assert [row["step"] for row in same.monitor.history] == [3, 6, 9, 12]
+    assert not any("llc/restart" in row for row in same.monitor.history)
