@@ -66,7 +66,7 @@ its own, dash-dotted and labelled "(restart k)". --restriction NAME draws the
 restricted LLC NAME (a layer's or a head's, with its own spread where logged) of each
 run beside its full LLC, in the same axes. --components draws every restricted LLC of
 one run instead: a heatmap (component x step) marking each one's stage boundaries,
-above their curves. Prints the path of the PNG it wrote."""
+above their curves, of the run's last LLC history. Prints the path of the PNG it wrote."""
 PLOT_EXAMPLES = """\
 examples:
   llc-callbacks plot lightning_logs/version_0/metrics.csv
@@ -536,7 +536,11 @@ def _plot_components(runs: list[Path], output: Path | None, loss: str | None) ->
             f"{run} logged no restricted LLC ({prefix}/<name>/mean) for --components to draw"
         )
     output = output or _folder(run) / COMPONENTS_PNG
-    plot_components(rows, prefix, output)
+    parts = histories(rows, metric_key(prefix, "mean"), metric_key(prefix, "restart"))
+    if len(parts) > 1:
+        last = f"the last of its {len(parts)} LLC histories (restart {len(parts) - 1})"
+        print(f"{run}: drawing {last}", file=sys.stderr)
+    plot_components(parts[-1], prefix, output)
     return output
 
 

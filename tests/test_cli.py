@@ -298,6 +298,16 @@ def test_plot_draws_unhealthy_estimates_hollow(tmp_path, capsys, monkeypatch):
     assert "unhealthy" in [text.get_text() for text in axes.get_legend().get_texts()]
 
 
+def test_plot_components_draws_the_last_history_of_a_restarted_run(tmp_path, capsys, monkeypatch):
+    drawn_rows = []
+    monkeypatch.setattr(cli, "plot_components", lambda rows, *_: drawn_rows.append(rows))
+    run = restarted_run(tmp_path)
+    assert main(["plot", str(run), "--components"]) == 0
+    assert "drawing the last of its 2 LLC histories" in capsys.readouterr().err
+    (rows,) = drawn_rows
+    assert [row["step"] for row in rows if "llc/layer0/mean" in row] == list(SECOND)
+
+
 def test_stages_fits_each_history_of_a_restarted_run_on_its_own(tmp_path, capsys):
     assert main(["stages", str(restarted_run(tmp_path))]) == 0
     first, second = capsys.readouterr().out.split("\n\n")
