@@ -1,6 +1,6 @@
 """What the README's first two examples cost: each trainer's run with and without the callback.
 
-Usage: ``OMP_NUM_THREADS=1 python benchmarks/first_contact.py``
+Usage: ``OMP_NUM_THREADS=1 python benchmarks/first_contact.py [--stream]``
 
 Lightning: a 6-32-32-3 MLP classifier (1,379 weights), batches of 32, 200 steps,
 ``LLCCallback(every_n_steps=100)``. transformers: a 2-layer GPT-2 of width 32 (28,032
@@ -8,8 +8,13 @@ weights), batches of 16 x 16 tokens, 100 steps, ``LLCTrainerCallback(every_n_ste
 Both with the default ``LLCConfig()``. Each run is timed without the callback, then with it,
 in the same process; an estimate's cost is the extra time over the number of estimates, in
 training steps of the run without the callback (its wall time over its steps).
+
+``--stream``: both runs 2,000 steps long, with streaming readings every 100 steps
+(``stream=True, max_overhead=0.5``): a curve of 20 points, against the same runs without
+the callback.
 """
 
+import argparse
 import time
 
 import lightning.pytorch as L
@@ -22,6 +27,8 @@ from llc_callbacks.integrations.huggingface import LLCTrainerCallback
 from llc_callbacks.integrations.lightning import LLCCallback
 
 LIGHTNING_STEPS, HF_STEPS = 200, 100
+# The streaming runs: long enough for a curve, a reading every STREAM_EVERY steps.
+STREAM_STEPS, STREAM_EVERY = 2000, 100
 
 
 class Classifier(L.LightningModule):
@@ -40,7 +47,7 @@ class Classifier(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def lightning_run(callbacks) -> float:
+def lightning_run(callbacks, steps: int = LIGHTNING_STEPS) -> float:
     L.seed_everything(0, verbose=False)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2048, 6, generator=generator)
@@ -48,7 +55,7 @@ def lightning_run(callbacks) -> float:
     loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
     trainer = L.Trainer(
         accelerator="cpu",
-        max_steps=LIGHTNING_STEPS,
+        max_steps=steps,
         logger=False,
         callbacks=callbacks,
         enable_checkpointing=False,
@@ -73,20 +80,20 @@ class Counting(Dataset):
         return {"input_ids": self.ids[index], "labels": self.ids[index]}
 
 
-def hf_run(callbacks, folder: str, save_steps: int | None = None) -> float:
-    """Train the GPT-2 for ``HF_STEPS``; its wall time. ``save_steps``: checkpoint that often."""
+def hf_run(callbacks, folder: str, save_steps: int | None = None, steps: int = HF_STEPS) -> float:
+    """Train the GPT-2 for ``steps``; its wall time. ``save_steps``: checkpoint that often."""
     torch.manual_seed(0)
     config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=16)
     args = TrainingArguments(
         output_dir=folder,
-        max_steps=HF_STEPS,
+        max_steps=steps,
         per_device_train_batch_size=16,
         use_cpu=True,
         report_to="none",
         save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500,
         disable_tqdm=True,
-        logging_steps=HF_STEPS,
+        logging_steps=steps,
     )
     trainer = Trainer(
         model=GPT2LMHeadModel(config), args=args, train_dataset=Counting(), callbacks=callbacks
@@ -105,8 +112,27 @@ def report(name: str, steps: int, plain: float, watched: float, estimates: int) 
     )
 
 
+def streamed() -> None:
+    """The two runs at ``STREAM_STEPS`` steps, with and without streaming readings."""
+    plain = lightning_run([], STREAM_STEPS)
+    callback = LLCCallback(every_n_steps=STREAM_EVERY, stream=True, max_overhead=0.5)
+    watched = lightning_run([callback], STREAM_STEPS)
+    report("Lightning MLP, streaming", STREAM_STEPS, plain, watched, len(callback.monitor.history))
+    plain = hf_run([], "/tmp/first_contact_plain", steps=STREAM_STEPS)
+    callback = LLCTrainerCallback(every_n_steps=STREAM_EVERY, stream=True, max_overhead=0.5)
+    watched = hf_run([callback], "/tmp/first_contact_watched", steps=STREAM_STEPS)
+    report(
+        "transformers GPT-2, streaming", STREAM_STEPS, plain, watched, len(callback.monitor.history)
+    )
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--stream", action="store_true", help="streaming readings, 2,000 steps")
     torch.set_num_threads(1)
+    if parser.parse_args().stream:
+        streamed()
+        return
     plain = lightning_run([])
     watched = lightning_run([LLCCallback(every_n_steps=100)])
     report("Lightning MLP", LIGHTNING_STEPS, plain, watched, LIGHTNING_STEPS // 100)

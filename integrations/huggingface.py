@@ -111,6 +111,10 @@ class LLCTrainerCallback(TrainerCallback):
             logs every component's susceptibility to every other observable (see
             ``LLCMonitor``), sends them as the table ``{prefix}/susceptibility``, and at the
             end of training their curves as the figure ``{prefix}/susceptibilities``.
+        stream: Read the LLC from chains that persist through training: tuned once, then
+            continued at every scheduled step around the current weights, at the step sizes
+            they were tuned to; ``max_overhead`` then sets each reading's length (see
+            ``LLCMonitor``).
 
     Stage boundaries that the monitor confirms (``{prefix}/stage``) also go to W&B as the
     table ``train/{prefix}/stages``.
@@ -148,6 +152,7 @@ class LLCTrainerCallback(TrainerCallback):
         dynamics: EssentialDynamics | None = None,
         observables: Mapping[str, Iterable[Any] | Probe] | None = None,
         susceptibility_base: str | None = None,
+        stream: bool = False,
     ) -> None:
         if isinstance(config, Trainer):
             raise ValueError(

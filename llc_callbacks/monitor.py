@@ -46,6 +46,7 @@ from llc_callbacks.restrictions import Restrictions
 from llc_callbacks.result import LLCResult
 from llc_callbacks.schedule import Schedule
 from llc_callbacks.stages import Boundary, StageTracker
+from llc_callbacks.streaming import Stream
 from llc_callbacks.validation import check_bool, check_choice, check_int
 
 ON_ERROR = ("warn", "raise")
@@ -139,6 +140,7 @@ class LLCMonitor:
             come sooner where the LLC moves and later where it is flat (``Budget``). Alone it
             spaces the estimates; with a schedule it is a ceiling on it (``at_start`` and
             ``at_end`` included). The first estimate runs when due, before its cost is known.
+            With ``stream`` it sets each reading's length instead (see there).
         observables: Named probe sets whose per-example losses the chains record (see
             ``estimate_llc``); every estimate then logs the loss kernel's mean correlation
             between each pair, ``{prefix}/kernel/<a>:<b>``, and keeps in ``influences`` the
@@ -149,6 +151,16 @@ class LLCMonitor:
             other observable (``susceptibility``), ``{prefix}/susceptibility/<source>`` and
             ``{prefix}/<restriction>/susceptibility/<source>``, and keeps them in
             ``susceptibilities``.
+        stream: Read the LLC from chains that persist through training
+            (``llc_callbacks.streaming``): the first reading is a whole estimate that tunes
+            each chain's step size; every later one continues the same chains around the
+            current weights (their offsets carried over, as ``warm_start`` does), without
+            burn-in or adaptation, at the tuned step sizes, for ``config.num_draws`` draws,
+            or with ``max_overhead`` for as many as fit in that share of the training time
+            since the last reading. Each reading logs ``{prefix}/step_size`` and
+            ``{prefix}/tuned`` (1 where it tuned the chains: the first, after a resume, and
+            when chains became unstable). ``max_overhead`` then sets the readings' length
+            instead of spacing them.
 
     Attributes:
         history: One row per estimate: ``step`` and the metrics.
@@ -191,6 +203,7 @@ class LLCMonitor:
         max_overhead: float | None = None,
         observables: Mapping[str, Iterable[Any] | Probe] | None = None,
         susceptibility_base: str | None = None,
+        stream: bool = False,
     ) -> None:
         if isinstance(curvature, str):
             raise ValueError(f"curvature must be a sequence of names, got {curvature!r}")
@@ -218,7 +231,14 @@ class LLCMonitor:
         self.influences: list[list[Any]] = []
         self.susceptibilities: list[list[Any]] = []
         self.config = config or LLCConfig()
-        self.budget = Budget(max_overhead) if max_overhead is not None else None
+        check_bool("stream", stream)
+        if stream and not self.config.warm_start:
+            raise ValueError(
+                "stream=True continues each reading's chains from the last one's: it needs"
+                " LLCConfig(warm_start=True), got warm_start=False"
+            )
+        self.stream = Stream(max_overhead) if stream else None
+        self.budget = Budget(max_overhead) if max_overhead is not None and not stream else None
         if self.budget is not None and all(k is None for k in (every_n_steps, steps, log_spaced)):
             every_n_steps = 1  # the budget alone spaces the estimates
         self.schedule = Schedule(
@@ -257,7 +277,7 @@ class LLCMonitor:
         self.origin = construction_site()
         # What makes estimates comparable along a run, kept with the state: a resume
         # under other settings starts a new history (``load_state_dict``).
-        self.settings = _settings(self.schedule, self.config)
+        self.settings = _settings(self.schedule, self.config) | ({"stream": True} if stream else {})
 
     def set_total_steps(self, total_steps: int) -> None:
         """Tell the monitor how long training is, for a ``log_spaced`` schedule (unless given).
@@ -333,6 +353,8 @@ class LLCMonitor:
                 " Build one LLCMonitor per run (or load_state_dict a checkpoint's state to"
                 " resume one)."
             )
+        if self.stream is not None:
+            self.stream.start()
         return (
             self.enabled
             and step > self._last_step
@@ -510,6 +532,9 @@ class LLCMonitor:
         progress: bool,
     ) -> dict[str, float]:
         config = dataclasses.replace(self.config, seed=step_seed(self.config.seed, step))
+        tuning = self.stream is not None and self.stream.tune
+        if self.stream is not None:
+            config = self.stream.plan(config, distributed=self._distributed())
         try:
             with warnings_once(self._shown, self.origin):
                 self.last_result = estimate_llc(
@@ -529,6 +554,8 @@ class LLCMonitor:
                 )
             if config.warm_start:
                 self._starts = self.last_result.starts
+            if self.stream is not None:
+                self.last_result = self.stream.read(self.last_result, tuning=tuning)
             metrics = self.last_result.to_metrics(self.prefix)
             if self.observables:
                 metrics.update(self._observed(step))
@@ -543,6 +570,12 @@ class LLCMonitor:
             )
             self.last_result = None
             metrics = LLCResult.failed(config, str(error)).to_metrics(self.prefix)
+            if self.stream is not None:
+                self.stream.read(None, tuning=tuning)
+        if self.stream is not None:
+            if self.stream.cold:  # chains diverged, or the reading failed: tune anew
+                self._starts = {}
+            metrics.update(self._streamed(tuning))
         if self.curvature:
             with (
                 self.reporting("measuring the curvature"),
@@ -652,6 +685,7 @@ class LLCMonitor:
             },
             "stages": self.stages.state_dict(),
             **({"budget": self.budget.state_dict()} if self.budget is not None else {}),
+            **({"stream": self.stream.state_dict()} if self.stream is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -685,6 +719,25 @@ class LLCMonitor:
             self.stages.load_state_dict(state["stages"])
         if self.budget is not None and "budget" in state:
             self.budget.load_state_dict(state["budget"])
+        if self.stream is not None and "stream" in state:
+            self.stream.load_state_dict(state["stream"])
+            if rank_and_world()[0] == 0:
+                logger.info(
+                    "llc_callbacks: resumed at step %d; the chains' places are not in the"
+                    " checkpoint, so the next reading tunes them again from the weights"
+                    " (%s)",
+                    self._last_step,
+                    metric_key(self.prefix, "tuned"),
+                )
+
+    def _streamed(self, tuning: bool) -> dict[str, float]:
+        """A streaming reading's ``{prefix}/tuned`` and the ``{prefix}/step_size`` it drew at."""
+        result = self.last_result
+        step_size = math.nan if result is None else result.diagnostics.get("step_size", math.nan)
+        return {
+            metric_key(self.prefix, "tuned"): float(tuning),
+            metric_key(self.prefix, "step_size"): step_size,
+        }
 
     def _observed(self, step: int) -> dict[str, float]:
         """The last estimate's observables' metrics; sets ``influences``, ``susceptibilities``."""

@@ -3,7 +3,8 @@
 Usage: python ddp_script.py OUT_DIR MODE, MODE "ok", "one_in_flight" (as "ok", one chain held in
 memory at a time), "fail_on_rank_1" or "budget" (estimates spaced by max_overhead over 40
 steps, the budget's clock counting work, and made to differ between the ranks; the chains
-sample the trainer's own batches). Modes but "budget" record observables and sample a loader
+sample the trainer's own batches) or "stream" (as "ok", with streaming readings paced by
+max_overhead on the same clocks). Modes but "budget" record observables and sample a loader
 of their own. Writes each rank's history, the warnings it showed and the batches per
 optimizer step its monitor counts to OUT_DIR/history_<rank>.json,
 OUT_DIR/warnings_<rank>.json and OUT_DIR/batches_<rank>.json, rank 0's weights at the
@@ -27,6 +28,7 @@ from torch.utils.data import DataLoader, Subset
 
 from llc_callbacks import LLCConfig
 from llc_callbacks import budget as budget_module
+from llc_callbacks import streaming as streaming_module
 from llc_callbacks.integrations.lightning import LLCCallback
 
 MODE = "ok"  # set from the command line
@@ -74,10 +76,12 @@ class SlowRankOne(L.Callback):
 if __name__ == "__main__":
     OUT, MODE = Path(sys.argv[1]), sys.argv[2]
     L.seed_everything(0, verbose=False)
-    budget = MODE == "budget"
-    if budget:
-        budget_module.time = SimpleNamespace(perf_counter=CLOCK)
+    budget, stream = MODE == "budget", MODE == "stream"
+    if budget or stream:
+        budget_module.time = streaming_module.time = SimpleNamespace(perf_counter=CLOCK)
     schedule = {"max_overhead": 0.5} if budget else {"steps": STEPS}
+    if stream:  # paced on clocks that differ by rank: the ranks agree on each reading's draws
+        schedule |= {"stream": True, "max_overhead": 0.5}
     config = replace(CONFIG, chains_in_flight=1) if MODE == "one_in_flight" else CONFIG
     callback = LLCCallback(
         config,
@@ -93,7 +97,7 @@ if __name__ == "__main__":
         max_steps=40 if budget else 8,
         log_every_n_steps=1,
         logger=CSVLogger(OUT),
-        callbacks=[callback, SlowRankOne() if budget else SaveWeights()],
+        callbacks=[callback, *([SlowRankOne()] if budget or stream else []), SaveWeights()],
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=False,

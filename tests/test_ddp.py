@@ -30,7 +30,7 @@ def logged_llc_steps(out: Path) -> list[int]:
         return [int(r["step"]) for r in csv.DictReader(file) if r["llc/mean"]]
 
 
-@pytest.mark.parametrize("mode", ["ok", "one_in_flight"])
+@pytest.mark.parametrize("mode", ["ok", "one_in_flight", "stream"])
 def test_ddp_splits_chains_logs_once_and_matches_a_single_process(tmp_path, mode):
     done = run_script(tmp_path, mode)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -42,12 +42,20 @@ def test_ddp_splits_chains_logs_once_and_matches_a_single_process(tmp_path, mode
     # The chains sample a loader of the script's own, whose batches count as they are.
     assert [json.loads((tmp_path / f"batches_{r}.json").read_text()) for r in (0, 1)] == [None] * 2
     shown = [json.loads((tmp_path / f"warnings_{r}.json").read_text()) for r in (0, 1)]
-    assert any(message.startswith("llc_callbacks: at step ") for message in shown[0])
+    if mode == "stream":  # tuned at step 4, continued at step 8 on each chain's rank
+        assert [row["llc/tuned"] for row in histories[0]] == [1.0, 0.0]
+        assert histories[0][1]["llc/diag/warm"] == 1.0
+    if mode != "stream":  # a continuing reading judges no R-hat of its own
+        assert any(message.startswith("llc_callbacks: at step ") for message in shown[0])
     assert shown[1] == []
 
     # One process, the same weights, batches and seeds: 3 chains in one vmap instead of 2 + 1
     # (or, with one in flight, 1 + 1 + 1).
-    single = LLCMonitor(CONFIG, steps=STEPS, distributed=False, observables=observables())
+    # Streaming: the tuning reading, then the same chains continued on their ranks.
+    stream = {"stream": True} if mode == "stream" else {}
+    single = LLCMonitor(
+        CONFIG, steps=STEPS, distributed=False, observables=observables(), **stream
+    )
     for step, row in zip(STEPS, histories[0], strict=True):
         module = Classifier(dropout=0.0)
         module.load_state_dict(torch.load(tmp_path / f"weights_{step}.pt"))

@@ -65,9 +65,11 @@ def test_tiny_models_train_with_estimates_on_schedule(tmp_path, make_model):
     assert callback.monitor.last_result.vectorized  # vmap works for GPT-2 and BERT
 
 
-def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
+@pytest.mark.parametrize("stream", [False, True], ids=["snapshots", "stream"])
+def test_training_is_bit_identical_with_and_without_the_callback(tmp_path, stream):
     plain, _ = train(tmp_path / "plain")
-    watched, _ = train(tmp_path / "watched", {"every_n_steps": 3, "at_start": True, "at_end": True})
+    schedule = {"every_n_steps": 3, "at_start": True, "at_end": True, "stream": stream}
+    watched, _ = train(tmp_path / "watched", schedule)
     for (name, a), (_, b) in zip(
         plain.model.state_dict().items(), watched.model.state_dict().items(), strict=True
     ):

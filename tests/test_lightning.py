@@ -44,9 +44,10 @@ def csv_rows(logger: CSVLogger) -> list[dict]:
         return list(csv.DictReader(file))
 
 
-def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
+@pytest.mark.parametrize("stream", [False, True], ids=["snapshots", "stream"])
+def test_training_is_bit_identical_with_and_without_the_callback(tmp_path, stream):
     plain, plain_run = fit(tmp_path / "a", logger=CSVLogger(tmp_path / "a"))
-    callback = LLCCallback(TINY, every_n_steps=3, at_start=True, at_end=True)
+    callback = LLCCallback(TINY, every_n_steps=3, at_start=True, at_end=True, stream=stream)
     watched, watched_run = fit(tmp_path / "b", [callback], logger=CSVLogger(tmp_path / "b"))
     assert [row["step"] for row in callback.monitor.history] == [0, 3, 6, 9, 12]
     for (name, a), (_, b) in zip(

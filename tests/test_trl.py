@@ -50,13 +50,13 @@ def llc_rows(trainer) -> list[dict]:
     return [row for row in trainer.state.log_history if "llc/mean" in row]
 
 
-@pytest.mark.parametrize("kind", TRAINERS)
+@pytest.mark.parametrize(("kind", "stream"), [*((kind, False) for kind in TRAINERS), ("sft", True)])
 def test_the_llc_is_logged_on_schedule_and_training_is_untouched(
-    tmp_path, kind, wandb_dir, wandb_rows, caplog
+    tmp_path, kind, stream, wandb_dir, wandb_rows, caplog
 ):
     plain = TRAINERS[kind](tmp_path / "plain")
     plain.train()
-    callback = LLCTrainerCallback(TINY, every_n_steps=3)
+    callback = LLCTrainerCallback(TINY, every_n_steps=3, stream=stream)
     watched = TRAINERS[kind](tmp_path / "watched", report_to="wandb")
     before, after = MetricsSnapshot(), MetricsSnapshot()
     for added in (before, callback, after):
@@ -81,8 +81,9 @@ def test_the_llc_is_logged_on_schedule_and_training_is_untouched(
     assert len(notes) == 1
     # The estimates changed nothing of TRL's metric buffers, and no LLC row carries them.
     assert before.copies == after.copies
+    streamed = {"llc/tuned", "llc/step_size"} if stream else set()
     assert all(
-        set(row) == {"llc/mean", "llc/std", "llc/healthy", "epoch", "step"}
+        set(row) == {"llc/mean", "llc/std", "llc/healthy", "epoch", "step", *streamed}
         for row in llc_rows(watched)
     )
     # Training as without the callback: every logged metric, the buffers, the weights.

@@ -1,0 +1,205 @@
+"""``Stream``: readings of chains that persist through training, paced to a share of its time.
+
+A streaming monitor tunes its chains once, in a first reading that is a whole estimate
+(burn-in with step-size adaptation, then draws), and from then on every reading continues the
+chains where the last one left them, around the current weights: no burn-in, no adaptation,
+each chain at the step size it was tuned to, a fixed number of draws. A turn of the curve then
+comes from the weights, not from a step size adapted anew at each point. The chains are
+tuned again only when they become unstable, and ``{prefix}/tuned`` marks the reading that
+does: after a reading whose MALA acceptance fell below ``MALA_MIN`` (the loss sharpened under
+the held step size, biasing the LLC high), from where the chains are; after one whose chains
+diverged, every chain afresh, from the weights and the initial step size.
+
+With ``max_overhead`` each reading draws as many steps as fit in that share of the training
+time since the last reading, at the chain-step time measured by the readings before (at
+least one); without it, ``config.num_draws`` steps. A continuing reading reports its chains'
+mean over their last ``WINDOW_DRAWS`` draws or more: its own, and where it drew fewer, those
+of the readings before it, back to the last tuning; ``{prefix}/diag/window`` counts them.
+Where readings are short the curve thus lags by about half a window.
+
+A continuing reading has a few dozen draws per chain at most, around weights that move: too
+few for the checks that judge a burn-in (R-hat, ``trend_z`` and ``climb`` within the reading,
+which read as NaN) or for a MALA acceptance of its own. Its MALA acceptance and localization
+sensitivity are pooled over the recent continuing readings, at least ``POOLED_DRAWS`` draws
+per chain, weighted by their draws (NaN, and not judged, until the readings since the last
+tuning hold that many); divergence is its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from llc_callbacks.config import LLCConfig
+from llc_callbacks.diagnostics import MALA_MIN
+from llc_callbacks.distributed import gather_from_every_rank, rank_and_world
+from llc_callbacks.result import LLCResult
+from llc_callbacks.validation import check_float
+
+# The draws per chain a continuing reading's LLC averages at least, its own and the readings'
+# before it: 4 chains x 40 draws, the window of the prototype that read within 1 to 12% of
+# long chains (DESIGN.md, "Curve facts").
+WINDOW_DRAWS = 40
+# A continuing reading's MALA acceptance and localization sensitivity are pooled over the
+# recent readings until they hold at least this many draws per chain (the MALA acceptance is
+# measured on every tenth draw: 4 chains x 10 measurements).
+POOLED_DRAWS = 100
+# The diagnostics that judge a burn-in: NaN in a continuing reading.
+BURNIN_CHECKS = ("rhat", "trend_z", "climb")
+# The diagnostics pooled over recent continuing readings.
+POOLED = ("mala_acceptance", "loc_sensitivity")
+
+
+class _Read(NamedTuple):
+    """What a continuing reading leaves for the next ones to pool."""
+
+    draws: float  # per chain
+    per_chain: np.ndarray  # each chain's LLC over its own draws
+    diagnostics: dict[str, float]
+
+
+class Stream:
+    """What the next reading runs: a tuning estimate, or draws that continue the chains.
+
+    Args:
+        max_overhead: The share of the training time the readings may take (0.5: training
+            with readings takes at most 1.5 times as long); ``None``: every reading after
+            the tuning one draws ``config.num_draws`` steps.
+
+    Attributes:
+        tune: Whether the next reading tunes the chains: the first; after a resume; after
+            a reading whose MALA acceptance (pooled) fell below ``MALA_MIN``, from where the
+            chains are; after one whose chains diverged or that failed, afresh (``cold``).
+        cold: Whether that tuning starts every chain afresh, at the weights.
+        step_seconds: Seconds per chain step (all chains together) in the last reading, its
+            forking and ``L(w*)`` included; ``None`` before any.
+
+    Raises:
+        ValueError: If ``max_overhead`` is not a number above 0.
+    """
+
+    def __init__(self, max_overhead: float | None) -> None:
+        if max_overhead is not None:
+            check_float("max_overhead", max_overhead, positive=True)
+        self.max_overhead = max_overhead
+        self.tune = True
+        self.cold = False
+        self.step_seconds: float | None = None
+        self._ended: float | None = None  # when the last reading ended
+        self._began = 0.0
+        # Per estimate name (None: the full LLC), the continuing readings since the last
+        # tuning that the window and the pooled diagnostics draw on, newest last.
+        self._recent: dict[str | None, list[_Read]] = {}
+
+    def start(self) -> None:
+        """Training (re)starts: its clock runs from now until the first reading."""
+        if self._ended is None:
+            self._ended = time.perf_counter()
+
+    def plan(self, config: LLCConfig, *, distributed: bool) -> LLCConfig:
+        """The config of the next reading, and start timing it.
+
+        Args:
+            config: The monitor's config (the tuning reading runs it as is).
+            distributed: Agree with the other ranks on the number of draws (a collective).
+
+        Returns:
+            ``config`` for a tuning reading; else ``config`` without burn-in, with every
+            chain drawing the paced number of steps (``relative_error=None``).
+        """
+        now = time.perf_counter()
+        trained = now - (self._ended if self._ended is not None else now)
+        self._began = now
+        if self.tune:
+            return config
+        draws = config.num_draws
+        if self.max_overhead is not None and self.step_seconds:
+            fit = math.floor(self.max_overhead * trained / self.step_seconds)
+            draws = min(draws, max(1, fit))
+        if distributed and rank_and_world()[1] > 1:
+            draws = min(gather_from_every_rank(lambda: draws))
+        return dataclasses.replace(config, num_burnin=0, num_draws=draws, relative_error=None)
+
+    def read(self, result: LLCResult | None, *, tuning: bool) -> LLCResult | None:
+        """A reading ended with ``result`` (``None``: it failed): time it, judge its chains.
+
+        Args:
+            result: The reading, or ``None`` if it failed.
+            tuning: Whether it was a tuning reading (``plan`` returned the config as is).
+
+        Returns:
+            ``result``, with a continuing reading's diagnostics as its health is judged
+            (see the module's docstring).
+        """
+        self._ended = time.perf_counter()
+        if result is None or result.error is not None or not math.isfinite(result.llc_mean):
+            self.tune = self.cold = True
+            self._recent = {}
+            return result
+        steps = int((result.burnin + result.draws).max(initial=0))
+        if steps:
+            self.step_seconds = (self._ended - self._began) / steps
+        if tuning:
+            self._recent = {}
+        else:
+            restricted = {name: self._continued(name, r) for name, r in result.restricted.items()}
+            result = dataclasses.replace(self._continued(None, result), restricted=restricted)
+        self.cold = bool(result.diagnostics.get("num_diverged", 0))
+        too_large = result.diagnostics.get("mala_acceptance", math.nan) < MALA_MIN
+        self.tune = self.cold or (too_large and not tuning)
+        return result
+
+    def _continued(self, name: str | None, result: LLCResult) -> LLCResult:
+        """One estimate of a continuing reading: its LLC over the window, its health pooled."""
+        if result.error is not None:
+            return result
+        recent = self._recent.setdefault(name, [])
+        drawn = float(result.draws.mean()) if result.draws.size else 0.0
+        recent.append(_Read(drawn, result.llc_per_chain, result.diagnostics))
+        while len(recent) > 1 and sum(read.draws for read in recent[1:]) >= POOLED_DRAWS:
+            recent.pop(0)
+        window = _newest(recent, WINDOW_DRAWS)
+        weights = np.array([read.draws for read in window])
+        per_chain = np.average(np.stack([read.per_chain for read in window]), 0, weights)
+        kept = per_chain[np.isfinite(per_chain)]
+        diagnostics = dict(result.diagnostics) | dict.fromkeys(BURNIN_CHECKS, math.nan)
+        diagnostics["window"] = float(weights.sum())
+        pooled = sum(read.draws for read in recent) >= POOLED_DRAWS
+        for key in POOLED:
+            found = [(r.draws, r.diagnostics.get(key, math.nan)) for r in recent]
+            pairs = np.array([pair for pair in found if math.isfinite(pair[1])]).reshape(-1, 2)
+            diagnostics[key] = (
+                float(np.average(pairs[:, 1], weights=pairs[:, 0]))
+                if pooled and len(pairs) and key in result.diagnostics
+                else math.nan
+            )
+        return dataclasses.replace(
+            result,
+            llc_mean=float(kept.mean()) if kept.size else math.nan,
+            llc_std=float(kept.std(ddof=1)) if kept.size > 1 else math.nan,
+            llc_per_chain=per_chain,
+            diagnostics=diagnostics,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The measured chain-step time, for a checkpoint."""
+        return {"step_seconds": self.step_seconds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue a checkpointed run: its chains' offsets are lost, so they tune again."""
+        self.step_seconds = state.get("step_seconds")
+        self.tune = True
+
+
+def _newest(reads: list[_Read], draws: float) -> list[_Read]:
+    """The newest reads that hold at least ``draws`` draws per chain (all, if they hold fewer)."""
+    total = 0.0
+    for index in range(len(reads) - 1, -1, -1):
+        total += reads[index].draws
+        if total >= draws:
+            return reads[index:]
+    return reads

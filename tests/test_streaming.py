@@ -1,0 +1,226 @@
+"""Streaming readings: chains that persist through training (issue: curves, not points)."""
+
+import copy
+import dataclasses
+import logging
+import math
+
+import pytest
+import torch
+from clocks import Clock
+from models import Bowl, DropoutBatchNormNet, classification_batches, cross_entropy, mse_loss
+
+from llc_callbacks import LLCConfig, LLCMonitor, estimate_llc
+from llc_callbacks import streaming as streaming_module
+from llc_callbacks.diagnostics import MALA_MIN
+from llc_callbacks.monitor import step_seed
+
+# A short tuning reading; continuing readings draw num_draws steps each (no max_overhead).
+STREAMED = LLCConfig(num_chains=4, num_burnin=100, num_draws=20, init_loss_batches=2)
+
+
+def train(monitor, steps, *, chain_loss=cross_entropy, on_step=None, first=1):
+    """SGD on the dropout and BatchNorm net, the monitor asked after every step.
+
+    Returns:
+        The model's weights at each step the monitor read, by step.
+    """
+    torch.manual_seed(0)
+    model, data = DropoutBatchNormNet(), classification_batches()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    weights = {}
+    for step in range(first, steps + 1):
+        optimizer.zero_grad()
+        cross_entropy(model, data[step % len(data)]).backward()
+        optimizer.step()
+        if on_step is not None:
+            on_step()
+        if monitor.maybe_estimate(step, model, chain_loss, data):
+            weights[step] = copy.deepcopy(model.state_dict())
+    return weights
+
+
+def test_readings_equal_a_hand_written_loop_that_continues_the_chains():
+    monitor = LLCMonitor(STREAMED, every_n_steps=5, stream=True)
+    weights = train(monitor, 20)
+    # The loop: tune once, then continue every chain from where it ended, around the new
+    # weights, without burn-in, at the step size it was tuned to, for num_draws draws.
+    model, data = DropoutBatchNormNet(), classification_batches()
+    starts, results = None, []
+    for number, (step, state) in enumerate(weights.items()):
+        model.load_state_dict(state)
+        config = dataclasses.replace(STREAMED, seed=step_seed(STREAMED.seed, step))
+        if number:
+            config = dataclasses.replace(config, num_burnin=0, relative_error=None)
+        results.append(
+            estimate_llc(model, cross_entropy, data, config, start=starts, keep_ends=True)
+        )
+        starts = results[-1].starts
+    assert [row["step"] for row in monitor.history] == [5, 10, 15, 20]
+    # A continuing reading averages each chain's last 40 draws or more (WINDOW_DRAWS): its
+    # own 20 and the reading's before it, back to the tuning one.
+    own = [result.llc_per_chain for result in results[1:]]
+    windows = [own[0], (own[0] + own[1]) / 2, (own[1] + own[2]) / 2]
+    expected = [results[0].llc_mean, *(window.mean() for window in windows)]
+    assert [row["llc/mean"] for row in monitor.history] == pytest.approx(expected, rel=1e-12)
+    assert [row["llc/diag/window"] for row in monitor.history[1:]] == [20, 40, 40]
+    assert [row["llc/tuned"] for row in monitor.history] == [1.0, 0.0, 0.0, 0.0]
+    tuned = results[0].step_sizes
+    for row, result in zip(monitor.history[1:], results[1:], strict=True):
+        # One set of step sizes for the run: each continuing reading draws at the tuned ones.
+        assert result.step_sizes.tolist() == tuned.tolist()
+        assert row["llc/step_size"] == pytest.approx(math.exp(torch.tensor(tuned).log().mean()))
+        assert result.burnin.tolist() == [0] * 4 and result.draws.tolist() == [20] * 4
+
+
+def test_a_snapshot_monitor_adapts_its_step_sizes_at_every_estimate():
+    # What streaming changes: without it, every estimate adapts its chains' step sizes anew.
+    monitor = LLCMonitor(STREAMED, every_n_steps=5)
+    train(monitor, 20)
+    assert "llc/tuned" not in monitor.history[0]
+    assert len({row["llc/diag/step_size"] for row in monitor.history}) == 4
+
+
+def test_max_overhead_sets_each_readings_draws_from_the_measured_times(monkeypatch):
+    # Deterministic times: a training step takes 10 ms, each call of the chains' loss 1 ms.
+    clock = Clock()
+    monkeypatch.setattr(streaming_module.time, "perf_counter", clock)
+
+    def chain_loss(model, batch):
+        clock.now += 0.001
+        return cross_entropy(model, batch)
+
+    def step():
+        clock.now += 0.010
+
+    draws, overheads = {}, {}
+    for share in (0.5, 0.25):
+        config = dataclasses.replace(STREAMED, num_draws=1000)
+        monitor = LLCMonitor(config, every_n_steps=50, stream=True, max_overhead=share)
+        spent = []
+        original = monitor.stream.read
+
+        def timed(result, *, tuning, read=original, log=spent, stream=monitor.stream):
+            log.append(clock.now - stream._began)
+            return read(result, tuning=tuning)
+
+        monkeypatch.setattr(monitor.stream, "read", timed)
+        train(monitor, 300, chain_loss=chain_loss, on_step=step)
+        draws[share] = [int(row["llc/diag/draws"]) for row in monitor.history[1:]]
+        # Training ran 50 steps of 10 ms between readings; the readings after the tuning one
+        # took at most the share of that, and used most of it.
+        overheads[share] = [s / 0.5 for s in spent[1:]]
+    for share in draws:
+        assert all(1 < d < 1000 for d in draws[share]), draws
+        assert all(share / 2 < o <= share for o in overheads[share]), overheads
+    # Half the share, about half the draws (each reading also forks and measures L(w*)).
+    assert 0.3 < sum(draws[0.25]) / sum(draws[0.5]) < 0.6
+
+
+def bowl_readings(sharpness, *, mala=False):
+    """A streaming monitor reading a Bowl after each step, its sharpness set per step."""
+    config = LLCConfig(
+        num_chains=4, num_burnin=200, num_draws=50, nbeta=10.0, localization=10.0, mala=mala
+    )
+    monitor = LLCMonitor(config, every_n_steps=1, stream=True)
+    model, data = Bowl(), [torch.zeros(4, 1)] * 4
+    for step, value in enumerate(sharpness, start=1):
+        model.sharpness = value
+        monitor.maybe_estimate(step, model, mse_loss_free, data)
+    return monitor
+
+
+def mse_loss_free(model, batch):
+    return model(batch)
+
+
+def test_chains_that_become_unstable_are_flagged_and_tuned_again(recwarn):
+    # Tuned at sharpness 10; at 1,000 the held step size is far past stability, so the
+    # chains diverge; the next reading tunes them again, to a smaller step size.
+    monitor = bowl_readings([10.0, 10.0, 1000.0, 1000.0, 1000.0])
+    rows = monitor.history
+    assert [row["llc/tuned"] for row in rows] == [1.0, 0.0, 0.0, 1.0, 0.0]
+    assert [row["llc/healthy"] for row in rows] == [1.0, 1.0, 0.0, 1.0, 1.0]
+    assert rows[2]["llc/diag/num_diverged"] > 0
+    assert rows[3]["llc/step_size"] < rows[2]["llc/step_size"] / 10
+    assert rows[4]["llc/step_size"] == rows[3]["llc/step_size"]
+    assert any("diverged" in str(w.message) for w in recwarn)
+
+
+def test_healthy_streaming_chains_are_not_flagged():
+    # A Bowl of fixed sharpness: each continuing reading (50 draws) samples the same Gaussian,
+    # and passes every check, the pooled MALA acceptance and localization sensitivity too.
+    monitor = bowl_readings([10.0] * 12, mala=True)
+    rows = monitor.history
+    assert [row["llc/tuned"] for row in rows] == [1.0] + [0.0] * 11
+    assert all(row["llc/healthy"] == 1.0 for row in rows), rows
+    assert all(math.isnan(row["llc/diag/rhat"]) for row in rows[1:])
+    assert all(math.isfinite(row["llc/diag/mala_acceptance"]) for row in rows[2:])
+
+
+def test_a_step_size_that_the_loss_outgrows_is_flagged_and_tuned_again():
+    # An MLP trained with Adam: its loss sharpens under the step size tuned at step 20, the
+    # pooled MALA acceptance falls below MALA_MIN, that reading is flagged, and the next one
+    # tunes the chains again from where they are, to a smaller step size.
+    torch.manual_seed(0)
+    x = torch.randn(2048, 8)
+    y = x @ (torch.randn(8, 8) / 8**0.5) + 0.1 * torch.randn(2048, 8)
+    data = [(x[i : i + 256], y[i : i + 256]) for i in range(0, 2048, 256)]
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU()
+    )
+    model.append(torch.nn.Linear(16, 8))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    monitor = LLCMonitor(LLCConfig(num_draws=20), every_n_steps=20, stream=True)
+    with pytest.warns(UserWarning, match="MALA acceptance is 0.7"):
+        for step in range(1, 301):
+            optimizer.zero_grad()
+            mse_loss(model, data[step % len(data)]).backward()
+            optimizer.step()
+            monitor.maybe_estimate(step, model, mse_loss, data)
+    rows = monitor.history
+    flagged = [i for i, row in enumerate(rows) if row["llc/healthy"] == 0.0 and i > 0]
+    assert flagged, [row["llc/diag/mala_acceptance"] for row in rows]
+    first = flagged[0]
+    assert rows[first]["llc/diag/mala_acceptance"] < MALA_MIN
+    assert [row["llc/tuned"] for row in rows[: first + 2]] == [1.0] + [0.0] * first + [1.0]
+    assert rows[first + 1]["llc/step_size"] < rows[first]["llc/step_size"]
+    assert rows[first + 1]["llc/diag/mala_acceptance"] > MALA_MIN
+    assert rows[first + 1]["llc/diag/warm"] == 1.0  # from where the chains were
+
+
+def test_a_resume_tunes_the_chains_again_and_says_so(caplog):
+    first = LLCMonitor(STREAMED, every_n_steps=5, stream=True)
+    train(first, 10)
+    resumed = LLCMonitor(STREAMED, every_n_steps=5, stream=True)
+    with caplog.at_level(logging.INFO, logger="llc_callbacks.monitor"):
+        resumed.load_state_dict(first.state_dict())
+    assert "the next reading tunes them again" in caplog.text
+    train(resumed, 20, first=11)
+    assert [row["step"] for row in resumed.history] == [5, 10, 15, 20]
+    assert [row["llc/tuned"] for row in resumed.history] == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_a_checkpoint_of_snapshot_estimates_does_not_continue_a_stream():
+    snapshots = LLCMonitor(STREAMED, every_n_steps=5)
+    train(snapshots, 10)
+    streaming = LLCMonitor(STREAMED, every_n_steps=5, stream=True)
+    with pytest.warns(UserWarning, match="stream: None in the checkpoint, True now"):
+        streaming.load_state_dict(snapshots.state_dict())
+    assert streaming.history == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"stream": "yes"}, "stream must be True or False"),
+        (
+            {"stream": True, "config": LLCConfig(warm_start=False)},
+            "stream=True continues each reading's chains",
+        ),
+        ({"stream": True, "max_overhead": 0}, "max_overhead"),
+    ],
+)
+def test_bad_streaming_arguments_are_refused_naming_them(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LLCMonitor(**kwargs)
