@@ -10,7 +10,7 @@ import torch
 from clocks import Clock
 from models import Bowl, DropoutBatchNormNet, classification_batches, cross_entropy, mse_loss
 
-from llc_callbacks import LLCConfig, LLCMonitor, estimate_llc
+from llc_callbacks import LLCConfig, LLCMonitor, Restrictions, estimate_llc
 from llc_callbacks import streaming as streaming_module
 from llc_callbacks.diagnostics import MALA_MIN
 from llc_callbacks.monitor import step_seed
@@ -224,3 +224,15 @@ def test_a_checkpoint_of_snapshot_estimates_does_not_continue_a_stream():
 def test_bad_streaming_arguments_are_refused_naming_them(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LLCMonitor(**kwargs)
+
+
+def test_restricted_llcs_stream_too():
+    restrictions = Restrictions(weights={"first": "net.0.*"})
+    monitor = LLCMonitor(STREAMED, every_n_steps=5, stream=True, restrictions=restrictions)
+    train(monitor, 15)
+    rows = monitor.history
+    assert [row["llc/first/diag/warm"] for row in rows] == [0.0, 1.0, 1.0]
+    assert [row["llc/first/diag/burnin"] for row in rows[1:]] == [0.0, 0.0]
+    assert [row["llc/first/diag/window"] for row in rows[1:]] == [20.0, 40.0]
+    assert rows[2]["llc/first/diag/step_size"] == rows[0]["llc/first/diag/step_size"]
+    assert all(math.isfinite(row["llc/first/mean"]) for row in rows)
