@@ -53,9 +53,7 @@ def test_ddp_splits_chains_logs_once_and_matches_a_single_process(tmp_path, mode
     # (or, with one in flight, 1 + 1 + 1).
     # Streaming: the tuning reading, then the same chains continued on their ranks.
     stream = {"stream": True} if mode == "stream" else {}
-    single = LLCMonitor(
-        CONFIG, steps=STEPS, distributed=False, observables=observables(), **stream
-    )
+    single = LLCMonitor(CONFIG, steps=STEPS, distributed=False, observables=observables(), **stream)
     for step, row in zip(STEPS, histories[0], strict=True):
         module = Classifier(dropout=0.0)
         module.load_state_dict(torch.load(tmp_path / f"weights_{step}.pt"))
