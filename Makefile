@@ -44,3 +44,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/preflight.py
 	$(PY) benchmarks/curvature.py
 	$(PY) benchmarks/observables.py
+	$(PY) benchmarks/curves.py
