@@ -12,10 +12,9 @@ diverged, every chain afresh, from the weights and the initial step size.
 
 With ``max_overhead`` each reading draws as many steps as fit in that share of the training
 time since the last reading, at the chain-step time measured by the readings before (at
-least one); without it, ``config.num_draws`` steps. A continuing reading reports its chains'
-mean over their last ``WINDOW_DRAWS`` draws or more: its own, and where it drew fewer, those
-of the readings before it, back to the last tuning; ``{prefix}/diag/window`` counts them.
-Where readings are short the curve thus lags by about half a window.
+least ``MIN_DRAWS``); without it, ``config.num_draws`` steps. A reading's LLC is the mean of
+its own draws: pooling the readings before it (a window of 40 draws) made a deep linear
+network's readings trail its stages by hundreds of steps (``benchmarks/curves.py``).
 
 A continuing reading has a few dozen draws per chain at most, around weights that move: too
 few for the checks that judge a burn-in (R-hat, ``trend_z`` and ``climb`` within the reading,
@@ -40,10 +39,9 @@ from llc_callbacks.distributed import gather_from_every_rank, rank_and_world
 from llc_callbacks.result import LLCResult
 from llc_callbacks.validation import check_float
 
-# The draws per chain a continuing reading's LLC averages at least, its own and the readings'
-# before it: 4 chains x 40 draws, the window of the prototype that read within 1 to 12% of
-# long chains (DESIGN.md, "Curve facts").
-WINDOW_DRAWS = 40
+# The fewest draws a paced reading takes, however short the training since the last one:
+# below it a reading is noise (a reading may then exceed its share of the time).
+MIN_DRAWS = 10
 # A continuing reading's MALA acceptance and localization sensitivity are pooled over the
 # recent readings until they hold at least this many draws per chain (the MALA acceptance is
 # measured on every tenth draw: 4 chains x 10 measurements).
@@ -58,7 +56,6 @@ class _Read(NamedTuple):
     """What a continuing reading leaves for the next ones to pool."""
 
     draws: float  # per chain
-    per_chain: np.ndarray  # each chain's LLC over its own draws
     diagnostics: dict[str, float]
 
 
@@ -92,7 +89,7 @@ class Stream:
         self._ended: float | None = None  # when the last reading ended
         self._began = 0.0
         # Per estimate name (None: the full LLC), the continuing readings since the last
-        # tuning that the window and the pooled diagnostics draw on, newest last.
+        # tuning that the pooled diagnostics draw on, newest last.
         self._recent: dict[str | None, list[_Read]] = {}
 
     def start(self) -> None:
@@ -119,7 +116,7 @@ class Stream:
         draws = config.num_draws
         if self.max_overhead is not None and self.step_seconds:
             fit = math.floor(self.max_overhead * trained / self.step_seconds)
-            draws = min(draws, max(1, fit))
+            draws = min(draws, max(MIN_DRAWS, fit))
         if distributed and rank_and_world()[1] > 1:
             draws = min(gather_from_every_rank(lambda: draws))
         return dataclasses.replace(config, num_burnin=0, num_draws=draws, relative_error=None)
@@ -146,28 +143,23 @@ class Stream:
         if tuning:
             self._recent = {}
         else:
-            restricted = {name: self._continued(name, r) for name, r in result.restricted.items()}
-            result = dataclasses.replace(self._continued(None, result), restricted=restricted)
+            restricted = {name: self._judged(name, r) for name, r in result.restricted.items()}
+            result = dataclasses.replace(self._judged(None, result), restricted=restricted)
         self.cold = bool(result.diagnostics.get("num_diverged", 0))
         too_large = result.diagnostics.get("mala_acceptance", math.nan) < MALA_MIN
         self.tune = self.cold or (too_large and not tuning)
         return result
 
-    def _continued(self, name: str | None, result: LLCResult) -> LLCResult:
-        """One estimate of a continuing reading: its LLC over the window, its health pooled."""
+    def _judged(self, name: str | None, result: LLCResult) -> LLCResult:
+        """One estimate of a continuing reading, with its health pooled over recent readings."""
         if result.error is not None:
             return result
         recent = self._recent.setdefault(name, [])
         drawn = float(result.draws.mean()) if result.draws.size else 0.0
-        recent.append(_Read(drawn, result.llc_per_chain, result.diagnostics))
+        recent.append(_Read(drawn, result.diagnostics))
         while len(recent) > 1 and sum(read.draws for read in recent[1:]) >= POOLED_DRAWS:
             recent.pop(0)
-        window = _newest(recent, WINDOW_DRAWS)
-        weights = np.array([read.draws for read in window])
-        per_chain = np.average(np.stack([read.per_chain for read in window]), 0, weights)
-        kept = per_chain[np.isfinite(per_chain)]
         diagnostics = dict(result.diagnostics) | dict.fromkeys(BURNIN_CHECKS, math.nan)
-        diagnostics["window"] = float(weights.sum())
         pooled = sum(read.draws for read in recent) >= POOLED_DRAWS
         for key in POOLED:
             found = [(r.draws, r.diagnostics.get(key, math.nan)) for r in recent]
@@ -177,13 +169,7 @@ class Stream:
                 if pooled and len(pairs) and key in result.diagnostics
                 else math.nan
             )
-        return dataclasses.replace(
-            result,
-            llc_mean=float(kept.mean()) if kept.size else math.nan,
-            llc_std=float(kept.std(ddof=1)) if kept.size > 1 else math.nan,
-            llc_per_chain=per_chain,
-            diagnostics=diagnostics,
-        )
+        return dataclasses.replace(result, diagnostics=diagnostics)
 
     def state_dict(self) -> dict[str, Any]:
         """The measured chain-step time, for a checkpoint."""
@@ -193,13 +179,3 @@ class Stream:
         """Continue a checkpointed run: its chains' offsets are lost, so they tune again."""
         self.step_seconds = state.get("step_seconds")
         self.tune = True
-
-
-def _newest(reads: list[_Read], draws: float) -> list[_Read]:
-    """The newest reads that hold at least ``draws`` draws per chain (all, if they hold fewer)."""
-    total = 0.0
-    for index in range(len(reads) - 1, -1, -1):
-        total += reads[index].draws
-        if total >= draws:
-            return reads[index:]
-    return reads

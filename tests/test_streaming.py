@@ -14,6 +14,7 @@ from llc_callbacks import LLCConfig, LLCMonitor, Restrictions, estimate_llc
 from llc_callbacks import streaming as streaming_module
 from llc_callbacks.diagnostics import MALA_MIN
 from llc_callbacks.monitor import step_seed
+from llc_callbacks.streaming import MIN_DRAWS
 
 # A short tuning reading; continuing readings draw num_draws steps each (no max_overhead).
 STREAMED = LLCConfig(num_chains=4, num_burnin=100, num_draws=20, init_loss_batches=2)
@@ -57,13 +58,7 @@ def test_readings_equal_a_hand_written_loop_that_continues_the_chains():
         )
         starts = results[-1].starts
     assert [row["step"] for row in monitor.history] == [5, 10, 15, 20]
-    # A continuing reading averages each chain's last 40 draws or more (WINDOW_DRAWS): its
-    # own 20 and the reading's before it, back to the tuning one.
-    own = [result.llc_per_chain for result in results[1:]]
-    windows = [own[0], (own[0] + own[1]) / 2, (own[1] + own[2]) / 2]
-    expected = [results[0].llc_mean, *(window.mean() for window in windows)]
-    assert [row["llc/mean"] for row in monitor.history] == pytest.approx(expected, rel=1e-12)
-    assert [row["llc/diag/window"] for row in monitor.history[1:]] == [20, 40, 40]
+    assert [row["llc/mean"] for row in monitor.history] == [r.llc_mean for r in results]
     assert [row["llc/tuned"] for row in monitor.history] == [1.0, 0.0, 0.0, 0.0]
     tuned = results[0].step_sizes
     for row, result in zip(monitor.history[1:], results[1:], strict=True):
@@ -111,7 +106,7 @@ def test_max_overhead_sets_each_readings_draws_from_the_measured_times(monkeypat
         # took at most the share of that, and used most of it.
         overheads[share] = [s / 0.5 for s in spent[1:]]
     for share in draws:
-        assert all(1 < d < 1000 for d in draws[share]), draws
+        assert all(MIN_DRAWS < d < 1000 for d in draws[share]), draws
         assert all(share / 2 < o <= share for o in overheads[share]), overheads
     # Half the share, about half the draws (each reading also forks and measures L(w*)).
     assert 0.3 < sum(draws[0.25]) / sum(draws[0.5]) < 0.6
@@ -233,6 +228,6 @@ def test_restricted_llcs_stream_too():
     rows = monitor.history
     assert [row["llc/first/diag/warm"] for row in rows] == [0.0, 1.0, 1.0]
     assert [row["llc/first/diag/burnin"] for row in rows[1:]] == [0.0, 0.0]
-    assert [row["llc/first/diag/window"] for row in rows[1:]] == [20.0, 40.0]
+    assert [row["llc/first/diag/draws"] for row in rows[1:]] == [20.0, 20.0]
     assert rows[2]["llc/first/diag/step_size"] == rows[0]["llc/first/diag/step_size"]
     assert all(math.isfinite(row["llc/first/mean"]) for row in rows)
