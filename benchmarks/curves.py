@@ -29,8 +29,7 @@ training, at each reading's weights: long cold chains, 4 x (2,000 burn-in + 4,00
 the reading's step size (the chains' geometric mean, ``llc/step_size``) and localization.
 
 Per reading: the streaming reading with its standard error (chain std / sqrt(chains)), step
-size, draws per chain, the draws per chain its mean pools over recent readings (``window``,
-``llc/diag/window``), whether it tuned, whether it was healthy, its cost in training steps
+size, draws per chain, whether it tuned, whether it was healthy, its cost in training steps
 (its seconds over the plain run's seconds per step); the long chains with their standard
 error, the reading over them (``ratio``) and the difference in combined standard errors
 (``z``); the snapshot estimate with its step size, cost and ratio to the same long chains
@@ -118,7 +117,6 @@ class Reading:
     stderr: float
     step_size: float
     draws: float
-    window: float
     tuned: bool
     healthy: bool
     seconds: float
@@ -247,7 +245,6 @@ def reading(step: int, metrics: dict[str, float], monitor: LLCMonitor, seconds: 
         stderr=metrics["llc/std"] / math.sqrt(chains),
         step_size=result.diagnostics.get("step_size", math.nan) if result is not None else math.nan,
         draws=float(result.draws.mean()) if result is not None else math.nan,
-        window=result.diagnostics.get("window", math.nan) if result is not None else math.nan,
         tuned=bool(metrics.get("llc/tuned", 0.0)),
         healthy=bool(metrics.get("llc/healthy", 0.0)),
         seconds=seconds,
@@ -326,7 +323,7 @@ def overhead(seconds: float, plain: float, per_step: float) -> str:
 
 
 HEADER = (
-    f"{'step':>5} {'stream':>8} {'±se':>6} {'ε':>8} {'draws':>5} {'window':>6} {'tuned':>5}"
+    f"{'step':>5} {'stream':>8} {'±se':>6} {'ε':>8} {'draws':>5} {'tuned':>5}"
     f" {'ok':>3}"
     f" {'cost':>7} | {'long':>8} {'±se':>6} {'ratio':>6} {'z':>5} | {'snapshot':>8} {'±se':>6}"
     f" {'ε':>8} {'cost':>7} {'/long':>6} | problems (stream; long)"
@@ -345,7 +342,7 @@ def compare(
         tuned, healthy = "yes" if read.tuned else "", "yes" if read.healthy else "no"
         print(
             f"{read.step:5d} {read.mean:8.2f} {read.stderr:6.2f} {read.step_size:8.2e}"
-            f" {read.draws:5.0f} {read.window:6.0f} {tuned:>5} {healthy:>3}"
+            f" {read.draws:5.0f} {tuned:>5} {healthy:>3}"
             f" {read.seconds / per_step:7,.0f} |"
             f" {long_mean:8.2f} {long_se:6.2f} {read.mean / long_mean:6.3f}"
             f" {(read.mean - long_mean) / math.hypot(read.stderr, long_se):5.1f} |"
