@@ -1,6 +1,7 @@
 """Shared fixtures: one thread for torch, W&B offline in a temporary folder, the examples."""
 
 import os
+import signal
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -66,3 +67,13 @@ def pytest_terminal_summary(terminalreporter, config) -> None:
     seed = getattr(config.option, "randomly_seed", None)
     if isinstance(seed, int):
         terminalreporter.write_line(f"test order: --randomly-seed={seed}")
+
+
+@pytest.fixture
+def ctrl_c():
+    """Ctrl-C as at a terminal: SIGINT raises KeyboardInterrupt, whatever the test process
+    inherited (a shell's background job starts with SIGINT ignored, and Lightning ignores it
+    after an interrupt); the handler before is put back afterwards."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)

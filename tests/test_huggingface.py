@@ -106,7 +106,9 @@ def test_a_callback_reused_by_another_trainer_logs_each_runs_own_llc(tmp_path):
     assert_same_history(callback.monitor.history, own.monitor.history)
 
 
-def test_an_interrupt_in_an_estimate_keeps_the_steps_checkpoint_and_a_resume_continues(tmp_path):
+def test_an_interrupt_in_an_estimate_keeps_the_steps_checkpoint_and_a_resume_continues(
+    tmp_path, ctrl_c
+):
     # Cold chains, so that the resumed history can equal an uninterrupted one exactly.
     kwargs = {"config": dataclasses.replace(TINY, warm_start=False), "every_n_steps": 3}
     interrupted = make_trainer(tmp_path / "run", save_strategy="steps", save_steps=6)

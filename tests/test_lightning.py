@@ -4,7 +4,6 @@ import csv
 import dataclasses
 import json
 import math
-import signal
 import sys
 import warnings
 from pathlib import Path
@@ -234,7 +233,9 @@ def test_resume_continues_schedule_history_and_seeds(tmp_path):
     assert_same_history(resumed.monitor.history, full.monitor.history)
 
 
-def test_an_interrupt_in_an_estimate_keeps_the_steps_checkpoint_and_a_resume_continues(tmp_path):
+def test_an_interrupt_in_an_estimate_keeps_the_steps_checkpoint_and_a_resume_continues(
+    tmp_path, ctrl_c
+):
     data = loader(shuffle=False, batch_size=256)  # as above: training itself resumes exactly
 
     def make_module():
@@ -249,11 +250,8 @@ def test_an_interrupt_in_an_estimate_keeps_the_steps_checkpoint_and_a_resume_con
     found["trainer"] = run = trainer(
         tmp_path, callbacks=[callback, saving], enable_checkpointing=True, max_steps=12
     )
-    try:
-        with pytest.raises(SystemExit):  # Lightning's answer to Ctrl-C (inside the estimate)
-            run.fit(make_module(), data)
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignored it since
+    with pytest.raises(SystemExit):  # Lightning's answer to Ctrl-C (inside the estimate)
+        run.fit(make_module(), data)
     assert run.global_step == 6  # no step after it
     (checkpoint,) = (tmp_path / "checkpoints").glob("*step=6.ckpt")
     state = torch.load(checkpoint, weights_only=False)["callbacks"][callback.state_key]
