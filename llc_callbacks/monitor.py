@@ -533,7 +533,7 @@ class LLCMonitor:
     ) -> dict[str, float]:
         config = dataclasses.replace(self.config, seed=step_seed(self.config.seed, step))
         tuning = self.stream is not None and self.stream.tune
-        if self.stream is not None:
+        if self.stream is not None:  # a tuning reading runs the config as is
             config = self.stream.plan(config, distributed=self._distributed())
         try:
             with warnings_once(self._shown, self.origin):

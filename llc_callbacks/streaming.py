@@ -162,13 +162,8 @@ class Stream:
         diagnostics = dict(result.diagnostics) | dict.fromkeys(BURNIN_CHECKS, math.nan)
         pooled = sum(read.draws for read in recent) >= POOLED_DRAWS
         for key in POOLED:
-            found = [(r.draws, r.diagnostics.get(key, math.nan)) for r in recent]
-            pairs = np.array([pair for pair in found if math.isfinite(pair[1])]).reshape(-1, 2)
-            diagnostics[key] = (
-                float(np.average(pairs[:, 1], weights=pairs[:, 0]))
-                if pooled and len(pairs) and key in result.diagnostics
-                else math.nan
-            )
+            if key in diagnostics:
+                diagnostics[key] = _pooled(recent, key) if pooled else math.nan
         return dataclasses.replace(result, diagnostics=diagnostics)
 
     def state_dict(self) -> dict[str, Any]:
@@ -179,3 +174,13 @@ class Stream:
         """Continue a checkpointed run: its chains' offsets are lost, so they tune again."""
         self.step_seconds = state.get("step_seconds")
         self.tune = True
+
+
+def _pooled(reads: list[_Read], key: str) -> float:
+    """The draw-weighted mean of ``key`` over the reads where it is finite (NaN if none)."""
+    found = [(read.draws, read.diagnostics.get(key, math.nan)) for read in reads]
+    kept = [(draws, value) for draws, value in found if math.isfinite(value)]
+    if not kept:
+        return math.nan
+    weights, values = zip(*kept, strict=True)
+    return float(np.average(values, weights=weights))
