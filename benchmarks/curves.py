@@ -1,7 +1,8 @@
 """Streaming LLC curves against long cold chains at the same weights, and what each curve costs.
 
-Usage: ``OMP_NUM_THREADS=1 python benchmarks/curves.py [--quick] [--runs mlp grokking dln]``
-(about 15 minutes; ``--quick``: shorter runs and chains, about 2 minutes)
+Usage: ``OMP_NUM_THREADS=1 python benchmarks/curves.py [--quick] [--runs mlp grokking dln]
+[--set localization=50] [--max-overhead 0.5]`` (about 15 minutes; ``--quick``: shorter runs
+and chains, about 2 minutes; ``--set``: change every run's config, as ``LLCConfig(...)``)
 
 Three training runs on data made in code, each in one process, on one thread:
 
@@ -44,6 +45,7 @@ warning the monitors raised.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import math
 import sys
@@ -68,6 +70,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 LONG, QUICK_LONG = (2000, 4000), (200, 400)  # the long chains' burn-in and draws
 LONG_SEED, DATA_SEED = 1234, 7
+MAX_OVERHEAD = 0.5  # the streaming monitor's share of the training time
 
 
 class Batches:
@@ -297,13 +300,13 @@ def long_chains(
         return math.nan, math.nan, "no step size"
     setup = run.build()
     setup.model.load_state_dict(weights)
-    config = LLCConfig(
+    config = dataclasses.replace(
+        run.config,
         num_chains=4,
         step_size=step_size,
         num_burnin=lengths[0],
         num_draws=lengths[1],
         relative_error=None,
-        localization=run.config.localization,
         seed=LONG_SEED,
     )
     result = estimate_llc(setup.model, run.loss, setup.data, config, warn=False)
@@ -360,13 +363,13 @@ def warned(name: str, trace: Trace) -> None:
         print(f"warned ({name}, x{count}): {message[:150]}{'...' if len(message) > 150 else ''}")
 
 
-def measure(run: Run, lengths: tuple[int, int]) -> dict[str, float]:
+def measure(run: Run, lengths: tuple[int, int], max_overhead: float) -> dict[str, float]:
     """Train, read, compare; print the run's table and summary; return the summary."""
     began = time.perf_counter()
     print(f"\n## {run.name}: {run.title}; {run.steps} steps, readings at {run.schedule}")
     plains = [train(run, None)]
     streamed = train(
-        run, LLCMonitor(run.config, **run.schedule, stream=True, max_overhead=0.5), True
+        run, LLCMonitor(run.config, **run.schedule, stream=True, max_overhead=max_overhead), True
     )
     plains.append(train(run, None))
     snapshots = train(run, LLCMonitor(run.config, **run.schedule))
@@ -422,17 +425,41 @@ def agreement(ratios: list[float]) -> dict[str, float]:
     }
 
 
+def change(text: str) -> tuple[str, Any]:
+    """``FIELD=VALUE`` as a config change: the value a number where it reads as one."""
+    name, _, value = text.partition("=")
+    for kind in (int, float):
+        try:
+            return name, kind(value)
+        except ValueError:
+            pass
+    return name, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs and chains (2 min)")
     parser.add_argument("--runs", nargs="+", choices=("mlp", "grokking", "dln"), default=None)
+    parser.add_argument(
+        "--set", nargs="+", default=[], metavar="FIELD=VALUE", help="change every run's config"
+    )
+    parser.add_argument("--max-overhead", type=float, default=MAX_OVERHEAD)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    chosen = runs(args.quick)
+    changes = dict(change(text) for text in args.set)
+    chosen = {
+        name: dataclasses.replace(run, config=dataclasses.replace(run.config, **changes))
+        for name, run in runs(args.quick).items()
+    }
     lengths = QUICK_LONG if args.quick else LONG
-    print(f"long chains: 4 x ({lengths[0]:,} + {lengths[1]:,}) steps; stream: max_overhead=0.5")
+    print(
+        f"long chains: 4 x ({lengths[0]:,} + {lengths[1]:,}) steps; stream:"
+        f" max_overhead={args.max_overhead}; config changes: {changes or 'none'}"
+    )
     start = time.perf_counter()
-    summaries = {name: measure(chosen[name], lengths) for name in args.runs or chosen}
+    summaries = {
+        name: measure(chosen[name], lengths, args.max_overhead) for name in args.runs or chosen
+    }
     print("\n## summary (overhead against the run without a monitor, in the same process)")
     print(
         f"{'run':>9} {'stream':>8} {'snapshot':>9} {'first':>7} {'later/train':>11} {'max|r-1|':>9}"

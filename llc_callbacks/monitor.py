@@ -152,12 +152,12 @@ class LLCMonitor:
             ``{prefix}/<restriction>/susceptibility/<source>``, and keeps them in
             ``susceptibilities``.
         stream: Read the LLC from chains that persist through training
-            (``llc_callbacks.streaming``): the first reading is a whole estimate that tunes
-            each chain's step size; every later one continues the same chains around the
-            current weights (their offsets carried over, as ``warm_start`` does), without
-            burn-in or adaptation, at the tuned step sizes, for ``config.num_draws`` draws,
-            or with ``max_overhead`` for as many as fit in that share of the training time
-            since the last reading. Each reading logs ``{prefix}/step_size`` and
+            (``llc_callbacks.streaming``): the first reading tunes each chain's step size
+            in its burn-in; every later one continues the same chains around the current
+            weights (their offsets carried over, as ``warm_start`` does), without burn-in or
+            adaptation, at the tuned step sizes. Every reading draws ``config.num_draws``
+            steps, or with ``max_overhead`` as many as keep all readings, the tuning ones
+            included, within that share of the training time so far. Each reading logs ``{prefix}/step_size`` and
             ``{prefix}/tuned`` (1 where it tuned the chains: the first, after a resume, and
             when chains became unstable). ``max_overhead`` then sets the readings' length
             instead of spacing them.
@@ -533,7 +533,7 @@ class LLCMonitor:
     ) -> dict[str, float]:
         config = dataclasses.replace(self.config, seed=step_seed(self.config.seed, step))
         tuning = self.stream is not None and self.stream.tune
-        if self.stream is not None:  # a tuning reading runs the config as is
+        if self.stream is not None:
             config = self.stream.plan(config, distributed=self._distributed())
         try:
             with warnings_once(self._shown, self.origin):

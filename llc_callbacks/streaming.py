@@ -1,27 +1,33 @@
 """``Stream``: readings of chains that persist through training, paced to a share of its time.
 
-A streaming monitor tunes its chains once, in a first reading that is a whole estimate
-(burn-in with step-size adaptation, then draws), and from then on every reading continues the
-chains where the last one left them, around the current weights: no burn-in, no adaptation,
-each chain at the step size it was tuned to, a fixed number of draws. A turn of the curve then
-comes from the weights, not from a step size adapted anew at each point. The chains are
-tuned again only when they become unstable, and ``{prefix}/tuned`` marks the reading that
-does: after a reading whose MALA acceptance fell below ``MALA_MIN`` (the loss sharpened under
-the held step size, biasing the LLC high), from where the chains are; after one whose chains
-diverged, every chain afresh, from the weights and the initial step size.
+A streaming monitor tunes its chains once, in a first reading (burn-in with step-size
+adaptation, up to ``config.num_burnin`` steps, then draws), and from then on every reading
+continues the chains where the last one left them, around the current weights: no burn-in, no
+adaptation, each chain at the step size it was tuned to. A turn of the curve then comes from
+the weights, not from a step size adapted anew at each point. The chains are tuned again only
+when they become unstable, and ``{prefix}/tuned`` marks the reading that does: after a reading
+whose MALA acceptance fell below ``MALA_MIN`` (the loss sharpened under the held step size,
+biasing the LLC high), from where the chains are; after one whose chains diverged, every
+chain afresh, from the weights and the initial step size.
 
-With ``max_overhead`` each reading draws as many steps as fit in that share of the training
-time since the last reading, at the chain-step time measured by the readings before (at
-least ``MIN_DRAWS``); without it, ``config.num_draws`` steps. A reading's LLC is the mean of
-its own draws: pooling the readings before it (a window of 40 draws) made a deep linear
-network's readings trail its stages by hundreds of steps (``benchmarks/curves.py``).
+Every reading draws a fixed number of steps per chain (``relative_error`` is not used). With
+``max_overhead`` that number keeps the readings' time, the tuning included, within that share
+of the training time so far: as many draws as the share of the training time not yet spent
+allows at the chain-step time measured by the readings before (at least ``MIN_DRAWS``; a tuning
+reading with no measured time draws ``MIN_DRAWS``), so the readings after a tuning one draw
+less until its cost is repaid. Without it, ``config.num_draws`` steps. A reading's LLC is the
+mean of its own draws: pooling the readings before it (a window of 40 draws) made a deep
+linear network's readings trail its stages by hundreds of steps (``benchmarks/curves.py``).
 
-A continuing reading has a few dozen draws per chain at most, around weights that move: too
-few for the checks that judge a burn-in (R-hat, ``trend_z`` and ``climb`` within the reading,
-which read as NaN) or for a MALA acceptance of its own. Its MALA acceptance and localization
-sensitivity are pooled over the recent continuing readings, at least ``POOLED_DRAWS`` draws
-per chain, weighted by their draws (NaN, and not judged, until the readings since the last
-tuning hold that many); divergence is its own.
+A reading has a few dozen draws per chain at most, around weights that move: too few for
+the checks that judge a burn-in (R-hat, ``trend_z`` and ``climb`` within the reading, which
+read as NaN in a reading of fewer than ``POOLED_DRAWS`` draws per chain) or for a MALA
+acceptance of its own. Its MALA acceptance is pooled over the readings since the last
+tuning (that one included), the recent ones holding at least ``POOLED_DRAWS`` draws per
+chain, weighted by their draws (NaN, and not judged, until they hold that many); divergence
+is its own. A curve is read at one localization, part of what it measures, so a reading does
+not judge how much the localization lowers the LLC against the learning coefficient
+(``loc_sensitivity`` is NaN: the check that a snapshot estimate of lambda needs).
 """
 
 from __future__ import annotations
@@ -39,17 +45,17 @@ from llc_callbacks.distributed import gather_from_every_rank, rank_and_world
 from llc_callbacks.result import LLCResult
 from llc_callbacks.validation import check_float
 
-# The fewest draws a paced reading takes, however short the training since the last one:
-# below it a reading is noise (a reading may then exceed its share of the time).
+# The fewest draws a paced reading takes, however little of the share is left: below it a
+# reading is noise (the readings may then exceed their share of the time).
 MIN_DRAWS = 10
 # A continuing reading's MALA acceptance and localization sensitivity are pooled over the
 # recent readings until they hold at least this many draws per chain (the MALA acceptance is
 # measured on every tenth draw: 4 chains x 10 measurements).
 POOLED_DRAWS = 100
-# The diagnostics that judge a burn-in: NaN in a continuing reading.
+# The diagnostics that judge a burn-in: NaN in a reading of fewer than POOLED_DRAWS draws.
 BURNIN_CHECKS = ("rhat", "trend_z", "climb")
-# The diagnostics pooled over recent continuing readings.
-POOLED = ("mala_acceptance", "loc_sensitivity")
+# The diagnostics pooled over recent readings.
+POOLED = ("mala_acceptance",)
 
 
 class _Read(NamedTuple):
@@ -63,9 +69,10 @@ class Stream:
     """What the next reading runs: a tuning estimate, or draws that continue the chains.
 
     Args:
-        max_overhead: The share of the training time the readings may take (0.5: training
-            with readings takes at most 1.5 times as long); ``None``: every reading after
-            the tuning one draws ``config.num_draws`` steps.
+        max_overhead: The share of the training time the readings may take, the tuning ones
+            included (0.5: training with readings takes at most 1.5 times as long, as far
+            as ``MIN_DRAWS`` allows); ``None``: every reading draws ``config.num_draws``
+            steps.
 
     Attributes:
         tune: Whether the next reading tunes the chains: the first; after a resume; after
@@ -74,6 +81,8 @@ class Stream:
         cold: Whether that tuning starts every chain afresh, at the weights.
         step_seconds: Seconds per chain step (all chains together) in the last reading, its
             forking and ``L(w*)`` included; ``None`` before any.
+        trained: Seconds of training so far (between the readings).
+        spent: Seconds of readings so far.
 
     Raises:
         ValueError: If ``max_overhead`` is not a number above 0.
@@ -86,6 +95,7 @@ class Stream:
         self.tune = True
         self.cold = False
         self.step_seconds: float | None = None
+        self.trained = self.spent = 0.0
         self._ended: float | None = None  # when the last reading ended
         self._began = 0.0
         # Per estimate name (None: the full LLC), the continuing readings since the last
@@ -105,34 +115,37 @@ class Stream:
             distributed: Agree with the other ranks on the number of draws (a collective).
 
         Returns:
-            ``config`` for a tuning reading; else ``config`` without burn-in, with every
-            chain drawing the paced number of steps (``relative_error=None``).
+            ``config`` with every chain drawing the paced number of steps
+            (``relative_error=None``), and, unless it tunes, without burn-in.
         """
         now = time.perf_counter()
-        trained = now - (self._ended if self._ended is not None else now)
+        self.trained += now - (self._ended if self._ended is not None else now)
         self._began = now
-        if self.tune:
-            return config
         draws = config.num_draws
-        if self.max_overhead is not None and self.step_seconds:
-            fit = math.floor(self.max_overhead * trained / self.step_seconds)
+        if self.max_overhead is not None:
+            left = self.max_overhead * self.trained - self.spent
+            fit = math.floor(left / self.step_seconds) if self.step_seconds else MIN_DRAWS
             draws = min(draws, max(MIN_DRAWS, fit))
         if distributed and rank_and_world()[1] > 1:
             draws = min(gather_from_every_rank(lambda: draws))
-        return dataclasses.replace(config, num_burnin=0, num_draws=draws, relative_error=None)
+        burnin = config.num_burnin if self.tune else 0
+        return dataclasses.replace(
+            config, num_burnin=burnin, num_draws=draws, relative_error=None
+        )
 
     def read(self, result: LLCResult | None, *, tuning: bool) -> LLCResult | None:
         """A reading ended with ``result`` (``None``: it failed): time it, judge its chains.
 
         Args:
             result: The reading, or ``None`` if it failed.
-            tuning: Whether it was a tuning reading (``plan`` returned the config as is).
+            tuning: Whether it was a tuning reading (``plan`` kept the burn-in).
 
         Returns:
-            ``result``, with a continuing reading's diagnostics as its health is judged
-            (see the module's docstring).
+            ``result``, with its diagnostics as its health is judged (see the module's
+            docstring).
         """
         self._ended = time.perf_counter()
+        self.spent += self._ended - self._began
         if result is None or result.error is not None or not math.isfinite(result.llc_mean):
             self.tune = self.cold = True
             self._recent = {}
@@ -142,16 +155,15 @@ class Stream:
             self.step_seconds = (self._ended - self._began) / steps
         if tuning:
             self._recent = {}
-        else:
-            restricted = {name: self._judged(name, r) for name, r in result.restricted.items()}
-            result = dataclasses.replace(self._judged(None, result), restricted=restricted)
+        restricted = {name: self._judged(name, r) for name, r in result.restricted.items()}
+        result = dataclasses.replace(self._judged(None, result), restricted=restricted)
         self.cold = bool(result.diagnostics.get("num_diverged", 0))
         too_large = result.diagnostics.get("mala_acceptance", math.nan) < MALA_MIN
         self.tune = self.cold or (too_large and not tuning)
         return result
 
     def _judged(self, name: str | None, result: LLCResult) -> LLCResult:
-        """One estimate of a continuing reading, with its health pooled over recent readings."""
+        """One estimate of a reading, with its health pooled over recent readings."""
         if result.error is not None:
             return result
         recent = self._recent.setdefault(name, [])
@@ -159,7 +171,9 @@ class Stream:
         recent.append(_Read(drawn, result.diagnostics))
         while len(recent) > 1 and sum(read.draws for read in recent[1:]) >= POOLED_DRAWS:
             recent.pop(0)
-        diagnostics = dict(result.diagnostics) | dict.fromkeys(BURNIN_CHECKS, math.nan)
+        diagnostics = dict(result.diagnostics) | {"loc_sensitivity": math.nan}
+        if drawn < POOLED_DRAWS:
+            diagnostics |= dict.fromkeys(BURNIN_CHECKS, math.nan)
         pooled = sum(read.draws for read in recent) >= POOLED_DRAWS
         for key in POOLED:
             if key in diagnostics:
@@ -167,12 +181,13 @@ class Stream:
         return dataclasses.replace(result, diagnostics=diagnostics)
 
     def state_dict(self) -> dict[str, Any]:
-        """The measured chain-step time, for a checkpoint."""
-        return {"step_seconds": self.step_seconds}
+        """The measured chain-step time and the time accounts, for a checkpoint."""
+        return {"step_seconds": self.step_seconds, "trained": self.trained, "spent": self.spent}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue a checkpointed run: its chains' offsets are lost, so they tune again."""
         self.step_seconds = state.get("step_seconds")
+        self.trained, self.spent = state.get("trained", 0.0), state.get("spent", 0.0)
         self.tune = True
 
 
