@@ -157,10 +157,10 @@ class LLCMonitor:
             weights (their offsets carried over, as ``warm_start`` does), without burn-in or
             adaptation, at the tuned step sizes. Every reading draws ``config.num_draws``
             steps, or with ``max_overhead`` as many as keep all readings, the tuning ones
-            included, within that share of the training time so far. Each reading logs ``{prefix}/step_size`` and
-            ``{prefix}/tuned`` (1 where it tuned the chains: the first, after a resume, and
-            when chains became unstable). ``max_overhead`` then sets the readings' length
-            instead of spacing them.
+            included, within that share of the training time so far. Each reading logs
+            ``{prefix}/step_size`` and ``{prefix}/tuned`` (1 where it tuned the chains: the
+            first, after a resume, and when chains became unstable). ``max_overhead`` then
+            sets the readings' length instead of spacing them.
 
     Attributes:
         history: One row per estimate: ``step`` and the metrics.
