@@ -129,9 +129,7 @@ class Stream:
         if distributed and rank_and_world()[1] > 1:
             draws = min(gather_from_every_rank(lambda: draws))
         burnin = config.num_burnin if self.tune else 0
-        return dataclasses.replace(
-            config, num_burnin=burnin, num_draws=draws, relative_error=None
-        )
+        return dataclasses.replace(config, num_burnin=burnin, num_draws=draws, relative_error=None)
 
     def read(self, result: LLCResult | None, *, tuning: bool) -> LLCResult | None:
         """A reading ended with ``result`` (``None``: it failed): time it, judge its chains.
