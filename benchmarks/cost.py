@@ -1,6 +1,7 @@
-"""What an estimate costs along a training run, and how right it is: the defaults against the
-old behaviour (cold chains, a fixed step size, ``localization=1``, fixed lengths), in
-training steps of the same batch timed in the same run.
+"""What an estimate costs along a training run, and how right it is: ``LLCConfig.accurate()``
+(the defaults until streaming curves) against the old behaviour (cold chains, a fixed step
+size, ``localization=1``, fixed lengths), in training steps of the same batch timed in the
+same run.
 
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/cost.py [--sizes 99 825 5400 11900] [--mlp]``
 
@@ -96,8 +97,8 @@ def trajectory(size: int) -> None:
         f" {'warm':>5} {'steps':>8}  health"
     )
     costs, chain_steps = {}, {}
-    for name, config in (("default", LLCConfig()), ("old", OLD)):
-        monitor = LLCMonitor(config, every_n_steps=1)
+    for name, config in (("default", LLCConfig.accurate()), ("old", OLD)):
+        monitor = LLCMonitor(config, every_n_steps=1, stream=False)
         for point in range(POINTS):
             moved = drifted(model, generators, DRIFT * point)
             start = time.perf_counter()
@@ -128,7 +129,7 @@ def mlp() -> None:
     model = make_model(32)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     step = sgd_step_seconds(model, loss_fn, next(iter(loader)))
-    monitor = LLCMonitor(LLCConfig(), every_n_steps=1)
+    monitor = LLCMonitor(LLCConfig.accurate(), every_n_steps=1, stream=False)
     inputs, labels = dataset.tensors
     print(f"\nMLP 32-32-32-10, SGD step {step * 1e3:.2f} ms")
     print(f"{'step':>5} {'default':>9} {'steps':>7} {'reference':>10} {'difference':>10}")
@@ -144,8 +145,12 @@ def mlp() -> None:
         monitor.estimate(steps, model, loss_fn, loader)
         seconds = time.perf_counter() - start
         result = monitor.last_result
-        base = LLCConfig(num_chains=8, num_burnin=2000, num_draws=8000, relative_error=None)
-        chosen = calibrate(model, loss_fn, loader, LLCConfig(num_chains=4)).chosen_step_size()
+        base = LLCConfig.accurate(
+            num_chains=8, num_burnin=2000, num_draws=8000, relative_error=None
+        )
+        chosen = calibrate(
+            model, loss_fn, loader, LLCConfig.accurate(num_chains=4)
+        ).chosen_step_size()
         reference = estimate_llc(
             model, loss_fn, loader, dataclasses.replace(base, step_size=chosen), warn=False
         )

@@ -7,19 +7,19 @@ and chains, about 2 minutes; ``--set``: change every run's config, as ``LLCConfi
 Three training runs on data made in code, each in one process, on one thread:
 
 - ``mlp``: an MLP 64 → 64 → 64 → 10 (ReLU, 8,970 weights) on 8,192 Gaussian inputs labelled
-  by a random teacher, cross-entropy, Adam (lr 1e-3), batches of 64; 2,000 steps, a reading
-  every 100. Default ``LLCConfig()``.
+  by a random teacher, cross-entropy, Adam (lr 1e-3), batches of 64; 6,000 steps, a reading
+  every 300. Default ``LLCConfig()``.
 - ``grokking``: the network of ``examples/grokking.py`` (p = 59, width 128, 31,675 weights)
   on 30% of the pairs, AdamW (lr 1e-3, weight decay 1), batches of 512 drawn with
-  replacement; 5,000 steps (memorization, and test accuracy rising from 0.3 towards 0.6),
-  readings at 9 chosen steps. ``LLCConfig(localization=100)``: at the default 5 the chains
-  leave this network's basin (see the example's docstring). The readings sample batches of
-  256 training pairs, to halve the long chains' time.
-- ``dln``: a deep linear network 10 → 20 → 20 → 10 (800 weights) trained by SGD (lr 0.01,
+  replacement; 12,000 steps, as ``make demo`` (memorization, then grokking), readings at 11
+  chosen steps. Default ``LLCConfig()`` (at ``LLCConfig.accurate()``'s localization, 5, the
+  chains leave this network's basin: see the example's docstring). The readings sample
+  batches of 256 training pairs, to halve the long chains' time.
+- ``dln``: a deep linear network 10 → 20 → 20 → 10 (800 weights) trained by SGD (lr 0.01 / 3,
   batches of 64) from weights of std 0.01 on ``y = T x + 0.5 N(0, I)``, ``T`` of singular
   values 5, 3, 1.5, 0.8, with the squared error ``gaussian_nll`` (0.5 x the summed squared
-  error, the loss of ``llc_callbacks.theory``): its loss falls in stages, near steps 350, 850
-  and 1,800 of its 2,000; a reading every 100. Default ``LLCConfig()``.
+  error, the loss of ``llc_callbacks.theory``): its loss falls in stages, near steps 1,200,
+  2,700 and 5,500 of its 6,000; a reading every 300. Default ``LLCConfig()``.
 
 Each run trains, in this order and on the same initialization and batches: without a
 monitor; with ``LLCMonitor(config, stream=True, max_overhead=0.5)`` on the schedule above,
@@ -191,18 +191,18 @@ def build_dln() -> Setup:
     with torch.no_grad():
         for layer in model:
             layer.weight.normal_(0.0, 0.01)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01 / 3)
     return Setup(
         model, optimizer, sampler(inputs, targets, 64), Batches(inputs, targets, batch_size=64)
     )
 
 
-GROKKING_STEPS = (100, 250, 500, 1000, 1500, 2000, 3000, 4000, 5000)
+GROKKING_STEPS = (100, 250, 500, 1000, 2000, 3000, 4500, 6000, 8000, 10000, 12000)
 
 
 def runs(quick: bool) -> dict[str, Run]:
     """The runs, shortened with ``quick``."""
-    mlp_steps, dln_steps = (600, 600) if quick else (2000, 2000)
+    steps = 1800 if quick else 6000
     grokking = GROKKING_STEPS[:4] if quick else GROKKING_STEPS
     return {
         "mlp": Run(
@@ -210,26 +210,26 @@ def runs(quick: bool) -> dict[str, Run]:
             "MLP 64-64-64-10 (8,970 weights), Adam, batches of 64",
             build_mlp,
             cross_entropy,
-            mlp_steps,
-            {"every_n_steps": 100},
+            steps,
+            {"every_n_steps": 300},
             LLCConfig(),
         ),
         "grokking": Run(
             "grokking",
-            "grokking MLP, p = 59 (31,675 weights), AdamW, batches of 512; localization 100",
+            "grokking MLP, p = 59 (31,675 weights), AdamW, batches of 512",
             build_grokking,
             cross_entropy,
             grokking[-1],
             {"steps": grokking},
-            LLCConfig(localization=100.0),
+            LLCConfig(),
         ),
         "dln": Run(
             "dln",
             "deep linear network 10-20-20-10 (800 weights) from small init, SGD, batches of 64",
             build_dln,
             gaussian_nll,
-            dln_steps,
-            {"every_n_steps": 100},
+            steps,
+            {"every_n_steps": 300},
             LLCConfig(),
         ),
     }

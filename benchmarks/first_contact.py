@@ -1,17 +1,17 @@
 """What the README's first two examples cost: each trainer's run with and without the callback.
 
-Usage: ``OMP_NUM_THREADS=1 python benchmarks/first_contact.py [--stream]``
+Usage: ``OMP_NUM_THREADS=1 python benchmarks/first_contact.py [--snapshot]``
 
-Lightning: a 6-32-32-3 MLP classifier (1,379 weights), batches of 32, 200 steps,
-``LLCCallback(every_n_steps=100)``. transformers: a 2-layer GPT-2 of width 32 (28,032
-weights), batches of 16 x 16 tokens, 100 steps, ``LLCTrainerCallback(every_n_steps=50)``.
-Both with the default ``LLCConfig()``. Each run is timed without the callback, then with it,
-in the same process; an estimate's cost is the extra time over the number of estimates, in
+Lightning: a 6-32-32-3 MLP classifier (1,379 weights), batches of 32. transformers: a 2-layer
+GPT-2 of width 32 (28,032 weights), batches of 16 x 16 tokens. Each run is timed without the
+callback, then with it, in the same process, both with the defaults: 2,000 steps long
+(long enough for a curve), ``LLCCallback(every_n_steps=100)`` and
+``LLCTrainerCallback(every_n_steps=100)``, streaming readings at ``max_overhead="auto"``: a
+curve of 20 points. A reading's cost is the extra time over the number of readings, in
 training steps of the run without the callback (its wall time over its steps).
 
-``--stream``: both runs 2,000 steps long, with streaming readings every 100 steps
-(``stream=True, max_overhead=0.5``): a curve of 20 points, against the same runs without
-the callback.
+``--snapshot``: the callbacks with ``stream=False``, a snapshot estimate every 100 steps of
+a 200-step Lightning run and every 50 of a 100-step transformers run (the README's runs).
 """
 
 import argparse
@@ -26,7 +26,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 from llc_callbacks.integrations.huggingface import LLCTrainerCallback
 from llc_callbacks.integrations.lightning import LLCCallback
 
-LIGHTNING_STEPS, HF_STEPS = 200, 100
+LIGHTNING_STEPS, HF_STEPS = 200, 100  # the README's runs, of the snapshot estimates
 # The streaming runs: long enough for a curve, a reading every STREAM_EVERY steps.
 STREAM_STEPS, STREAM_EVERY = 2000, 100
 
@@ -113,32 +113,38 @@ def report(name: str, steps: int, plain: float, watched: float, estimates: int) 
 
 
 def streamed() -> None:
-    """The two runs at ``STREAM_STEPS`` steps, with and without streaming readings."""
+    """The two runs at ``STREAM_STEPS`` steps, with and without the default callbacks."""
     plain = lightning_run([], STREAM_STEPS)
-    callback = LLCCallback(every_n_steps=STREAM_EVERY, stream=True, max_overhead=0.5)
+    callback = LLCCallback(every_n_steps=STREAM_EVERY)
     watched = lightning_run([callback], STREAM_STEPS)
     report("Lightning MLP, streaming", STREAM_STEPS, plain, watched, len(callback.monitor.history))
     plain = hf_run([], "/tmp/first_contact_plain", steps=STREAM_STEPS)
-    callback = LLCTrainerCallback(every_n_steps=STREAM_EVERY, stream=True, max_overhead=0.5)
+    callback = LLCTrainerCallback(every_n_steps=STREAM_EVERY)
     watched = hf_run([callback], "/tmp/first_contact_watched", steps=STREAM_STEPS)
     report(
         "transformers GPT-2, streaming", STREAM_STEPS, plain, watched, len(callback.monitor.history)
     )
 
 
+def snapshots() -> None:
+    """The README's runs with a snapshot estimate at every scheduled step."""
+    plain = lightning_run([])
+    watched = lightning_run([LLCCallback(every_n_steps=100, stream=False)])
+    report("Lightning MLP, snapshots", LIGHTNING_STEPS, plain, watched, LIGHTNING_STEPS // 100)
+    plain = hf_run([], "/tmp/first_contact_plain")
+    callback = LLCTrainerCallback(every_n_steps=50, stream=False)
+    watched = hf_run([callback], "/tmp/first_contact_watched")
+    report("transformers GPT-2, snapshots", HF_STEPS, plain, watched, HF_STEPS // 50)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--stream", action="store_true", help="streaming readings, 2,000 steps")
+    parser.add_argument("--snapshot", action="store_true", help="snapshot estimates instead")
     torch.set_num_threads(1)
-    if parser.parse_args().stream:
+    if parser.parse_args().snapshot:
+        snapshots()
+    else:
         streamed()
-        return
-    plain = lightning_run([])
-    watched = lightning_run([LLCCallback(every_n_steps=100)])
-    report("Lightning MLP", LIGHTNING_STEPS, plain, watched, LIGHTNING_STEPS // 100)
-    plain = hf_run([], "/tmp/first_contact_plain")
-    watched = hf_run([LLCTrainerCallback(every_n_steps=50)], "/tmp/first_contact_watched")
-    report("transformers GPT-2", HF_STEPS, plain, watched, HF_STEPS // 50)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def trainer_with_fsdp2() -> bool:
         save_strategy="no",
     )
     trainer = Trainer(model=model, args=args, train_dataset=data.dataset)
-    callback = LLCTrainerCallback(replace(CONFIG, mala=False), steps=[2, 4])
+    callback = LLCTrainerCallback(replace(CONFIG, mala=False), steps=[2, 4], stream=False)
     trainer.add_callback(callback)
     trainer.train()
     sharded = any(isinstance(p, DTensor) for p in trainer.model.parameters())

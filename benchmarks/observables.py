@@ -2,9 +2,10 @@
 
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/observables.py``
 
-On the trained MLP of ``mlp.py`` (minibatches of 256), ``LLCConfig.fast()`` (4 chains,
-200 + 200 steps), with a probe set of 256 training examples recorded on every draw and on
-every tenth, against the same estimate without observables, in this run (best of 3). Then
+On the trained MLP of ``mlp.py`` (minibatches of 256), ``LLCConfig(num_draws=200,
+relative_error=None)`` (4 chains, up to 1,000 + 200 steps), with a probe set of 256 training
+examples recorded on every draw and on every tenth, against the same estimate without
+observables, in this run (best of 3). Then
 per-token losses (``Probe(..., token_losses)``) of 32 sequences of 64 tokens on a 2-layer
 GPT-2 (random init, batches of 8 sequences), against its plain estimate.
 """
@@ -34,10 +35,15 @@ def compare(
     name: str, model: torch.nn.Module, loss, data, probe, values: str, repeats: int
 ) -> None:
     """Print the plain estimate's time and the cost of observing on every draw and every tenth."""
-    plain = best_of(repeats, lambda: estimate_llc(model, loss, data, LLCConfig.fast(), warn=False))
+    plain = best_of(
+        repeats,
+        lambda: estimate_llc(
+            model, loss, data, LLCConfig(num_draws=200, relative_error=None), warn=False
+        ),
+    )
     print(f"{name} plain estimate: {plain:.2f} s")
     for every in (1, 10):
-        config = LLCConfig.fast(observe_every=every)
+        config = LLCConfig(num_draws=200, relative_error=None, observe_every=every)
         seconds = best_of(
             repeats,
             lambda c=config: estimate_llc(

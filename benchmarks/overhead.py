@@ -4,8 +4,9 @@ Usage: ``OMP_NUM_THREADS=1 python benchmarks/overhead.py [--steps 12000]``
 
 Two Lightning workloads: the grokking demo's network (``examples/grokking.py``, p = 59) and
 the MLP of ``mlp.py``. Each trains once without the callback, then once per budget with
-``LLCCallback(LLCConfig.fast(), max_overhead=budget)``. ``realized`` is the time spent in the
-callback's hooks over the rest of ``fit``, in the same run: what the budget bounds.
+``LLCCallback(LLCConfig(), max_overhead=budget, stream=False)`` (snapshot estimates, which
+the budget spaces). ``realized`` is the time spent in the callback's hooks over the rest of
+``fit``, in the same run: what the budget bounds.
 ``vs plain`` is the wall time of ``fit`` over that of the run without the callback, minus 1,
 which adds to it the difference between two runs of the same training (a few percent on
 this machine). The first estimate runs at step 1, before its cost is known, and counts
@@ -80,7 +81,7 @@ def fit(workload, steps: int, budget: float | None) -> tuple[float, TimedCallbac
     """Seconds of ``fit``, and the callback (``None`` without a budget)."""
     L.seed_everything(0, verbose=False)
     module, data = workload(steps)
-    callback = TimedCallback(LLCConfig.fast(), max_overhead=budget) if budget else None
+    callback = TimedCallback(LLCConfig(), max_overhead=budget, stream=False) if budget else None
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=steps,

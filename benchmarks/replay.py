@@ -5,7 +5,8 @@ Usage: ``OMP_NUM_THREADS=1 python benchmarks/replay.py``
 
 The transformers run of ``first_contact.py`` (a 2-layer GPT-2 of width 32, batches of
 16 x 16 tokens, 100 steps) three times in one process: plain; with
-``LLCTrainerCallback(every_n_steps=50)``; saving a checkpoint every 50 steps instead. Then
+``LLCTrainerCallback(every_n_steps=50, stream=False)`` (snapshot estimates, as replay
+makes); saving a checkpoint every 50 steps instead. Then
 ``replay`` over the saved checkpoints with the same default ``LLCConfig()``. Costs are in
 training steps of the plain run (its wall time over its steps).
 """
@@ -28,7 +29,9 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
         plain = hf_run([], f"{folder}/plain")
-        watched = hf_run([LLCTrainerCallback(every_n_steps=EVERY)], f"{folder}/watched")
+        watched = hf_run(
+            [LLCTrainerCallback(every_n_steps=EVERY, stream=False)], f"{folder}/watched"
+        )
         saving = hf_run([], f"{folder}/saving", save_steps=EVERY)
         checkpoints = find_checkpoints(f"{folder}/saving")
         loader = DataLoader(Counting(), batch_size=16, shuffle=True)
@@ -37,7 +40,14 @@ def main() -> None:
             pretrained_loader()(checkpoint)
         loading = (time.perf_counter() - start) / len(checkpoints)
         start = time.perf_counter()
-        replay(checkpoints, pretrained_loader(), model_loss, loader, LLCMonitor(), progress=False)
+        replay(
+            checkpoints,
+            pretrained_loader(),
+            model_loss,
+            loader,
+            LLCMonitor(stream=False),
+            progress=False,
+        )
         replayed = (time.perf_counter() - start) / len(checkpoints)
     step = plain / HF_STEPS
     count = HF_STEPS // EVERY

@@ -5,13 +5,13 @@ Training accuracy saturates within a few hundred steps; test accuracy stays low,
 to 100% thousands of steps later. The LLC rises while the network memorizes and then falls by
 orders of magnitude as weight decay compresses it into the generalizing solution.
 
-The LLC here is ``LLCConfig.fast()``'s, strongly localized: a curve's shape, at about a
-sixth of the defaults' time. The defaults' localization does not fit this network: with
-31,675 parameters and 1,044 training examples, chains at ``localization=5`` (or 1) leave the
-basin and sample losses far past chance level, about the same (950 to 1,300) whether the
-network memorizes or generalizes; their estimates warn R-hat and ``localization`` (see
-``docs/accuracy.md``). The Hessian trace, the empirical Fisher trace and the top Hessian
-eigenvalue are measured at the same steps, and the summary says how each moved.
+The LLC here is the defaults': streaming readings (chains tuned at the first reading and
+continued along training, for 40% of its time) at localization 100. ``LLCConfig.accurate()``'s
+localization does not fit this network: with 31,675 parameters and 1,044 training examples,
+chains at ``localization=5`` (or 1) leave the basin and sample losses far past chance level,
+about the same (950 to 1,300) whether the network memorizes or generalizes; their estimates
+warn R-hat (see ``docs/accuracy.md``). The Hessian trace, the empirical Fisher trace and the
+top Hessian eigenvalue are measured at the same steps, and the summary says how each moved.
 
 The LLC curve's stages are found twice: online, by the callback, which logs each boundary
 once enough later estimates confirm it (``llc/stage``), and at the end over the whole curve
@@ -127,6 +127,7 @@ def run(
     estimates: int = 30,
     config: LLCConfig | None = None,
     seed: int = 0,
+    max_overhead: float | str | None = "auto",
 ) -> dict:
     """Train, estimate, log, plot; return the summary.
 
@@ -135,8 +136,10 @@ def run(
         p: The modulus.
         steps: Optimizer steps.
         estimates: About how many LLC estimates, at log-spaced steps (plus one at the start).
-        config: Sampling hyperparameters (``LLCConfig.fast()`` if ``None``).
+        config: Sampling hyperparameters (``LLCConfig()`` if ``None``).
         seed: Seed of the initialization, the split and the batches.
+        max_overhead: The share of the training time the readings take (``"auto"``: 0.4;
+            ``None``: ``config.num_draws`` draws a reading, as the tests use).
     """
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(seed, verbose=False)
@@ -148,9 +151,10 @@ def run(
         probe(p, seed), outputs_fn=pair_losses, log_spaced=2 * estimates, at_start=True
     )
     callback = LLCCallback(
-        config or LLCConfig.fast(),
+        config or LLCConfig(),
         log_spaced=estimates,
         at_start=True,
+        max_overhead=max_overhead,
         curvature=CURVATURES,
         dynamics=dynamics,
         extra_metrics=("chains", "free_energy"),  # each chain's curve, and F next to it

@@ -68,7 +68,7 @@ def main(steps: int = 300, every: int = 100, out: Path = Path("outputs/per_layer
     print(preview(parts))
     restrictions = Restrictions(weights=parts, partition=True)
     # Short strongly localized chains: per-layer curves to compare in shape, quickly.
-    config = config or LLCConfig.fast(num_burnin=100, num_draws=100)
+    config = config or LLCConfig(num_burnin=100, num_draws=100)
     callback = LLCCallback(config, every_n_steps=every, at_start=True, restrictions=restrictions)
     trainer = L.Trainer(
         max_steps=steps, callbacks=[callback], logger=False, enable_checkpointing=False

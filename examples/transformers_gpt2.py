@@ -65,7 +65,7 @@ def main(
     )
     trainer = Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=data)
     # Short strongly localized chains: a curve's shape, quickly.
-    llc = llc or LLCConfig.fast(num_burnin=50, num_draws=100)
+    llc = llc or LLCConfig(num_burnin=50, num_draws=100)
     trainer.add_callback(LLCTrainerCallback(llc, every_n_steps=every))
     trainer.train()
     rows = [row for row in trainer.state.log_history if "llc/mean" in row]

@@ -93,8 +93,9 @@ class LLCTrainerCallback(TrainerCallback):
             ``{prefix}/curvature/<name>`` (see ``LLCMonitor``).
         dataset_size: ``n`` of the local free energy (``extra_metrics=("free_energy",)``);
             by default the length of the Trainer's training set, when it has one.
-        max_overhead: Keep the estimates' time within this share of the training time,
-            spacing them by how fast the LLC moves (see ``LLCMonitor``).
+        max_overhead: The share of the training time the LLC may take: the readings'
+            length, with ``stream``; the snapshot estimates' spacing, without (see
+            ``LLCMonitor``).
         dynamics: Record the essential dynamics on its own schedule (its default loss is
             ``loss_fn``'s); at the end of training their PCA figure, with the LLC's stage
             boundaries, goes to W&B as ``train/{prefix}/essential_dynamics`` when the Trainer
@@ -111,9 +112,10 @@ class LLCTrainerCallback(TrainerCallback):
             logs every component's susceptibility to every other observable (see
             ``LLCMonitor``), sends them as the table ``{prefix}/susceptibility``, and at the
             end of training their curves as the figure ``{prefix}/susceptibilities``.
-        stream: Read the LLC from chains that persist through training: tuned once, then
-            continued at every scheduled step around the current weights, at the step sizes
-            they were tuned to; ``max_overhead`` then sets each reading's length (see
+        stream: Read the LLC from chains that persist through training (the default):
+            tuned once, then continued at every scheduled step around the current weights,
+            at the step sizes they were tuned to, for a share of the training time
+            (``max_overhead``); ``False``: a snapshot estimate at every scheduled step (see
             ``LLCMonitor``).
 
     Stage boundaries that the monitor confirms (``{prefix}/stage``) also go to W&B as the
@@ -148,11 +150,11 @@ class LLCTrainerCallback(TrainerCallback):
         restrictions: Restrictions | None = None,
         curvature: Sequence[str] = (),
         dataset_size: int | None = None,
-        max_overhead: float | None = None,
+        max_overhead: float | Literal["auto"] | None = "auto",
         dynamics: EssentialDynamics | None = None,
         observables: Mapping[str, Iterable[Any] | Probe] | None = None,
         susceptibility_base: str | None = None,
-        stream: bool = False,
+        stream: bool = True,
     ) -> None:
         if isinstance(config, Trainer):
             raise ValueError(

@@ -91,8 +91,9 @@ class LLCCallback(Callback):
             ``{prefix}/curvature/<name>`` (see ``LLCMonitor``).
         dataset_size: ``n`` of the local free energy (``extra_metrics=("free_energy",)``);
             by default the length of the trainer's training set, when it has one.
-        max_overhead: Keep the estimates' time within this share of the training time,
-            spacing them by how fast the LLC moves (see ``LLCMonitor``).
+        max_overhead: The share of the training time the LLC may take: the readings'
+            length, with ``stream``; the snapshot estimates' spacing, without (see
+            ``LLCMonitor``).
         dynamics: Record the essential dynamics on its own schedule (its probe batches go
             through the module's batch-transfer hooks, its default loss is ``loss_fn``'s); at
             the end of training their PCA figure, with the LLC's stage boundaries, goes to
@@ -108,9 +109,10 @@ class LLCCallback(Callback):
             logs every component's susceptibility to every other observable (see
             ``LLCMonitor``), sends them as the table ``{prefix}/susceptibility``, and at the
             end of training their curves as the figure ``{prefix}/susceptibilities``.
-        stream: Read the LLC from chains that persist through training: tuned once, then
-            continued at every scheduled step around the current weights, at the step sizes
-            they were tuned to; ``max_overhead`` then sets each reading's length (see
+        stream: Read the LLC from chains that persist through training (the default):
+            tuned once, then continued at every scheduled step around the current weights,
+            at the step sizes they were tuned to, for a share of the training time
+            (``max_overhead``); ``False``: a snapshot estimate at every scheduled step (see
             ``LLCMonitor``).
 
     Stage boundaries that the monitor confirms (``{prefix}/stage``) also go to every
@@ -141,11 +143,11 @@ class LLCCallback(Callback):
         restrictions: Restrictions | None = None,
         curvature: Sequence[str] = (),
         dataset_size: int | None = None,
-        max_overhead: float | None = None,
+        max_overhead: float | Literal["auto"] | None = "auto",
         dynamics: EssentialDynamics | None = None,
         observables: Mapping[str, Iterable[Any] | Probe] | None = None,
         susceptibility_base: str | None = None,
-        stream: bool = False,
+        stream: bool = True,
     ) -> None:
         arguments = dict(locals())  # the signature's arguments, by name
         del arguments["self"]

@@ -21,17 +21,17 @@ COMPILE = (False, True, "default", "reduce-overhead", "max-autotune")
 class LLCConfig:
     """Hyperparameters of one LLC estimate; keep them fixed through a training run.
 
-    The defaults aim at the learning coefficient itself: a localization (``5``) weak enough
-    to leave the posterior's shape to the loss and strong enough for chains to relax, within
-    an estimate, along the directions the loss leaves flat (over about ``1 / (eps gamma)``
-    steps), ``nbeta = B / log B``, and 4 chains that tune themselves
+    The defaults aim at an LLC curve through training, read by chains that persist
+    (``LLCMonitor(stream=True)``): a localization (``100``, as published curves of language
+    models use, 100 to 300) strong enough that a chain relaxes along the directions the loss
+    leaves flat within a few dozen steps (over about ``2 / (eps gamma)``), so that chains
+    keep up with weights that move; ``nbeta = B / log B``, and 4 chains that tune themselves
     (``llc_callbacks.adaptation``): each adapts its step size during burn-in towards a MALA
     acceptance of 0.9, ends its burn-in once its loss has settled (at most 1,000 steps), and
-    draws until the estimate's standard error is 5% of it (at most 1,000 draws). In a
-    monitor or callback each estimate after the first starts its chains where the previous
-    one left them, with their step sizes. Checked against deep linear networks
-    whose learning coefficient is known, from 30 to 100,000 weights
-    (``benchmarks/accuracy.py``, figures in ``docs/accuracy.md``).
+    (a snapshot estimate) draws until the estimate's standard error is 5% of it (at most
+    1,000 draws). The level then sits below
+    the learning coefficient, a curve's shape and turns kept (``benchmarks/curves.py``);
+    ``LLCConfig.accurate()`` aims at the learning coefficient itself (``docs/accuracy.md``).
 
     Args:
         num_chains: Independent SGLD chains; the estimate is their mean, the spread their std.
@@ -109,7 +109,7 @@ class LLCConfig:
     target_acceptance: float = 0.9
     relative_error: float | None = 0.05
     warm_start: bool = True
-    localization: float = 5.0
+    localization: float = 100.0
     nbeta: NBeta = "batch"
     dataset_size: int | None = None
     batches_per_step: int | None = None
@@ -207,14 +207,15 @@ class LLCConfig:
         return len(range(0, self.num_draws, self.observe_every))
 
     @classmethod
-    def fast(cls, **changes: object) -> LLCConfig:
-        """About a sixth of the default's time, for the shape of an LLC curve only.
+    def accurate(cls, **changes: object) -> LLCConfig:
+        """For the learning coefficient itself: the defaults until the curves' ones.
 
-        Strong localization (``100``) holds the chains near the weights, so 200 burn-in
-        steps and 200 draws at ``step_size=1e-4`` suffice; the defaults of earlier versions.
-        On the deep linear networks of ``benchmarks/accuracy.py`` (30 to 100,000 parameters)
-        it gave 40 to 57% of the learning coefficient: curves keep their shape, not their
-        level.
+        A localization (``5``) weak enough to leave the posterior's shape to the loss and
+        strong enough for chains to relax within an estimate (over about ``1 / (eps gamma)``
+        steps, hundreds). Checked against deep linear networks whose learning coefficient is
+        known, from 30 to 100,000 weights (within 15%: ``benchmarks/accuracy.py``,
+        ``docs/accuracy.md``). Streaming chains relax too slowly at it to keep up with
+        weights that move (``benchmarks/curves.py``).
 
         Args:
             **changes: Fields to set otherwise, as in ``LLCConfig(...)``.
@@ -222,14 +223,7 @@ class LLCConfig:
         Returns:
             The config.
         """
-        preset = {
-            "num_burnin": 200,
-            "num_draws": 200,
-            "step_size": 1e-4,
-            "localization": 100.0,
-            "mala": False,
-        }
-        return cls(**{**preset, **changes})
+        return cls(**{"localization": 5.0, **changes})
 
     def resolve_nbeta(self, batch_size: int) -> float:
         """The inverse temperature n*beta for a sampling batch size.

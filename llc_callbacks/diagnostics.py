@@ -24,8 +24,12 @@ RHAT_MAX = 1.1
 CLIMB_MAX = 0.05
 CLIMB_Z = 2.0
 # loc_sensitivity below this: the pull towards w* holds the chains and lowers the LLC by about
-# that fraction (see localization_sensitivity).
+# that fraction (see localization_sensitivity), against the learning coefficient. Judged only
+# at a localization of at most LAMBDA_LOCALIZATION, where the estimate aims at the learning
+# coefficient (LLCConfig.accurate() uses 5); above it the localization is a setting of what
+# is measured, as in a curve (the defaults use 100, published curves 100 to 300).
 LOC_SENSITIVITY_MIN = -0.2
+LAMBDA_LOCALIZATION = 10.0
 # Mean MALA acceptance below this: steps too large for the local curvature, and the LLC
 # inflated (on deep linear networks, acceptances of 0.55 to 0.74 came with +17% to +62%, and
 # 0.80 to 0.88 with -6% to +12%).
@@ -164,7 +168,8 @@ def problems(
         ``diverged`` (some or all chains), ``below_init`` (negative LLC), ``under_mixed``
         (``climb > CLIMB_MAX`` and ``trend_z > CLIMB_Z``: biased low), ``drifting``
         (otherwise ``|trend_z| > DRIFT_Z``), ``rhat`` (``> RHAT_MAX``), ``localization``
-        (``loc_sensitivity < LOC_SENSITIVITY_MIN``: biased low) and ``step_too_large`` (MALA
+        (``loc_sensitivity < LOC_SENSITIVITY_MIN`` at a localization of at most
+        ``LAMBDA_LOCALIZATION``: biased low) and ``step_too_large`` (MALA
         acceptance ``< MALA_MIN``: biased high).
     """
     if not math.isfinite(init_loss):
@@ -226,7 +231,8 @@ def problems(
             f"chains disagree (R-hat {diagnostics['rhat']:.2f} > {RHAT_MAX}, over the"
             f" {int(draws.min())} draws every chain has): {longer}."
         )
-    if diagnostics["loc_sensitivity"] < LOC_SENSITIVITY_MIN:
+    aims_at_lambda = config.localization <= LAMBDA_LOCALIZATION
+    if aims_at_lambda and diagnostics["loc_sensitivity"] < LOC_SENSITIVITY_MIN:
         found["localization"] = (
             "the pull towards the current weights holds the chains (the LLC's elasticity to"
             f" localization is {diagnostics['loc_sensitivity']:.2f}), so the LLC is biased low."

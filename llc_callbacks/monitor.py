@@ -46,7 +46,7 @@ from llc_callbacks.restrictions import Restrictions
 from llc_callbacks.result import LLCResult
 from llc_callbacks.schedule import Schedule
 from llc_callbacks.stages import Boundary, StageTracker
-from llc_callbacks.streaming import Stream
+from llc_callbacks.streaming import STREAM_SHARE, Stream
 from llc_callbacks.validation import check_bool, check_choice, check_int
 
 ON_ERROR = ("warn", "raise")
@@ -135,12 +135,14 @@ class LLCMonitor:
             asymptotic expansion, with ``L(w*)`` the mean loss of the estimate's minibatches)
             and its spread over chains, ``{prefix}/free_energy_std = std log n``. The
             callbacks take it from their training set when it has a length.
-        max_overhead: Keep the estimates' time within this share of the training time
-            (0.1: training takes at most 10% longer), measured as training runs; estimates
-            come sooner where the LLC moves and later where it is flat (``Budget``). Alone it
-            spaces the estimates; with a schedule it is a ceiling on it (``at_start`` and
-            ``at_end`` included). The first estimate runs when due, before its cost is known.
-            With ``stream`` it sets each reading's length instead (see there).
+        max_overhead: The share of the training time the LLC may take (0.4: training takes
+            at most 1.4 times as long), measured as training runs. With ``stream`` it sets
+            the readings' length (see there); ``"auto"``, the default: ``STREAM_SHARE``
+            (0.4). Without, it spaces snapshot estimates: they come sooner where the LLC
+            moves and later where it is flat (``Budget``); alone it spaces them, with a
+            schedule it is a ceiling on it (``at_start`` and ``at_end`` included), and the
+            first runs when due, before its cost is known; ``"auto"``: no limit. ``None``:
+            no limit (with ``stream``, every reading draws ``config.num_draws`` steps).
         observables: Named probe sets whose per-example losses the chains record (see
             ``estimate_llc``); every estimate then logs the loss kernel's mean correlation
             between each pair, ``{prefix}/kernel/<a>:<b>``, and keeps in ``influences`` the
@@ -152,15 +154,15 @@ class LLCMonitor:
             ``{prefix}/<restriction>/susceptibility/<source>``, and keeps them in
             ``susceptibilities``.
         stream: Read the LLC from chains that persist through training
-            (``llc_callbacks.streaming``): the first reading tunes each chain's step size
-            in its burn-in; every later one continues the same chains around the current
-            weights (their offsets carried over, as ``warm_start`` does), without burn-in or
-            adaptation, at the tuned step sizes. Every reading draws ``config.num_draws``
-            steps, or with ``max_overhead`` as many as keep all readings, the tuning ones
-            included, within that share of the training time so far. Each reading logs
-            ``{prefix}/step_size`` and ``{prefix}/tuned`` (1 where it tuned the chains: the
-            first, after a resume, and when chains became unstable). ``max_overhead`` then
-            sets the readings' length instead of spacing them.
+            (``llc_callbacks.streaming``; the default): the first reading tunes each chain's
+            step size in its burn-in; every later one continues the same chains around the
+            current weights (their offsets carried over, as ``warm_start`` does), without
+            burn-in or adaptation, at the tuned step sizes, for as many draws as keep all
+            readings, the tuning ones included, within ``max_overhead`` of the training time
+            so far. Each reading logs ``{prefix}/step_size`` and ``{prefix}/tuned`` (1 where
+            it tuned the chains: the first, after a resume, and when chains became
+            unstable). ``False``: a snapshot estimate at every scheduled step, each tuning its
+            own chains (warm-started from the last one's with ``config.warm_start``).
 
     Attributes:
         history: One row per estimate: ``step`` and the metrics.
@@ -200,10 +202,10 @@ class LLCMonitor:
         restrictions: Restrictions | None = None,
         curvature: Sequence[str] = (),
         dataset_size: int | None = None,
-        max_overhead: float | None = None,
+        max_overhead: float | Literal["auto"] | None = "auto",
         observables: Mapping[str, Iterable[Any] | Probe] | None = None,
         susceptibility_base: str | None = None,
-        stream: bool = False,
+        stream: bool = True,
     ) -> None:
         if isinstance(curvature, str):
             raise ValueError(f"curvature must be a sequence of names, got {curvature!r}")
@@ -235,7 +237,13 @@ class LLCMonitor:
         if stream and not self.config.warm_start:
             raise ValueError(
                 "stream=True continues each reading's chains from the last one's: it needs"
-                " LLCConfig(warm_start=True), got warm_start=False"
+                " LLCConfig(warm_start=True), got warm_start=False; or pass stream=False"
+            )
+        if max_overhead == "auto":
+            max_overhead = STREAM_SHARE if stream else None
+        elif isinstance(max_overhead, str):
+            raise ValueError(
+                f"max_overhead must be a finite number > 0, 'auto' or None, got {max_overhead!r}"
             )
         self.stream = Stream(max_overhead) if stream else None
         self.budget = Budget(max_overhead) if max_overhead is not None and not stream else None

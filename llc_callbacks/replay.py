@@ -202,7 +202,8 @@ def replay(
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
         data: Re-iterable of batches; every estimate iterates it afresh.
         monitor: What each estimate is (config, restrictions, curvature, observables,
-            prefix, ...), as the callback was given it; ``None``: ``LLCMonitor()``. Its
+            prefix, ...), as the callback was given it, with ``stream=False``: each
+            checkpoint is a snapshot estimate; ``None``: ``LLCMonitor(stream=False)``. Its
             ``distributed`` is set from ``split``.
         output: A ``.csv`` (columns ``step`` and the metrics, as Lightning's ``metrics.csv``,
             which ``llc-callbacks plot`` reads) or ``.json`` (``{"log_history": rows}``, as
@@ -225,7 +226,7 @@ def replay(
         FileNotFoundError: If ``checkpoints`` is a folder holding none.
     """
     replayer = _Replayer(
-        load, loss_fn, data, monitor or LLCMonitor(), output, device, split, progress
+        load, loss_fn, data, monitor or LLCMonitor(stream=False), output, device, split, progress
     )
     found = find_checkpoints(checkpoints) if isinstance(checkpoints, (str, Path)) else checkpoints
     with replayer.logging_to(wandb_run, wandb_project):
@@ -293,7 +294,7 @@ def watch(
             " as it appears); watch from one process to estimate checkpoints one by one"
         )
     replayer = _Replayer(
-        load, loss_fn, data, monitor or LLCMonitor(), output, device, split, progress
+        load, loss_fn, data, monitor or LLCMonitor(stream=False), output, device, split, progress
     )
     sizes: dict[Path, int] = {}
     tries: dict[int, int] = {}
@@ -333,6 +334,11 @@ class _Replayer:
         check_choice("split", split, SPLITS)
         if not isinstance(monitor, LLCMonitor):
             raise ValueError(f"monitor must be an LLCMonitor, got {type(monitor).__name__}")
+        if monitor.stream is not None:
+            raise ValueError(
+                "monitor must make snapshot estimates: replay estimates every checkpoint on its"
+                " own; pass LLCMonitor(stream=False, ...)"
+            )
         self.rank, self.world = rank_and_world()
         self.split = split
         self.monitor = monitor

@@ -22,12 +22,10 @@ linear network's readings trail its stages by hundreds of steps (``benchmarks/cu
 A reading has a few dozen draws per chain at most, around weights that move: too few for
 the checks that judge a burn-in (R-hat, ``trend_z`` and ``climb`` within the reading, which
 read as NaN in a reading of fewer than ``POOLED_DRAWS`` draws per chain) or for a MALA
-acceptance of its own. Its MALA acceptance is pooled over the readings since the last
-tuning (that one included), the recent ones holding at least ``POOLED_DRAWS`` draws per
-chain, weighted by their draws (NaN, and not judged, until they hold that many); divergence
-is its own. A curve is read at one localization, part of what it measures, so a reading does
-not judge how much the localization lowers the LLC against the learning coefficient
-(``loc_sensitivity`` is NaN: the check that a snapshot estimate of lambda needs).
+acceptance of its own. Its MALA acceptance and localization sensitivity are pooled over the
+readings since the last tuning (that one included), the recent ones holding at least
+``POOLED_DRAWS`` draws per chain, weighted by their draws (NaN, and not judged, until they
+hold that many); divergence is its own.
 """
 
 from __future__ import annotations
@@ -45,6 +43,9 @@ from llc_callbacks.distributed import gather_from_every_rank, rank_and_world
 from llc_callbacks.result import LLCResult
 from llc_callbacks.validation import check_float
 
+# max_overhead="auto" of a streaming monitor: training with readings takes at most 1.4 times
+# as long, as far as MIN_DRAWS and the tuning allow (benchmarks/curves.py, first_contact.py).
+STREAM_SHARE = 0.4
 # The fewest draws a paced reading takes, however little of the share is left: below it a
 # reading is noise (the readings may then exceed their share of the time).
 MIN_DRAWS = 10
@@ -55,7 +56,7 @@ POOLED_DRAWS = 100
 # The diagnostics that judge a burn-in: NaN in a reading of fewer than POOLED_DRAWS draws.
 BURNIN_CHECKS = ("rhat", "trend_z", "climb")
 # The diagnostics pooled over recent readings.
-POOLED = ("mala_acceptance",)
+POOLED = ("mala_acceptance", "loc_sensitivity")
 
 
 class _Read(NamedTuple):
@@ -169,7 +170,7 @@ class Stream:
         recent.append(_Read(drawn, result.diagnostics))
         while len(recent) > 1 and sum(read.draws for read in recent[1:]) >= POOLED_DRAWS:
             recent.pop(0)
-        diagnostics = dict(result.diagnostics) | {"loc_sensitivity": math.nan}
+        diagnostics = dict(result.diagnostics)
         if drawn < POOLED_DRAWS:
             diagnostics |= dict.fromkeys(BURNIN_CHECKS, math.nan)
         pooled = sum(read.draws for read in recent) >= POOLED_DRAWS

@@ -39,7 +39,7 @@ if __name__ == "__main__":
             pretrained_loader(),
             model_loss,
             token_loader(),
-            LLCMonitor(config),
+            LLCMonitor(config, stream=False),
             output=out / f"{split}.json",
             split=split,
             progress=False,

@@ -89,7 +89,7 @@ def test_rmsprop_sgld_on_reduced_rank_regression():
     assert result.llc_mean == pytest.approx(rrr_learning_coefficient(10, 6, 10, 3), rel=0.15)
 
 
-# Deep linear networks under the defaults: the goal is 20% from 10^2 to 10^4
+# Deep linear networks under LLCConfig.accurate(): the goal is 20% from 10^2 to 10^4
 # parameters. Measured with these seeds: 0.94, 0.88 and 0.96 of λ, the mean of 4 chains whose
 # spread puts it within about 3% (one standard error); 6 to 8 s each on one thread. The checks
 # that say which way an estimate is off have their own tests (test_calibration.py); here the
@@ -98,10 +98,10 @@ DLN_CASES = [([3, 6, 6, 3], 1), ([6, 5, 5, 4, 6], 1), ([20, 15, 15, 20], 5)]
 
 
 @pytest.mark.parametrize("case", DLN_CASES, ids=lambda c: "-".join(map(str, c[0])))
-def test_default_config_on_deep_linear_networks_within_20_percent(case):
+def test_accurate_config_on_deep_linear_networks_within_20_percent(case):
     widths, rank = case
     model, data = dln_problem(widths, rank)
-    result = estimate_llc(model, gaussian_nll, data)
+    result = estimate_llc(model, gaussian_nll, data, LLCConfig.accurate())
     assert result.llc_mean == pytest.approx(dln_learning_coefficient(widths, rank), rel=0.2)
     assert "localization" not in result.problems()
 
@@ -111,7 +111,7 @@ def test_calibrated_step_size_on_a_deep_linear_network_within_20_percent():
     # missed the target (0.875) and 1e-4 passed (0.994).
     widths, rank = [6, 5, 5, 4, 6], 1
     model, data = dln_problem(widths, rank)
-    fixed = LLCConfig(step_size=2e-4, relative_error=None)  # the sweep's lengths are fixed
+    fixed = LLCConfig.accurate(step_size=2e-4, relative_error=None)  # the sweep's lengths are fixed
     calibration = calibrate(model, gaussian_nll, data, fixed)
     chosen = calibration.rows[-1]  # the sweep stops at the step size it recommends
     assert chosen["step_size"] == calibration.recommended.step_size

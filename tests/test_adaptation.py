@@ -190,7 +190,7 @@ def test_waves_and_restrictions_adapt_each_chain_on_its_own():
 
 def test_a_warm_start_begins_where_the_last_estimate_ended():
     model, data = Quadratic(), [torch.zeros(8)] * 4
-    config = LLCConfig(num_chains=2, num_burnin=600, num_draws=200, nbeta=NBETA)
+    config = LLCConfig(num_chains=2, num_burnin=600, num_draws=200, nbeta=NBETA, localization=GAMMA)
     first = estimate_llc(model, quadratic_loss, data, config, warn=False, keep_ends=True)
     assert not first.warm and first.diagnostics["warm"] == 0.0
     offsets = [end.offset for end in first.ends]
@@ -215,12 +215,12 @@ def test_a_warm_start_begins_where_the_last_estimate_ended():
 def test_the_monitor_warm_starts_every_estimate_after_the_first():
     model, data = Quadratic(), [torch.zeros(8)] * 4
     config = LLCConfig(num_chains=2, num_burnin=600, num_draws=150, nbeta=NBETA)
-    monitor = LLCMonitor(config, every_n_steps=1, extra_metrics=("diagnostics",))
+    monitor = LLCMonitor(config, every_n_steps=1, extra_metrics=("diagnostics",), stream=False)
     warm = [monitor.maybe_estimate(step, model, quadratic_loss, data) for step in (1, 2, 3)]
     assert [m["llc/diag/warm"] for m in warm] == [0.0, 1.0, 1.0]
     # Later estimates cost less: shorter burn-ins.
     assert warm[2]["llc/diag/burnin"] < warm[0]["llc/diag/burnin"]
-    cold = LLCMonitor(dataclasses.replace(config, warm_start=False), every_n_steps=1)
+    cold = LLCMonitor(dataclasses.replace(config, warm_start=False), every_n_steps=1, stream=False)
     for step in (1, 2):
         cold.maybe_estimate(step, model, quadratic_loss, data)
     assert not cold.last_result.warm

@@ -88,7 +88,7 @@ def test_with_a_schedule_the_budget_is_a_ceiling(clock):
     x = torch.randn(64, 4)
     data = ShuffledBatches(x, x[:, :1], batch_size=16)
     model = torch.nn.Linear(4, 1)
-    monitor = LLCMonitor(TINY, every_n_steps=10, at_end=True, max_overhead=0.05)
+    monitor = LLCMonitor(TINY, every_n_steps=10, at_end=True, max_overhead=0.05, stream=False)
     for step in range(1, 1001):
         clock.now += 1.0
         monitor.maybe_estimate(step, model, loss_fn, data, final=step == 1000)
@@ -127,7 +127,7 @@ def test_a_budgeted_monitor_keeps_its_overhead_in_a_training_loop(clock):
         clock.now += 1e-3
         return torch.nn.functional.mse_loss(module(batch[0]), batch[1])
 
-    monitor = LLCMonitor(LLCConfig.fast(num_burnin=20, num_draws=20), max_overhead=0.2)
+    monitor = LLCMonitor(LLCConfig(num_burnin=20, num_draws=20), max_overhead=0.2, stream=False)
     inside = 0.0
     for step, batch in zip(range(1, 601), iter_forever(data), strict=False):
         optimizer.zero_grad()

@@ -94,22 +94,17 @@ def test_config_is_frozen():
         LLCConfig().num_chains = 8
 
 
-def test_defaults_aim_at_the_learning_coefficient_and_fast_is_the_localized_preset():
+def test_defaults_aim_at_a_curve_and_accurate_at_the_learning_coefficient():
     config = LLCConfig()
-    assert (config.localization, config.step_size) == (5.0, "adapt")
+    assert (config.localization, config.step_size) == (100.0, "adapt")
     assert (config.num_burnin, config.num_draws, config.mala) == (1000, 1000, True)
     assert (config.target_acceptance, config.relative_error, config.warm_start) == (
         0.9,
         0.05,
         True,
     )
-    fast = LLCConfig.fast(num_chains=8)
-    assert (fast.localization, fast.step_size, fast.num_burnin, fast.num_draws) == (
-        100.0,
-        1e-4,
-        200,
-        200,
-    )
-    assert fast.num_chains == 8 and fast.mala is False
+    accurate = LLCConfig.accurate(num_chains=8)
+    assert (accurate.localization, accurate.num_chains) == (5.0, 8)
+    assert accurate.step_size == "adapt" and accurate.num_draws == 1000
     with pytest.raises(ValueError, match="localization"):
-        LLCConfig.fast(localization=-1.0)
+        LLCConfig.accurate(localization=-1.0)

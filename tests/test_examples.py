@@ -15,13 +15,13 @@ from llc_callbacks.theory import rrr_learning_coefficient
 def test_the_demo_writes_the_png_and_a_wandb_run_with_llc_and_accuracy(
     tmp_path, wandb_rows, example
 ):
-    # The demo's own preset, with chains as short as TINY's: too short to relax from a warm
-    # start, so cold. 4 chains: with 2, the rise to the peak fell within the chains' noise
-    # under some noise streams.
-    short = LLCConfig.fast(
-        num_chains=4, num_burnin=5, num_draws=5, init_loss_batches=2, warm_start=False
+    # The demo's defaults with short chains: a tuning reading of at most 200 burn-in steps,
+    # then 20 draws a reading (no time budget, so the same draws on any machine). 4 chains:
+    # with 2, the rise to the peak fell within the chains' noise under some noise streams.
+    short = LLCConfig(num_chains=4, num_burnin=200, num_draws=20, init_loss_batches=2)
+    result = example("grokking").run(
+        tmp_path, p=23, steps=300, estimates=5, config=short, max_overhead=None
     )
-    result = example("grokking").run(tmp_path, p=23, steps=300, estimates=5, config=short)
     assert png_size(result["png"]) == (800, 1200)
     rows = wandb_rows(result["wandb"])
     llc_steps = [row["trainer/global_step"] for row in rows if "llc/mean" in row]

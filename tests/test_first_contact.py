@@ -204,7 +204,17 @@ def test_each_estimate_logs_a_few_keys_unless_asked_for_more(tmp_path):
     run.fit(Classifier(), loader())
     with open(f"{run.logger.log_dir}/metrics.csv") as file:
         columns = {c for c in file.readline().strip().split(",") if c.startswith("llc/")}
-    assert columns == {"llc/mean", "llc/std", "llc/healthy", "llc/num_sampled", "llc/num_chains"}
+    # A streaming reading's few keys: the estimate, its health, whether it tuned the chains
+    # and the step size it drew at; once, the chains and the weights they move.
+    assert columns == {
+        "llc/mean",
+        "llc/std",
+        "llc/healthy",
+        "llc/tuned",
+        "llc/step_size",
+        "llc/num_sampled",
+        "llc/num_chains",
+    }
     kept = set(default.monitor.history[0])  # the history keeps what it does not log
     assert {"llc/chain_0", "llc/diag/rhat"} <= kept and "llc/free_energy" not in kept
 
@@ -252,8 +262,9 @@ def test_warnings_point_at_the_line_that_built_the_callback(tmp_path):
     assert {(w.filename, w.lineno) for w in ours} == {(__file__, line)}
 
     hf = make_trainer(tmp_path / "hf")
+    # A snapshot estimate: TINY's chains are too short for its health checks.
     line = inspect.currentframe().f_lineno + 1
-    hf.add_callback(LLCTrainerCallback(TINY, steps=[4]))  # TINY's chains are too short
+    hf.add_callback(LLCTrainerCallback(TINY, steps=[4], stream=False))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         hf.train()

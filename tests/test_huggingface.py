@@ -111,6 +111,7 @@ def test_an_interrupt_in_an_estimate_keeps_the_steps_checkpoint_and_a_resume_con
 ):
     # Cold chains, so that the resumed history can equal an uninterrupted one exactly.
     kwargs = {"config": dataclasses.replace(TINY, warm_start=False), "every_n_steps": 3}
+    kwargs["stream"] = False  # snapshot estimates, each of its step alone
     interrupted = make_trainer(tmp_path / "run", save_strategy="steps", save_steps=6)
     loss = interrupted_at(model_loss, lambda: interrupted.state.global_step, 6)
     callback = LLCTrainerCallback(**kwargs, loss_fn=loss)
@@ -157,10 +158,10 @@ def test_wandb_run_file_holds_the_llc_next_to_the_loss(tmp_path, wandb_dir, wand
         llc == llc_rows(trainer) == [(r["step"], r["llc/mean"]) for r in callback.monitor.history]
     )
     assert [step for step, _ in llc] == [3, 7, 12]
-    # The default keys of an estimate, and nothing else of the LLC's.
+    # The default keys of a streaming reading, and nothing else of the LLC's.
+    keys = {f"train/llc/{key}" for key in ("mean", "std", "healthy", "tuned", "step_size")}
     assert all(
-        {key for key in row if key.startswith("train/llc/")}
-        == {"train/llc/mean", "train/llc/std", "train/llc/healthy"}
+        {key for key in row if key.startswith("train/llc/")} == keys
         for row in rows
         if "train/llc/mean" in row
     )
@@ -171,7 +172,7 @@ def test_wandb_run_file_holds_the_llc_next_to_the_loss(tmp_path, wandb_dir, wand
 def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):
     # Cold chains: each estimate depends on its step and weights alone (see the next test).
     cold = dataclasses.replace(TINY, warm_start=False)
-    kwargs = {"every_n_steps": 3, "at_start": True, "config": cold}
+    kwargs = {"every_n_steps": 3, "at_start": True, "config": cold, "stream": False}
     full, full_callback = train(tmp_path / "full", kwargs, save_strategy="steps", save_steps=6)
     checkpoint = tmp_path / "full" / "checkpoint-6"
     resumed, callback = train(tmp_path / "resumed", kwargs, resume=str(checkpoint))

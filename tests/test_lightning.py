@@ -26,7 +26,8 @@ from llc_callbacks.integrations.lightning import LLCCallback, training_step_loss
 from llc_callbacks.integrations.wandb import offline_run_dir
 
 # What each estimate logs unless extra_metrics asks for more.
-DEFAULT_KEYS = {"llc/mean", "llc/std", "llc/healthy"}
+# A streaming reading's default keys.
+DEFAULT_KEYS = {"llc/mean", "llc/std", "llc/healthy", "llc/tuned", "llc/step_size"}
 
 
 def fit(tmp_path, callbacks=(), make_module=Classifier, data=None, ckpt_path=None, **kwargs):
@@ -221,13 +222,13 @@ def test_resume_continues_schedule_history_and_seeds(tmp_path):
     # Cold chains (warm_start=False): every estimate depends on its step and weights alone,
     # so a resumed run repeats an uninterrupted one exactly.
     cold = dataclasses.replace(TINY, warm_start=False)
-    full = LLCCallback(cold, every_n_steps=3, at_start=True)
+    full = LLCCallback(cold, every_n_steps=3, at_start=True, stream=False)
     fit(tmp_path / "full", [full], make_module, data, max_steps=16)
-    first = LLCCallback(cold, every_n_steps=3, at_start=True)
+    first = LLCCallback(cold, every_n_steps=3, at_start=True, stream=False)
     _, run = fit(tmp_path / "first", [first], make_module, data, max_steps=8)
     checkpoint = tmp_path / "eight.ckpt"
     run.save_checkpoint(checkpoint)
-    resumed = LLCCallback(cold, every_n_steps=3, at_start=True)
+    resumed = LLCCallback(cold, every_n_steps=3, at_start=True, stream=False)
     fit(tmp_path / "resumed", [resumed], make_module, data, checkpoint, max_steps=16)
     assert [row["step"] for row in resumed.monitor.history] == [0, 3, 6, 9, 12, 15]
     assert_same_history(resumed.monitor.history, full.monitor.history)
@@ -244,7 +245,7 @@ def test_an_interrupt_in_an_estimate_keeps_the_steps_checkpoint_and_a_resume_con
     cold = dataclasses.replace(TINY, warm_start=False)
     found = {}
     loss = interrupted_at(training_step_loss, lambda: found["trainer"].global_step, 6)
-    callback = LLCCallback(cold, every_n_steps=3, loss_fn=loss)
+    callback = LLCCallback(cold, every_n_steps=3, loss_fn=loss, stream=False)
     saving = ModelCheckpoint(tmp_path / "checkpoints", every_n_train_steps=6, save_top_k=-1)
     L.seed_everything(0, verbose=False)
     found["trainer"] = run = trainer(
@@ -256,9 +257,9 @@ def test_an_interrupt_in_an_estimate_keeps_the_steps_checkpoint_and_a_resume_con
     (checkpoint,) = (tmp_path / "checkpoints").glob("*step=6.ckpt")
     state = torch.load(checkpoint, weights_only=False)["callbacks"][callback.state_key]
     assert [row["step"] for row in state["history"]] == [3]  # the interrupted one left out
-    resumed = LLCCallback(cold, every_n_steps=3, loss_fn=training_step_loss)
+    resumed = LLCCallback(cold, every_n_steps=3, loss_fn=training_step_loss, stream=False)
     fit(tmp_path / "resumed", [resumed], make_module, data, checkpoint, max_steps=12)
-    full = LLCCallback(cold, every_n_steps=3, loss_fn=training_step_loss)
+    full = LLCCallback(cold, every_n_steps=3, loss_fn=training_step_loss, stream=False)
     fit(tmp_path / "full", [full], make_module, data, max_steps=12)
     assert [row["step"] for row in resumed.monitor.history] == [3, 6, 9, 12]
     assert_same_history(resumed.monitor.history, full.monitor.history)

@@ -43,7 +43,7 @@ def test_a_hand_written_loop_is_undisturbed_and_estimated_on_schedule():
 
 def test_each_estimate_is_seeded_by_its_step():
     model, data = DropoutBatchNormNet(), classification_batches()
-    monitor = LLCMonitor(TINY, steps=[7])
+    monitor = LLCMonitor(TINY, steps=[7], stream=False)
     metrics = monitor.maybe_estimate(7, model, cross_entropy, data)
     config = dataclasses.replace(TINY, seed=step_seed(TINY.seed, 7))
     every = estimate_llc(model, cross_entropy, data, config).to_metrics()
@@ -107,7 +107,9 @@ def test_errors_warn_and_report_nan_or_raise():
     monitor = LLCMonitor(TINY, steps=[1])
     with pytest.warns(UserWarning, match="at step 1 failed.*ValueError: bad batch"):
         metrics = monitor.estimate(1, model, broken, data)
-    assert metrics.keys() == {"llc/mean", "llc/std", "llc/healthy"}
+    # A streaming reading's keys: the estimate's, and whether it tuned and at what step size.
+    assert metrics.keys() == {"llc/mean", "llc/std", "llc/healthy", "llc/tuned", "llc/step_size"}
+    assert metrics["llc/tuned"] == 1.0 and math.isnan(metrics["llc/step_size"])
     assert math.isnan(metrics["llc/mean"]) and math.isnan(metrics["llc/std"])
     assert metrics["llc/healthy"] == 0.0
     assert monitor.history == [{"step": 1, **metrics}]

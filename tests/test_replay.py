@@ -39,7 +39,7 @@ def logged(history: list[dict], key: str = "llc/mean") -> dict[int, float]:
 
 def classifier(source, **options):
     """``replay`` of the Lightning classifier's checkpoints with the callback's settings."""
-    monitor = LLCMonitor(CONFIG, **LIGHTNING_EXTRAS)
+    monitor = LLCMonitor(CONFIG, stream=False, **LIGHTNING_EXTRAS)
     return replay(
         source,
         checkpoint_loader(Classifier),
@@ -59,7 +59,7 @@ def gpt2(source, *, follow=replay, config=CONFIG, load=None, **options):
         load,
         model_loss,
         token_loader(),
-        LLCMonitor(config),
+        LLCMonitor(config, stream=False),
         **{"progress": False, **options},
     )
 
@@ -69,7 +69,7 @@ def transformers_run(tmp_path_factory):
     """A Trainer run that saves a checkpoint at every estimate, and what the callback logged."""
     folder = tmp_path_factory.mktemp("hf")
     callback = LLCTrainerCallback(
-        CONFIG, every_n_steps=EVERY, loss_fn=model_loss, dataloader=token_loader()
+        CONFIG, every_n_steps=EVERY, loss_fn=model_loss, dataloader=token_loader(), stream=False
     )
     trainer = make_trainer(
         folder, data=TokenData(64), save_strategy="steps", save_steps=EVERY, max_steps=3 * EVERY
@@ -101,7 +101,9 @@ def lightning_run(tmp_path_factory):
     checkpoints = ModelCheckpoint(
         dirpath=folder / "checkpoints", every_n_train_steps=EVERY, save_top_k=-1
     )
-    callback = LLCCallback(CONFIG, every_n_steps=EVERY, dataloader=loader(), **LIGHTNING_EXTRAS)
+    callback = LLCCallback(
+        CONFIG, every_n_steps=EVERY, dataloader=loader(), stream=False, **LIGHTNING_EXTRAS
+    )
     run = trainer(
         folder,
         max_steps=3 * EVERY,
@@ -194,7 +196,7 @@ def test_a_restarted_replay_repeats_nothing(transformers_run, tmp_path):
     assert [row["step"] for row in rows] == [4, 8, 12]
     assert {s: v for s, v in logged(rows).items() if s < 12} == logged(first)
     assert [row["step"] for row in read_rows(output)] == [4, 8, 12]
-    other = LLCMonitor(dataclasses.replace(CONFIG, num_chains=3))
+    other = LLCMonitor(dataclasses.replace(CONFIG, num_chains=3), stream=False)
     with pytest.raises(ValueError, match=r"other settings \(config.num_chains: 2 in the check"):
         replay(folder, load, model_loss, token_loader(), other, output=output)
 
@@ -220,6 +222,9 @@ def test_bad_output_is_refused_before_any_estimate(transformers_run, tmp_path):
         gpt2(folder, split="ranks")
     with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
         gpt2(tmp_path)
+    streaming = LLCMonitor(CONFIG)  # the default: readings that continue along training
+    with pytest.raises(ValueError, match=r"snapshot estimates.*LLCMonitor\(stream=False"):
+        replay(folder, pretrained_loader(), model_loss, token_loader(), streaming)
 
 
 def test_each_estimate_follows_the_one_before(transformers_run):
@@ -274,7 +279,9 @@ def test_torchrun_shares_checkpoints_or_chains_among_ranks(transformers_run, tmp
     chains = logged(json.loads((tmp_path / "chains.json").read_text())["log_history"])
     assert chains == pytest.approx(expected, rel=1e-5)  # as the callback logged, warm starts too
     # The console script joins torchrun's process group itself; rank 0 writes and reports.
-    (tmp_path / "setup.py").write_text(SETUP.replace("LLCMonitor(CONFIG)", "LLCMonitor(COLD)"))
+    (tmp_path / "setup.py").write_text(
+        SETUP.replace("LLCMonitor(CONFIG, stream=False)", "LLCMonitor(COLD, stream=False)")
+    )
     command = ["-m", "llc_callbacks.cli", "replay", str(folder), "-o", str(tmp_path / "cli.csv")]
     command += ["--setup", f"{tmp_path / 'setup.py'}:setup"]
     done = run([*TORCHRUN, *command])
@@ -290,7 +297,7 @@ from llc_callbacks import LLCMonitor
 
 
 def setup():
-    return {"data": token_loader(), "monitor": LLCMonitor(CONFIG)}
+    return {"data": token_loader(), "monitor": LLCMonitor(CONFIG, stream=False)}
 """
 
 
@@ -340,7 +347,9 @@ def test_lightning_checkpoints_need_the_module_class(lightning_run, tmp_path, ca
         "from replay_script import CONFIG\n"
         "from llc_callbacks import LLCMonitor\n\n"
         "def setup():\n"
-        "    monitor = LLCMonitor(CONFIG, restrictions=LAYERS, curvature=('hessian_trace',))\n"
+        "    monitor = LLCMonitor(\n"
+        "        CONFIG, stream=False, restrictions=LAYERS, curvature=('hessian_trace',)\n"
+        "    )\n"
         "    return {'data': loader(), 'monitor': monitor}\n"
     )
     command = ["replay", str(folder / "checkpoints"), "--setup", f"{tmp_path}/setup.py:setup"]

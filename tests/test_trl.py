@@ -211,7 +211,7 @@ def test_a_resumed_run_continues_its_llc_history_exactly(tmp_path, kind):
     cold = dataclasses.replace(TINY, warm_start=False)
 
     def run(folder, resume=None):
-        callback = LLCTrainerCallback(cold, every_n_steps=2)
+        callback = LLCTrainerCallback(cold, every_n_steps=2, stream=False)
         trainer = TRAINERS[kind](folder, [callback], save_strategy="steps", save_steps=3)
         trainer.train(resume_from_checkpoint=resume)
         return trainer, callback
