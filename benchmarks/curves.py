@@ -1,7 +1,7 @@
 """Streaming LLC curves against long cold chains at the same weights, and what each curve costs.
 
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/curves.py [--quick] [--runs mlp grokking dln]
-[--set localization=50] [--max-overhead 0.5]`` (about 15 minutes; ``--quick``: shorter runs
+[--set localization=50] [--max-overhead 0.5]`` (about 20 minutes; ``--quick``: shorter runs
 and chains, about 2 minutes; ``--set``: change every run's config, as ``LLCConfig(...)``)
 
 Three training runs on data made in code, each in one process, on one thread:

@@ -4,14 +4,15 @@ Usage: ``OMP_NUM_THREADS=1 python benchmarks/first_contact.py [--snapshot]``
 
 Lightning: a 6-32-32-3 MLP classifier (1,379 weights), batches of 32. transformers: a 2-layer
 GPT-2 of width 32 (28,032 weights), batches of 16 x 16 tokens. Each run is timed without the
-callback, then with it, in the same process, both with the defaults: 2,000 steps long
-(long enough for a curve), ``LLCCallback(every_n_steps=100)`` and
-``LLCTrainerCallback(every_n_steps=100)``, streaming readings at ``max_overhead="auto"``: a
-curve of 20 points. A reading's cost is the extra time over the number of readings, in
+callback, then with it, in the same process: 2,000 steps long (long enough for a curve),
+``LLCCallback(every_n_steps=100, stream=True)`` and ``LLCTrainerCallback(every_n_steps=100,
+stream=True)``, streaming readings at the default ``max_overhead="auto"`` (0.4): a curve of
+20 points. A reading's cost is the extra time over the number of readings, in
 training steps of the run without the callback (its wall time over its steps).
 
-``--snapshot``: the callbacks with ``stream=False``, a snapshot estimate every 100 steps of
-a 200-step Lightning run and every 50 of a 100-step transformers run (the README's runs).
+``--snapshot``: the README's first examples as written (snapshot estimates, the default), an
+estimate every 100 steps of a 200-step Lightning run and every 50 of a 100-step
+transformers run.
 """
 
 import argparse
@@ -113,13 +114,13 @@ def report(name: str, steps: int, plain: float, watched: float, estimates: int) 
 
 
 def streamed() -> None:
-    """The two runs at ``STREAM_STEPS`` steps, with and without the default callbacks."""
+    """The two runs at ``STREAM_STEPS`` steps, with and without streaming callbacks."""
     plain = lightning_run([], STREAM_STEPS)
-    callback = LLCCallback(every_n_steps=STREAM_EVERY)
+    callback = LLCCallback(every_n_steps=STREAM_EVERY, stream=True)
     watched = lightning_run([callback], STREAM_STEPS)
     report("Lightning MLP, streaming", STREAM_STEPS, plain, watched, len(callback.monitor.history))
     plain = hf_run([], "/tmp/first_contact_plain", steps=STREAM_STEPS)
-    callback = LLCTrainerCallback(every_n_steps=STREAM_EVERY)
+    callback = LLCTrainerCallback(every_n_steps=STREAM_EVERY, stream=True)
     watched = hf_run([callback], "/tmp/first_contact_watched", steps=STREAM_STEPS)
     report(
         "transformers GPT-2, streaming", STREAM_STEPS, plain, watched, len(callback.monitor.history)
@@ -129,10 +130,10 @@ def streamed() -> None:
 def snapshots() -> None:
     """The README's runs with a snapshot estimate at every scheduled step."""
     plain = lightning_run([])
-    watched = lightning_run([LLCCallback(every_n_steps=100, stream=False)])
+    watched = lightning_run([LLCCallback(every_n_steps=100)])
     report("Lightning MLP, snapshots", LIGHTNING_STEPS, plain, watched, LIGHTNING_STEPS // 100)
     plain = hf_run([], "/tmp/first_contact_plain")
-    callback = LLCTrainerCallback(every_n_steps=50, stream=False)
+    callback = LLCTrainerCallback(every_n_steps=50)
     watched = hf_run([callback], "/tmp/first_contact_watched")
     report("transformers GPT-2, snapshots", HF_STEPS, plain, watched, HF_STEPS // 50)
 

@@ -5,8 +5,8 @@ Training accuracy saturates within a few hundred steps; test accuracy stays low,
 to 100% thousands of steps later. The LLC rises while the network memorizes and then falls by
 orders of magnitude as weight decay compresses it into the generalizing solution.
 
-The LLC here is the defaults': streaming readings (chains tuned at the first reading and
-continued along training, for 40% of its time) at localization 100. ``LLCConfig.accurate()``'s
+The LLC here is a stream's (``stream=True``: chains tuned at the first reading and continued
+along training, for 40% of its time) at the defaults' localization, 100. ``LLCConfig.accurate()``'s
 localization does not fit this network: with 31,675 parameters and 1,044 training examples,
 chains at ``localization=5`` (or 1) leave the basin and sample losses far past chance level,
 about the same (950 to 1,300) whether the network memorizes or generalizes; their estimates
@@ -138,8 +138,9 @@ def run(
         estimates: About how many LLC estimates, at log-spaced steps (plus one at the start).
         config: Sampling hyperparameters (``LLCConfig()`` if ``None``).
         seed: Seed of the initialization, the split and the batches.
-        max_overhead: The share of the training time the readings take (``"auto"``: 0.4;
-            ``None``: ``config.num_draws`` draws a reading, as the tests use).
+        max_overhead: The share of the training time the streaming readings take
+            (``"auto"``: 0.4; ``None``: ``config.num_draws`` draws a reading, as the tests
+            use).
     """
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(seed, verbose=False)
@@ -154,6 +155,7 @@ def run(
         config or LLCConfig(),
         log_spaced=estimates,
         at_start=True,
+        stream=True,
         max_overhead=max_overhead,
         curvature=CURVATURES,
         dynamics=dynamics,

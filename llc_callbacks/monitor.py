@@ -138,7 +138,7 @@ class LLCMonitor:
         max_overhead: The share of the training time the LLC may take (0.4: training takes
             at most 1.4 times as long), measured as training runs. With ``stream`` it sets
             the readings' length (see there); ``"auto"``, the default: ``STREAM_SHARE``
-            (0.4). Without, it spaces snapshot estimates: they come sooner where the LLC
+            (0.4). Without, it spaces the snapshot estimates: they come sooner where the LLC
             moves and later where it is flat (``Budget``); alone it spaces them, with a
             schedule it is a ceiling on it (``at_start`` and ``at_end`` included), and the
             first runs when due, before its cost is known; ``"auto"``: no limit. ``None``:
@@ -154,15 +154,16 @@ class LLCMonitor:
             ``{prefix}/<restriction>/susceptibility/<source>``, and keeps them in
             ``susceptibilities``.
         stream: Read the LLC from chains that persist through training
-            (``llc_callbacks.streaming``; the default): the first reading tunes each chain's
+            (``llc_callbacks.streaming``): the first reading tunes each chain's
             step size in its burn-in; every later one continues the same chains around the
             current weights (their offsets carried over, as ``warm_start`` does), without
             burn-in or adaptation, at the tuned step sizes, for as many draws as keep all
             readings, the tuning ones included, within ``max_overhead`` of the training time
             so far. Each reading logs ``{prefix}/step_size`` and ``{prefix}/tuned`` (1 where
             it tuned the chains: the first, after a resume, and when chains became
-            unstable). ``False``: a snapshot estimate at every scheduled step, each tuning its
-            own chains (warm-started from the last one's with ``config.warm_start``).
+            unstable). ``False`` (the default): a snapshot estimate at every scheduled step,
+            each tuning its own chains (warm-started from the last one's with
+            ``config.warm_start``).
 
     Attributes:
         history: One row per estimate: ``step`` and the metrics.
@@ -205,7 +206,7 @@ class LLCMonitor:
         max_overhead: float | Literal["auto"] | None = "auto",
         observables: Mapping[str, Iterable[Any] | Probe] | None = None,
         susceptibility_base: str | None = None,
-        stream: bool = True,
+        stream: bool = False,
     ) -> None:
         if isinstance(curvature, str):
             raise ValueError(f"curvature must be a sequence of names, got {curvature!r}")

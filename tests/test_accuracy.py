@@ -119,12 +119,13 @@ def test_calibrated_step_size_on_a_deep_linear_network_within_20_percent():
     assert chosen["llc_mean"] == pytest.approx(dln_learning_coefficient(widths, rank), rel=0.2)
 
 
-def test_fast_preset_measures_a_consistent_fraction_of_the_learning_coefficient():
-    # benchmarks/accuracy.py: 40% and 47% of λ on 30 and 825 parameters. The preset is for a
-    # curve's shape: the fraction must stay in a band, not near 1.
+def test_the_defaults_measure_a_consistent_fraction_of_the_learning_coefficient():
+    # Localization 100, for curves: 0.48-0.52 and 0.54-0.55 of λ on 30 and 825 parameters
+    # (seeds 0-2). The defaults are for a curve's shape and turns: the fraction must stay in
+    # a band, not near 1 (LLCConfig.accurate() is for λ).
     fractions = []
     for widths, rank in [([5, 3, 5], 2), ([20, 15, 15, 20], 5)]:
         model, data = dln_problem(widths, rank)
-        estimate = estimate_llc(model, gaussian_nll, data, LLCConfig.fast()).llc_mean
+        estimate = estimate_llc(model, gaussian_nll, data, LLCConfig()).llc_mean
         fractions.append(estimate / dln_learning_coefficient(widths, rank))
-    assert all(0.3 < fraction < 0.6 for fraction in fractions)
+    assert all(0.3 < fraction < 0.7 for fraction in fractions)

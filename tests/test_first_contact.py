@@ -204,17 +204,7 @@ def test_each_estimate_logs_a_few_keys_unless_asked_for_more(tmp_path):
     run.fit(Classifier(), loader())
     with open(f"{run.logger.log_dir}/metrics.csv") as file:
         columns = {c for c in file.readline().strip().split(",") if c.startswith("llc/")}
-    # A streaming reading's few keys: the estimate, its health, whether it tuned the chains
-    # and the step size it drew at; once, the chains and the weights they move.
-    assert columns == {
-        "llc/mean",
-        "llc/std",
-        "llc/healthy",
-        "llc/tuned",
-        "llc/step_size",
-        "llc/num_sampled",
-        "llc/num_chains",
-    }
+    assert columns == {"llc/mean", "llc/std", "llc/healthy", "llc/num_sampled", "llc/num_chains"}
     kept = set(default.monitor.history[0])  # the history keeps what it does not log
     assert {"llc/chain_0", "llc/diag/rhat"} <= kept and "llc/free_energy" not in kept
 

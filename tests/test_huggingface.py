@@ -158,8 +158,8 @@ def test_wandb_run_file_holds_the_llc_next_to_the_loss(tmp_path, wandb_dir, wand
         llc == llc_rows(trainer) == [(r["step"], r["llc/mean"]) for r in callback.monitor.history]
     )
     assert [step for step, _ in llc] == [3, 7, 12]
-    # The default keys of a streaming reading, and nothing else of the LLC's.
-    keys = {f"train/llc/{key}" for key in ("mean", "std", "healthy", "tuned", "step_size")}
+    # The default keys of an estimate, and nothing else of the LLC's.
+    keys = {f"train/llc/{key}" for key in ("mean", "std", "healthy")}
     assert all(
         {key for key in row if key.startswith("train/llc/")} == keys
         for row in rows

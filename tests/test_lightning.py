@@ -26,8 +26,7 @@ from llc_callbacks.integrations.lightning import LLCCallback, training_step_loss
 from llc_callbacks.integrations.wandb import offline_run_dir
 
 # What each estimate logs unless extra_metrics asks for more.
-# A streaming reading's default keys.
-DEFAULT_KEYS = {"llc/mean", "llc/std", "llc/healthy", "llc/tuned", "llc/step_size"}
+DEFAULT_KEYS = {"llc/mean", "llc/std", "llc/healthy"}
 
 
 def fit(tmp_path, callbacks=(), make_module=Classifier, data=None, ckpt_path=None, **kwargs):

@@ -16,7 +16,7 @@ from llc_callbacks.diagnostics import MALA_MIN
 from llc_callbacks.monitor import step_seed
 from llc_callbacks.streaming import MIN_DRAWS, POOLED_DRAWS, STREAM_SHARE
 
-# A short tuning reading; every reading draws num_draws steps (max_overhead=None).
+# A short tuning reading; every reading draws num_draws steps (stream=True, max_overhead=None).
 STREAMED = LLCConfig(num_chains=4, num_burnin=100, num_draws=20, init_loss_batches=2)
 
 
@@ -42,7 +42,7 @@ def train(monitor, steps, *, chain_loss=cross_entropy, on_step=None, first=1):
 
 
 def test_readings_equal_a_hand_written_loop_that_continues_the_chains():
-    monitor = LLCMonitor(STREAMED, every_n_steps=5, max_overhead=None)
+    monitor = LLCMonitor(STREAMED, every_n_steps=5, stream=True, max_overhead=None)
     weights = train(monitor, 20)
     # The loop: tune once, then continue every chain from where it ended, around the new
     # weights, without burn-in, at the step size it was tuned to; every reading draws
@@ -73,7 +73,7 @@ def test_readings_equal_a_hand_written_loop_that_continues_the_chains():
 
 def test_a_snapshot_monitor_adapts_its_step_sizes_at_every_estimate():
     # What streaming changes: without it, every estimate adapts its chains' step sizes anew.
-    monitor = LLCMonitor(STREAMED, every_n_steps=5, stream=False)
+    monitor = LLCMonitor(STREAMED, every_n_steps=5)
     train(monitor, 20)
     assert "llc/tuned" not in monitor.history[0]
     assert len({row["llc/diag/step_size"] for row in monitor.history}) == 4
@@ -94,7 +94,7 @@ def test_max_overhead_sets_each_readings_draws_from_the_measured_times(monkeypat
     draws, shares = {}, {}
     for share in (0.5, 0.25):
         config = dataclasses.replace(STREAMED, num_draws=1000)
-        monitor = LLCMonitor(config, every_n_steps=50, max_overhead=share)
+        monitor = LLCMonitor(config, every_n_steps=50, stream=True, max_overhead=share)
         spent = []
         original = monitor.stream.read
 
@@ -124,7 +124,7 @@ def bowl_readings(sharpness, *, mala=False):
     config = LLCConfig(
         num_chains=4, num_burnin=200, num_draws=50, nbeta=10.0, localization=10.0, mala=mala
     )
-    monitor = LLCMonitor(config, every_n_steps=1, max_overhead=None)
+    monitor = LLCMonitor(config, every_n_steps=1, stream=True, max_overhead=None)
     model, data = Bowl(), [torch.zeros(4, 1)] * 4
     for step, value in enumerate(sharpness, start=1):
         model.sharpness = value
@@ -174,7 +174,9 @@ def test_a_step_size_that_the_loss_outgrows_is_flagged_and_tuned_again():
     )
     model.append(torch.nn.Linear(16, 8))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    monitor = LLCMonitor(LLCConfig.accurate(num_draws=20), every_n_steps=20, max_overhead=None)
+    monitor = LLCMonitor(
+        LLCConfig.accurate(num_draws=20), every_n_steps=20, stream=True, max_overhead=None
+    )
     with pytest.warns(UserWarning, match="MALA acceptance is 0.7"):
         for step in range(1, 361):
             optimizer.zero_grad()
@@ -195,9 +197,9 @@ def test_a_step_size_that_the_loss_outgrows_is_flagged_and_tuned_again():
 
 
 def test_a_resume_tunes_the_chains_again_and_says_so(caplog):
-    first = LLCMonitor(STREAMED, every_n_steps=5, max_overhead=None)
+    first = LLCMonitor(STREAMED, every_n_steps=5, stream=True, max_overhead=None)
     train(first, 10)
-    resumed = LLCMonitor(STREAMED, every_n_steps=5, max_overhead=None)
+    resumed = LLCMonitor(STREAMED, every_n_steps=5, stream=True, max_overhead=None)
     with caplog.at_level(logging.INFO, logger="llc_callbacks.monitor"):
         resumed.load_state_dict(first.state_dict())
     assert "the next reading tunes them again" in caplog.text
@@ -207,9 +209,9 @@ def test_a_resume_tunes_the_chains_again_and_says_so(caplog):
 
 
 def test_a_checkpoint_of_snapshot_estimates_does_not_continue_a_stream():
-    snapshots = LLCMonitor(STREAMED, every_n_steps=5, stream=False)
+    snapshots = LLCMonitor(STREAMED, every_n_steps=5)
     train(snapshots, 10)
-    streaming = LLCMonitor(STREAMED, every_n_steps=5, max_overhead=None)
+    streaming = LLCMonitor(STREAMED, every_n_steps=5, stream=True, max_overhead=None)
     with pytest.warns(UserWarning, match="stream: None in the checkpoint, True now"):
         streaming.load_state_dict(snapshots.state_dict())
     assert streaming.history == []
@@ -224,7 +226,10 @@ def test_a_checkpoint_of_snapshot_estimates_does_not_continue_a_stream():
             "stream=True continues each reading's chains",
         ),
         ({"stream": True, "max_overhead": 0}, "max_overhead"),
-        ({"max_overhead": "fast"}, "max_overhead must be a finite number > 0, 'auto' or None"),
+        (
+            {"stream": True, "max_overhead": "fast"},
+            "max_overhead must be a finite number > 0, 'auto' or None",
+        ),
     ],
 )
 def test_bad_streaming_arguments_are_refused_naming_them(kwargs, message):
@@ -232,16 +237,19 @@ def test_bad_streaming_arguments_are_refused_naming_them(kwargs, message):
         LLCMonitor(**kwargs)
 
 
-def test_streaming_is_the_default_at_a_share_of_the_training_time():
-    assert LLCMonitor().stream.max_overhead == STREAM_SHARE and LLCMonitor().budget is None
-    snapshots = LLCMonitor(stream=False)  # "auto" without streaming: no limit
+def test_auto_is_a_share_of_the_training_time_for_a_stream_and_no_limit_for_snapshots():
+    streaming = LLCMonitor(stream=True)
+    assert streaming.stream.max_overhead == STREAM_SHARE and streaming.budget is None
+    snapshots = LLCMonitor()  # the default: snapshot estimates, every scheduled step
     assert snapshots.stream is None and snapshots.budget is None
-    assert LLCMonitor(stream=False, max_overhead=0.1).budget.max_overhead == 0.1
+    assert LLCMonitor(max_overhead=0.1).budget.max_overhead == 0.1
 
 
 def test_restricted_llcs_stream_too():
     restrictions = Restrictions(weights={"first": "net.0.*"})
-    monitor = LLCMonitor(STREAMED, every_n_steps=5, max_overhead=None, restrictions=restrictions)
+    monitor = LLCMonitor(
+        STREAMED, every_n_steps=5, stream=True, max_overhead=None, restrictions=restrictions
+    )
     train(monitor, 15)
     rows = monitor.history
     assert [row["llc/first/diag/warm"] for row in rows] == [0.0, 1.0, 1.0]
