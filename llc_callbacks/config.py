@@ -29,8 +29,8 @@ class LLCConfig:
     (``llc_callbacks.adaptation``): each adapts its step size during burn-in towards a MALA
     acceptance of 0.9, ends its burn-in once its loss has settled (at most 1,000 steps), and
     (a snapshot estimate) draws until the estimate's standard error is 5% of it (at most
-    1,000 draws). The level then sits below
-    the learning coefficient, a curve's shape and turns kept (``benchmarks/curves.py``);
+    1,000 draws). The level then sits below the learning coefficient (about half of it on
+    deep linear networks), a curve's shape and turns kept (``benchmarks/curves.py``);
     ``LLCConfig.accurate()`` aims at the learning coefficient itself (``docs/accuracy.md``).
 
     Args:
