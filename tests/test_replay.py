@@ -222,7 +222,7 @@ def test_bad_output_is_refused_before_any_estimate(transformers_run, tmp_path):
         gpt2(folder, split="ranks")
     with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
         gpt2(tmp_path)
-    streaming = LLCMonitor(CONFIG)  # the default: readings that continue along training
+    streaming = LLCMonitor(CONFIG, stream=True)  # readings that continue along training
     with pytest.raises(ValueError, match=r"snapshot estimates.*LLCMonitor\(stream=False"):
         replay(folder, pretrained_loader(), model_loss, token_loader(), streaming)
 
