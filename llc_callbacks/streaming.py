@@ -49,7 +49,7 @@ STREAM_SHARE = 0.4
 # The fewest draws a paced reading takes, however little of the share is left: below it a
 # reading is noise (the readings may then exceed their share of the time).
 MIN_DRAWS = 10
-# A continuing reading's MALA acceptance and localization sensitivity are pooled over the
+# A reading's MALA acceptance and localization sensitivity are pooled over the
 # recent readings until they hold at least this many draws per chain (the MALA acceptance is
 # measured on every tenth draw: 4 chains x 10 measurements).
 POOLED_DRAWS = 100
@@ -60,7 +60,7 @@ POOLED = ("mala_acceptance", "loc_sensitivity")
 
 
 class _Read(NamedTuple):
-    """What a continuing reading leaves for the next ones to pool."""
+    """What a reading leaves for the next ones to pool."""
 
     draws: float  # per chain
     diagnostics: dict[str, float]
@@ -99,8 +99,8 @@ class Stream:
         self.trained = self.spent = 0.0
         self._ended: float | None = None  # when the last reading ended
         self._began = 0.0
-        # Per estimate name (None: the full LLC), the continuing readings since the last
-        # tuning that the pooled diagnostics draw on, newest last.
+        # Per estimate name (None: the full LLC), the readings since the last tuning (that
+        # one included) that the pooled diagnostics draw on, newest last.
         self._recent: dict[str | None, list[_Read]] = {}
 
     def start(self) -> None:
