@@ -1,7 +1,7 @@
 """Streaming LLC curves against long cold chains at the same weights, and what each curve costs.
 
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/curves.py [--quick] [--runs mlp grokking dln]
-[--set localization=50] [--max-overhead 0.5]`` (about 20 minutes; ``--quick``: shorter runs
+[--set localization=50] [--max-overhead 0.5]`` (about 17 minutes; ``--quick``: shorter runs
 and chains, about 2 minutes; ``--set``: change every run's config, as ``LLCConfig(...)``)
 
 Three training runs on data made in code, each in one process, on one thread:
@@ -21,13 +21,14 @@ Three training runs on data made in code, each in one process, on one thread:
   error, the loss of ``llc_callbacks.theory``): its loss falls in stages, near steps 1,200,
   2,700 and 5,500 of its 6,000; a reading every 300. Default ``LLCConfig()``.
 
-Each run trains, in this order and on the same initialization and batches: without a
-monitor; with ``LLCMonitor(config, stream=True, max_overhead=0.5)`` on the schedule above,
-keeping the weights at every reading; without a monitor; with ``stream=False`` (a
-warm-started snapshot estimate at every scheduled step, the behaviour before streaming);
-without a monitor. The time without a monitor is the median of its three runs. After
-training, at each reading's weights: long cold chains, 4 x (2,000 burn-in + 4,000 draws) at
-the reading's step size (the chains' geometric mean, ``llc/step_size``) and localization.
+Each run trains, in this order and on the same initialization and batches: without a monitor;
+with ``LLCMonitor(config, stream=True)`` (``max_overhead`` the default, ``"auto"``: 0.4;
+``--max-overhead`` changes it) on the schedule above, keeping the weights at every reading;
+without a monitor; with ``stream=False`` (a warm-started snapshot estimate at every scheduled
+step, the behaviour before streaming); without a monitor. The time without a monitor is the
+median of its three runs. After training, at each reading's weights: long cold chains, 4 x
+(2,000 burn-in + 4,000 draws) at the reading's step size (the chains' geometric mean,
+``llc/step_size``) and localization.
 
 Per reading: the streaming reading with its standard error (chain std / sqrt(chains)), step
 size, draws per chain, whether it tuned, whether it was healthy, its cost in training steps
@@ -70,7 +71,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 LONG, QUICK_LONG = (2000, 4000), (200, 400)  # the long chains' burn-in and draws
 LONG_SEED, DATA_SEED = 1234, 7
-MAX_OVERHEAD = 0.5  # the streaming monitor's share of the training time
+MAX_OVERHEAD = "auto"  # the streaming monitor's share of the training time: the default
 
 
 class Batches:
@@ -363,7 +364,7 @@ def warned(name: str, trace: Trace) -> None:
         print(f"warned ({name}, x{count}): {message[:150]}{'...' if len(message) > 150 else ''}")
 
 
-def measure(run: Run, lengths: tuple[int, int], max_overhead: float) -> dict[str, float]:
+def measure(run: Run, lengths: tuple[int, int], max_overhead: float | str) -> dict[str, float]:
     """Train, read, compare; print the run's table and summary; return the summary."""
     began = time.perf_counter()
     print(f"\n## {run.name}: {run.title}; {run.steps} steps, readings at {run.schedule}")
@@ -436,6 +437,11 @@ def change(text: str) -> tuple[str, Any]:
     return name, value
 
 
+def share(text: str) -> float | str:
+    """A ``--max-overhead`` value: ``auto`` or a number."""
+    return text if text == "auto" else float(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs and chains (2 min)")
@@ -443,7 +449,7 @@ def main() -> None:
     parser.add_argument(
         "--set", nargs="+", default=[], metavar="FIELD=VALUE", help="change every run's config"
     )
-    parser.add_argument("--max-overhead", type=float, default=MAX_OVERHEAD)
+    parser.add_argument("--max-overhead", type=share, default=MAX_OVERHEAD)
     args = parser.parse_args()
     torch.set_num_threads(1)
     changes = dict(change(text) for text in args.set)

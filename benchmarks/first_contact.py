@@ -6,9 +6,11 @@ Lightning: a 6-32-32-3 MLP classifier (1,379 weights), batches of 32. transforme
 GPT-2 of width 32 (28,032 weights), batches of 16 x 16 tokens. Each run is timed without the
 callback, then with it, in the same process: 2,000 steps long (long enough for a curve),
 ``LLCCallback(every_n_steps=100, stream=True)`` and ``LLCTrainerCallback(every_n_steps=100,
-stream=True)``, streaming readings at the default ``max_overhead="auto"`` (0.4): a curve of
-20 points. A reading's cost is the extra time over the number of readings, in
-training steps of the run without the callback (its wall time over its steps).
+stream=True)``, streaming readings at the default ``max_overhead="auto"`` (0.4): a curve of 20
+points; then again at the step size that tuning reached, held from the first reading without
+burn-in (what the readings cost without tuning). A reading's cost is the extra time over the
+number of readings, in training steps of the run without the callback (its wall time over its
+steps).
 
 ``--snapshot``: the README's first examples as written (snapshot estimates, the default), an
 estimate every 100 steps of a 200-step Lightning run and every 50 of a 100-step
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
+from llc_callbacks import LLCConfig
 from llc_callbacks.integrations.huggingface import LLCTrainerCallback
 from llc_callbacks.integrations.lightning import LLCCallback
 
@@ -114,17 +117,34 @@ def report(name: str, steps: int, plain: float, watched: float, estimates: int) 
 
 
 def streamed() -> None:
-    """The two runs at ``STREAM_STEPS`` steps, with and without streaming callbacks."""
-    plain = lightning_run([], STREAM_STEPS)
-    callback = LLCCallback(every_n_steps=STREAM_EVERY, stream=True)
-    watched = lightning_run([callback], STREAM_STEPS)
-    report("Lightning MLP, streaming", STREAM_STEPS, plain, watched, len(callback.monitor.history))
-    plain = hf_run([], "/tmp/first_contact_plain", steps=STREAM_STEPS)
-    callback = LLCTrainerCallback(every_n_steps=STREAM_EVERY, stream=True)
-    watched = hf_run([callback], "/tmp/first_contact_watched", steps=STREAM_STEPS)
-    report(
-        "transformers GPT-2, streaming", STREAM_STEPS, plain, watched, len(callback.monitor.history)
+    """The two runs at ``STREAM_STEPS`` steps, with and without streaming callbacks.
+
+    Each streams twice: at the defaults, and at the step size its tuning reached, held from
+    the first reading on without burn-in (no tuning: what the readings alone cost).
+    """
+    runs = (
+        ("Lightning MLP", LLCCallback, lambda callbacks: lightning_run(callbacks, STREAM_STEPS)),
+        (
+            "transformers GPT-2",
+            LLCTrainerCallback,
+            lambda callbacks: hf_run(callbacks, "/tmp/first_contact_run", steps=STREAM_STEPS),
+        ),
     )
+    for name, make, run in runs:
+        plain = run([])
+        callback = make(every_n_steps=STREAM_EVERY, stream=True)
+        watched = run([callback])
+        report(f"{name}, streaming", STREAM_STEPS, plain, watched, len(callback.monitor.history))
+        held = LLCConfig(step_size=callback.monitor.history[0]["llc/step_size"], num_burnin=0)
+        untuned = make(held, every_n_steps=STREAM_EVERY, stream=True)
+        watched = run([untuned])
+        report(
+            f"{name}, streaming without tuning",
+            STREAM_STEPS,
+            plain,
+            watched,
+            len(untuned.monitor.history),
+        )
 
 
 def snapshots() -> None:

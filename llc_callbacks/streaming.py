@@ -1,14 +1,14 @@
 """``Stream``: readings of chains that persist through training, paced to a share of its time.
 
-A streaming monitor tunes its chains once, in a first reading (burn-in with step-size
-adaptation, up to ``config.num_burnin`` steps, then draws), and from then on every reading
-continues the chains where the last one left them, around the current weights: no burn-in, no
-adaptation, each chain at the step size it was tuned to. A turn of the curve then comes from
-the weights, not from a step size adapted anew at each point. The chains are tuned again only
-when they become unstable, and ``{prefix}/tuned`` marks the reading that does: after a reading
-whose MALA acceptance fell below ``MALA_MIN`` (the loss sharpened under the held step size,
-biasing the LLC high), from where the chains are; after one whose chains diverged, every
-chain afresh, from the weights and the initial step size.
+A streaming monitor tunes its chains once, in a first reading (step-size adaptation and a short
+burn-in, at most ``TUNING_STEPS`` and ``config.num_burnin`` steps, then draws), and from then
+on every reading continues the chains where the last one left them, around the current weights:
+no burn-in, no adaptation, each chain at the step size it was tuned to. A turn of the curve
+then comes from the weights, not from a step size adapted anew at each point. The chains are
+tuned again only when they become unstable, and ``{prefix}/tuned`` marks the reading that does:
+after a reading whose MALA acceptance fell below ``MALA_MIN`` (the loss sharpened under the
+held step size, biasing the LLC high), from where the chains are; after one whose chains
+diverged, every chain afresh, from the weights and the initial step size.
 
 Every reading draws a fixed number of steps per chain (``relative_error`` is not used). With
 ``max_overhead`` that number keeps the readings' time, the tuning included, within that share
@@ -37,6 +37,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from llc_callbacks.adaptation import MIN_BURNIN_WARM
+from llc_callbacks.chains import ADAPT_STEPS
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.diagnostics import MALA_MIN
 from llc_callbacks.distributed import gather_from_every_rank, rank_and_world
@@ -46,6 +48,10 @@ from llc_callbacks.validation import check_float
 # max_overhead="auto" of a streaming monitor: training with readings takes at most 1.4 times
 # as long, as far as MIN_DRAWS and the tuning allow (benchmarks/curves.py, first_contact.py).
 STREAM_SHARE = 0.4
+# The most burn-in steps of a tuning reading: the step size's adaptation and a short burn-in
+# after it. The readings that follow continue the chains, so they go on relaxing there; a
+# settled burn-in (at least MIN_BURNIN_COLD steps more) doubled the tuning's cost.
+TUNING_STEPS = ADAPT_STEPS + MIN_BURNIN_WARM
 # The fewest draws a paced reading takes, however little of the share is left: below it a
 # reading is noise (the readings may then exceed their share of the time).
 MIN_DRAWS = 10
@@ -112,7 +118,7 @@ class Stream:
         """The config of the next reading, and start timing it.
 
         Args:
-            config: The monitor's config (the tuning reading runs it as is).
+            config: The monitor's config (a tuning reading runs it with its burn-in capped).
             distributed: Agree with the other ranks on the number of draws (a collective).
 
         Returns:
@@ -129,7 +135,7 @@ class Stream:
             draws = min(draws, max(MIN_DRAWS, fit))
         if distributed and rank_and_world()[1] > 1:
             draws = min(gather_from_every_rank(lambda: draws))
-        burnin = config.num_burnin if self.tune else 0
+        burnin = min(config.num_burnin, TUNING_STEPS) if self.tune else 0
         return dataclasses.replace(config, num_burnin=burnin, num_draws=draws, relative_error=None)
 
     def read(self, result: LLCResult | None, *, tuning: bool) -> LLCResult | None:

@@ -14,7 +14,7 @@ from llc_callbacks import LLCConfig, LLCMonitor, Restrictions, estimate_llc
 from llc_callbacks import streaming as streaming_module
 from llc_callbacks.diagnostics import MALA_MIN
 from llc_callbacks.monitor import step_seed
-from llc_callbacks.streaming import MIN_DRAWS, POOLED_DRAWS, STREAM_SHARE
+from llc_callbacks.streaming import MIN_DRAWS, POOLED_DRAWS, STREAM_SHARE, TUNING_STEPS
 
 # A short tuning reading; every reading draws num_draws steps (stream=True, max_overhead=None).
 STREAMED = LLCConfig(num_chains=4, num_burnin=100, num_draws=20, init_loss_batches=2)
@@ -69,6 +69,19 @@ def test_readings_equal_a_hand_written_loop_that_continues_the_chains():
         assert result.step_sizes.tolist() == tuned.tolist()
         assert row["llc/step_size"] == pytest.approx(math.exp(torch.tensor(tuned).log().mean()))
         assert result.burnin.tolist() == [0] * 4 and result.draws.tolist() == [20] * 4
+
+
+def test_a_tuning_reading_adapts_and_burns_in_at_most_tuning_steps():
+    # The readings after it go on relaxing the chains, so it skips a settled burn-in: a
+    # snapshot estimate of the same config burns in longer (its adaptation, then at least
+    # MIN_BURNIN_COLD steps more until the chain settles).
+    config = dataclasses.replace(STREAMED, num_burnin=1000, num_draws=10)
+    streaming = LLCMonitor(config, every_n_steps=5, stream=True, max_overhead=None)
+    snapshots = LLCMonitor(config, every_n_steps=5)
+    train(streaming, 5)
+    train(snapshots, 5)
+    assert streaming.history[0]["llc/diag/burnin"] == TUNING_STEPS
+    assert snapshots.history[0]["llc/diag/burnin"] > TUNING_STEPS
 
 
 def test_a_snapshot_monitor_adapts_its_step_sizes_at_every_estimate():
