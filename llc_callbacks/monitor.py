@@ -25,7 +25,7 @@ from llc_callbacks.attribution import construction_site, warn
 from llc_callbacks.budget import Budget, pace
 from llc_callbacks.chains import ChainStart
 from llc_callbacks.config import LLCConfig
-from llc_callbacks.curvature import CURVATURES, estimate_curvature
+from llc_callbacks.curvature import CURVATURES, estimate_curvature, mala_step_size
 from llc_callbacks.distributed import rank_and_world
 from llc_callbacks.estimator import estimate_llc, model_device
 from llc_callbacks.forked import LossFn
@@ -45,6 +45,7 @@ from llc_callbacks.preflight import preflight
 from llc_callbacks.restrictions import Restrictions
 from llc_callbacks.result import LLCResult
 from llc_callbacks.schedule import Schedule
+from llc_callbacks.sharded import is_sharded
 from llc_callbacks.stages import Boundary, StageTracker
 from llc_callbacks.streaming import STREAM_SHARE, Stream
 from llc_callbacks.validation import check_bool, check_choice, check_int
@@ -154,8 +155,9 @@ class LLCMonitor:
             ``{prefix}/<restriction>/susceptibility/<source>``, and keeps them in
             ``susceptibilities``.
         stream: Read the LLC from chains that persist through training
-            (``llc_callbacks.streaming``): the first reading tunes each chain's step size in its
-            burn-in; every later one continues the same chains around the current weights (their
+            (``llc_callbacks.streaming``): the first reading tunes the chains (a step size
+            measured from the curvature, ``curvature.mala_step_size``, and a short burn-in);
+            every later one continues the same chains around the current weights (their
             offsets carried over, as ``warm_start`` does), without burn-in or adaptation, at the
             tuned step sizes, for as many draws as keep all readings, the tuning ones included,
             within ``max_overhead`` of the training time so far. Each reading logs
@@ -541,9 +543,17 @@ class LLCMonitor:
     ) -> dict[str, float]:
         config = dataclasses.replace(self.config, seed=step_seed(self.config.seed, step))
         tuning = self.stream is not None and self.stream.tune
-        if self.stream is not None:
-            config = self.stream.plan(config, distributed=self._distributed())
+        distributed = self._distributed()
         try:
+            if self.stream is not None:
+                # A run's first reading may measure its step size; not one that continues a
+                # checkpoint's step sizes, nor a sharded model's (no fork to take it on).
+                measure = None
+                if not self._starts and not is_sharded(model):
+                    measure = partial(
+                        mala_step_size, model, loss_fn, data, device=device, distributed=distributed
+                    )
+                config = self.stream.plan(config, distributed=distributed, measure=measure)
             with warnings_once(self._shown, self.origin):
                 self.last_result = estimate_llc(
                     model,

@@ -1,14 +1,20 @@
 """``Stream``: readings of chains that persist through training, paced to a share of its time.
 
-A streaming monitor tunes its chains once, in a first reading (step-size adaptation and a short
-burn-in, at most ``TUNING_STEPS`` and ``config.num_burnin`` steps, then draws), and from then
-on every reading continues the chains where the last one left them, around the current weights:
-no burn-in, no adaptation, each chain at the step size it was tuned to. A turn of the curve
-then comes from the weights, not from a step size adapted anew at each point. The chains are
-tuned again only when they become unstable, and ``{prefix}/tuned`` marks the reading that does:
-after a reading whose MALA acceptance fell below ``MALA_MIN`` (the loss sharpened under the
-held step size, biasing the LLC high), from where the chains are; after one whose chains
-diverged, every chain afresh, from the weights and the initial step size.
+A streaming monitor tunes its chains once, in a first reading, and from then on every reading
+continues the chains where the last one left them, around the current weights: no burn-in,
+no adaptation, each chain at the step size it was tuned to. A turn of the curve then comes
+from the weights, not from a step size adapted anew at each point. The first reading takes
+its step size from the curvature at the weights (``curvature.mala_step_size``, 16 gradients:
+the step size whose MALA acceptance is the target in the Gaussian approximation) and burns in
+at it for ``RELAXATION`` times the localization's relaxation time ``1 / (eps gamma)``, at most
+``TUNING_STEPS`` and ``config.num_burnin`` steps; with ``sampler="rmsprop_sgld"`` (no such
+formula), a sharded model, or a ``step_size`` of its own, it adapts or holds that step size as
+a snapshot estimate does, in at most as many steps. The chains are tuned again only when they
+become unstable, and ``{prefix}/tuned`` marks the reading that does: after a reading whose
+MALA acceptance fell below ``MALA_MIN`` (the loss sharpened under the held step size, biasing
+the LLC high), by adaptation from where the chains are; after one whose chains diverged,
+every chain afresh, from the weights and the initial step size; after a resume, from the
+weights at the step sizes of the checkpoint.
 
 Every reading draws a fixed number of steps per chain (``relative_error`` is not used). With
 ``max_overhead`` that number keeps the readings' time, the tuning included, within that share
@@ -33,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -52,6 +59,10 @@ STREAM_SHARE = 0.4
 # after it. The readings that follow continue the chains, so they go on relaxing there; a
 # settled burn-in (at least MIN_BURNIN_COLD steps more) doubled the tuning's cost.
 TUNING_STEPS = ADAPT_STEPS + MIN_BURNIN_WARM
+# A first reading at a measured step size burns in this many times 1 / (eps gamma): from w*,
+# the variance along directions that only the localization holds (the slowest to relax)
+# reaches 1 - exp(-3), 95%, of its level. The readings after it go on relaxing the chains.
+RELAXATION = 3.0
 # The fewest draws a paced reading takes, however little of the share is left: below it a
 # reading is noise (the readings may then exceed their share of the time).
 MIN_DRAWS = 10
@@ -85,6 +96,7 @@ class Stream:
         tune: Whether the next reading tunes the chains: the first; after a resume; after
             a reading whose MALA acceptance (pooled) fell below ``MALA_MIN``, from where the
             chains are; after one whose chains diverged or that failed, afresh (``cold``).
+        first: Whether no reading has run yet (the one that may measure its step size).
         cold: Whether that tuning starts every chain afresh, at the weights.
         step_seconds: Seconds per chain step (all chains together) in the last reading, its
             forking and ``L(w*)`` included; ``None`` before any.
@@ -100,6 +112,7 @@ class Stream:
             check_float("max_overhead", max_overhead, positive=True)
         self.max_overhead = max_overhead
         self.tune = True
+        self.first = True
         self.cold = False
         self.step_seconds: float | None = None
         self.trained = self.spent = 0.0
@@ -114,12 +127,21 @@ class Stream:
         if self._ended is None:
             self._ended = time.perf_counter()
 
-    def plan(self, config: LLCConfig, *, distributed: bool) -> LLCConfig:
+    def plan(
+        self,
+        config: LLCConfig,
+        *,
+        distributed: bool,
+        measure: Callable[[LLCConfig], float] | None = None,
+    ) -> LLCConfig:
         """The config of the next reading, and start timing it.
 
         Args:
             config: The monitor's config (a tuning reading runs it with its burn-in capped).
             distributed: Agree with the other ranks on the number of draws (a collective).
+            measure: Measures a step size for ``config`` (``curvature.mala_step_size``): the
+                run's first reading draws at it, when its chains would adapt plain SGLD's.
+                Timed as part of the reading.
 
         Returns:
             ``config`` with every chain drawing the paced number of steps
@@ -136,6 +158,13 @@ class Stream:
         if distributed and rank_and_world()[1] > 1:
             draws = min(gather_from_every_rank(lambda: draws))
         burnin = min(config.num_burnin, TUNING_STEPS) if self.tune else 0
+        adapts = config.step_size == "adapt" and config.sampler == "sgld"
+        if measure is not None and self.tune and self.first and adapts:
+            step_size = measure(config)
+            gamma = config.localization
+            relaxed = math.ceil(RELAXATION / (step_size * gamma)) if gamma > 0 else burnin
+            config = dataclasses.replace(config, step_size=step_size)
+            burnin = min(burnin, relaxed)
         return dataclasses.replace(config, num_burnin=burnin, num_draws=draws, relative_error=None)
 
     def read(self, result: LLCResult | None, *, tuning: bool) -> LLCResult | None:
@@ -151,6 +180,7 @@ class Stream:
         """
         self._ended = time.perf_counter()
         self.spent += self._ended - self._began
+        self.first = False
         if result is None or result.error is not None or not math.isfinite(result.llc_mean):
             self.tune = self.cold = True
             self._recent = {}
