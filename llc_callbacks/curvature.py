@@ -32,7 +32,7 @@ CURVATURES = ("hessian_trace", "fisher_trace", "top_eigenvalue")
 FD_STEP = 1e-3
 # Rademacher probes of tr(A^3) in mala_step_size. The localization's share of it, d gamma^3,
 # is exact with every probe; on benchmarks/curves.py's runs 8 probes had a standard error of
-# 0.1 to 6% of the trace, a third of that on the step size.
+# 0.1% to 6% of the trace, so 4 have at most 9%, and the step size (its cube root) 3%.
 STEP_SIZE_PROBES = 4
 
 
@@ -125,8 +125,8 @@ def mala_step_size(
     ``STEP_SIZE_PROBES`` Rademacher probes ``z``, on the data's first batch: two
     Hessian-vector products per probe, ``4 * STEP_SIZE_PROBES`` gradients in all. On
     ``benchmarks/curves.py``'s runs, chains at this step size had MALA acceptances of 0.89 to
-    0.92 for a target of 0.9, where 400 steps of adaptation from ``w*`` stopped at 1.5 to 2.7
-    times smaller step sizes (``chains._Phases``: a chain relaxing from ``w*`` accepts less).
+    0.92 for a target of 0.9, where 400 steps of adaptation from ``w*`` stopped at step sizes
+    up to 2.7 times smaller (``chains._Phases``: a chain relaxing from ``w*`` accepts less).
 
     Args:
         model: The model at the weights ``w*``; left exactly as it was.
