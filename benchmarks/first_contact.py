@@ -4,7 +4,7 @@ Usage: ``OMP_NUM_THREADS=1 python benchmarks/first_contact.py [--snapshot]``
 
 Lightning: a 6-32-32-3 MLP classifier (1,379 weights), batches of 32. transformers: a 2-layer
 GPT-2 of width 32 (28,032 weights), batches of 16 x 16 tokens. Each run is timed without the
-callback, then with it, in the same process: 2,000 steps long (long enough for a curve),
+callback (the median of three runs), then with it, in the same process: 2,000 steps long (long enough for a curve),
 ``LLCCallback(every_n_steps=100, stream=True)`` and ``LLCTrainerCallback(every_n_steps=100,
 stream=True)``, streaming readings at the default ``max_overhead="auto"`` (0.4): a curve of 20
 points; then again at the step size that tuning reached, held from the first reading without
@@ -18,6 +18,7 @@ transformers run.
 """
 
 import argparse
+import statistics
 import time
 
 import lightning.pytorch as L
@@ -111,7 +112,7 @@ def report(name: str, steps: int, plain: float, watched: float, estimates: int) 
     step = plain / steps
     print(
         f"{name}: {steps} steps {plain:.1f} s without, {watched:.1f} s with {estimates}"
-        f" estimates: {watched / plain:.1f}x; one estimate = {(watched - plain) / estimates:.1f} s"
+        f" estimates: {watched / plain:.2f}x; one estimate = {(watched - plain) / estimates:.1f} s"
         f" = {(watched - plain) / estimates / step:,.0f} training steps"
     )
 
@@ -131,7 +132,7 @@ def streamed() -> None:
         ),
     )
     for name, make, run in runs:
-        plain = run([])
+        plain = statistics.median(run([]) for _ in range(3))
         callback = make(every_n_steps=STREAM_EVERY, stream=True)
         watched = run([callback])
         report(f"{name}, streaming", STREAM_STEPS, plain, watched, len(callback.monitor.history))

@@ -51,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, data = model_and_data()
-    config = LLCConfig(num_chains=4, num_burnin=20, num_draws=40, init_loss_batches=2, mala=False)
+    config = LLCConfig(num_chains=4, num_burnin=20, num_draws=40, mala=False)
     params = sum(p.numel() for p in model.parameters())
     print(f"GPT-2 with {params} parameters, {config.num_chains} chains x 60 steps, batch 16")
     for label, selections in (("per layer", blocks(model)), ("per head", attention_heads(model))):

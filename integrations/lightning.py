@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -410,7 +410,19 @@ def checkpoint_loader(module_class: type[LightningModule]) -> Loader:
 
 
 def _takes_batch_idx(module: LightningModule) -> bool:
-    parameters = inspect.signature(module.training_step).parameters.values()
+    step = module.training_step
+    function = getattr(step, "__func__", None)
+    return _accepts_two(step) if function is None else _method_accepts_two(function)
+
+
+@cache
+def _method_accepts_two(function: Callable[..., Any]) -> bool:
+    """``_accepts_two`` of a method, once per function (chains call it at every step)."""
+    return _accepts_two(partial(function, None))
+
+
+def _accepts_two(step: Callable[..., Any]) -> bool:
+    parameters = inspect.signature(step).parameters.values()
     positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     variadic = any(p.kind == p.VAR_POSITIONAL for p in parameters)
     return variadic or len(positional) >= 2

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -403,6 +403,39 @@ def run_chains(
         traces.warm,
         traces.ends,
     )
+
+
+def run_chains_at_anchor(
+    first: Any,
+    batches: Iterator[Any],
+    loss_at_anchor: Callable[[Any], Tensor],
+    config: LLCConfig,
+    run: Callable[[Iterator[Any]], ChainTraces],
+) -> tuple[ChainTraces, float]:
+    """Run the chains (``run``) on ``first`` and the batches after it, and measure ``L(w*)``.
+
+    Paired (``config.paired``), ``L(w*)`` is the mean of the draws' references, the losses at
+    ``w*`` the LLC subtracts, on every draw's minibatch (on ``first`` if no chain drew): no
+    minibatch of its own. Unpaired, the mean over ``config.init_loss_batches`` minibatches,
+    ``first`` and those after it, before the chains' own.
+
+    Args:
+        first: The first minibatch.
+        batches: The endless minibatches after it.
+        loss_at_anchor: The loss at ``w*`` on a minibatch.
+        config: Hyperparameters.
+        run: Runs the chains on the minibatches it is given.
+
+    Returns:
+        The chains' traces and ``L(w*)``.
+    """
+    if config.paired:
+        traces = run(itertools.chain([first], batches))
+        drawn = traces.reference[~np.isnan(traces.reference)]
+        return traces, float(drawn.mean()) if drawn.size else loss_at_anchor(first).item()
+    init = [first] + [next(batches) for _ in range(config.init_loss_batches - 1)]
+    init_loss = torch.stack([loss_at_anchor(batch) for batch in init]).mean().item()
+    return run(batches), init_loss
 
 
 class _Traces(NamedTuple):

@@ -72,7 +72,8 @@ class LLCConfig:
         seed: Seeds the chains' noise and the data order; same seed, same numbers.
         vectorize: Run chains batched with ``torch.func.vmap`` (``True``), one after another
             (``False``), or batched when the model supports it (``"auto"``).
-        init_loss_batches: Minibatches averaged for ``L(w*)``.
+        init_loss_batches: Minibatches averaged for ``L(w*)`` when ``paired=False`` (paired,
+            ``L(w*)`` is the mean of the draws' losses at ``w*``, on their minibatches).
         mala: Also measure the MALA acceptance on every tenth draw (one more gradient each);
             healthy near 0.9, low when the step size is too large and the LLC inflated.
         chains_in_flight: At most this many chains are held in memory and step together; the

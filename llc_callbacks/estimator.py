@@ -14,7 +14,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from llc_callbacks.chains import ChainGroup, ChainStart, ChainTraces, ProbeBatches, run_chains
+from llc_callbacks.chains import (
+    ChainGroup,
+    ChainStart,
+    ChainTraces,
+    ProbeBatches,
+    run_chains,
+    run_chains_at_anchor,
+)
 from llc_callbacks.config import LLCConfig
 from llc_callbacks.data import batch_size, cycle_batches, sampling_size, to_device
 from llc_callbacks.diagnostics import chain_diagnostics
@@ -472,14 +479,18 @@ def _sample(
     starts: Starts,
     keep_ends: bool,
 ) -> _ChainPart:
-    """Measure ``L(w*)`` on the pass's data and run the given chains of the pass."""
+    """Run the given chains of the pass and measure ``L(w*)`` on its data."""
     batches = cycle_batches(sampling_pass.data, forked.anchor.device, forked.precision)
     first = next(batches)
     nbeta = config.resolve_nbeta(sampling_size(forked.loss_fn, first))
-    init_batches = [first] + [next(batches) for _ in range(config.init_loss_batches - 1)]
-    init_loss = torch.stack([forked.loss_at_anchor(b) for b in init_batches]).mean().item()
     groups, order = _groups(forked, sampling_pass, chains, config.num_chains, starts)
-    traces = run_chains(groups, batches, config, nbeta, progress, observables, keep_ends)
+    traces, init_loss = run_chains_at_anchor(
+        first,
+        batches,
+        forked.loss_at_anchor,
+        config,
+        lambda b: run_chains(groups, b, config, nbeta, progress, observables, keep_ends),
+    )
     return _ChainPart(
         order,
         traces,

@@ -25,7 +25,8 @@ class LLCResult:
             chain diverged; shape ``(chains,)``.
         loss_trace: Minibatch loss at each draw, shape ``(chains, draws)``; a diverged chain's
             row is NaN from the step it diverged.
-        init_loss: ``L(w*)``, the mean loss over ``config.init_loss_batches`` minibatches.
+        init_loss: ``L(w*)``: paired, the mean loss at ``w*`` on the draws' minibatches;
+            unpaired, over ``config.init_loss_batches`` minibatches.
         diagnostics: ``num_diverged``, ``frac_below_init``, ``rhat``, ``ess``, ``trend_z``,
             ``climb``, ``loc_sensitivity`` and, when measured, ``mala_acceptance`` (see
             ``llc_callbacks.diagnostics.chain_diagnostics``; those that compare chains read

@@ -42,6 +42,7 @@ from llc_callbacks.chains import (
     ChainTraces,
     NoiseAhead,
     run_chains,
+    run_chains_at_anchor,
     steps_ahead,
 )
 from llc_callbacks.config import LLCConfig
@@ -169,13 +170,17 @@ def sample_sharded(
         batches = _guarded(cycle_batches(data, device, torch.float32), check)
         first = next(batches)
         nbeta = config.resolve_nbeta(sampling_size(loss_fn, first))
-        init = [first] + [next(batches) for _ in range(config.init_loss_batches - 1)]
-        init_loss = float(np.mean([chains.loss_at_anchor(b).item() for b in init]))
         ids = range(config.num_chains)
         starts = [starts[i] if i < len(starts) else None for i in ids]
         group = ChainGroup(chains, list(ids), [None] * len(ids), starts)
         one_at_a_time = dataclasses.replace(config, chains_in_flight=1)
-        traces = run_chains([group], batches, one_at_a_time, nbeta, progress, None, keep_ends)
+        traces, init_loss = run_chains_at_anchor(
+            first,
+            batches,
+            chains.loss_at_anchor,
+            config,
+            lambda b: run_chains([group], b, one_at_a_time, nbeta, progress, None, keep_ends),
+        )
     # Float rounding may differ between ranks (GPU reductions): every rank returns rank zero's
     # numbers, and keeps its own ends (offsets of its own rows).
     shared = [traces._replace(ends=[]), init_loss]

@@ -25,7 +25,7 @@ from llc_callbacks import LLCConfig
 from llc_callbacks.integrations.lightning import LLCCallback
 
 MODE = "ok"  # set from the command line
-CONFIG = LLCConfig(num_chains=3, num_burnin=10, num_draws=10, init_loss_batches=2)
+CONFIG = LLCConfig(num_chains=3, num_burnin=10, num_draws=10)
 STEPS = [4, 8]
 
 

@@ -15,7 +15,7 @@ from llc_callbacks import LLCConfig
 from llc_callbacks.theory import deep_linear_network, regression_data
 
 # Tiny chains for the tests that check plumbing, not accuracy.
-TINY = LLCConfig(num_chains=2, num_burnin=5, num_draws=5, init_loss_batches=2)
+TINY = LLCConfig(num_chains=2, num_burnin=5, num_draws=5)
 
 
 def png_size(path) -> tuple[int, int]:
@@ -214,7 +214,6 @@ BOWL_CONFIG = LLCConfig(
     localization=10.0,
     nbeta=10.0,
     mala=False,
-    init_loss_batches=1,
 )
 # Where the Bowl's LLC turns: it rises until step 12, falls until step 24, then stays flat.
 BOWL_TURNS = (12, 24)

@@ -104,7 +104,8 @@ def test_chains_that_disagree_are_told_the_setting_that_acts_and_following_it_cl
     # disagree (R-hat 1.19, against RHAT_MAX 1.1).
     assert "pass relative_error=None" in default.problems()["rhat"]
     # What the warning said before, raising num_draws, changes nothing: no chain reaches it.
-    assert estimate(num_draws=3000).llc_mean == default.llc_mean
+    # The same draws (up to float rounding: numpy sums rows of 3,000 and of 400 in other orders).
+    assert estimate(num_draws=3000).llc_mean == pytest.approx(default.llc_mean, rel=1e-12)
     followed = estimate(relative_error=None)  # R-hat 1.016 (seed 2: 1.18, then 1.018)
     assert "rhat" not in followed.problems()
 

@@ -282,14 +282,31 @@ def test_pairing_removes_the_noise_of_the_initial_loss():
     assert spread(paired=True) < spread(paired=False) / 1.5
 
 
-def test_init_loss_is_the_mean_over_init_loss_batches():
+def test_init_loss_is_the_mean_over_init_loss_batches_when_unpaired():
     torch.manual_seed(0)
     model, data = DropoutBatchNormNet(), classification_batches()
-    result = estimate_llc(model, cross_entropy, data, short(init_loss_batches=3))
+    result = estimate_llc(model, cross_entropy, data, short(init_loss_batches=3, paired=False))
     model.eval()
     with torch.no_grad():
         expected = torch.stack([cross_entropy(model, b) for b in data[:3]]).mean().item()
     assert result.init_loss == pytest.approx(expected, rel=1e-6)
+
+
+def test_paired_init_loss_is_the_mean_loss_at_the_weights_on_the_draws_batches():
+    # The chains' first step takes the data's first batch (no batch is spent on L(w*) alone);
+    # each draw's batch is the one after; every chain steps on the same batches.
+    torch.manual_seed(0)
+    model, data = DropoutBatchNormNet(), classification_batches()
+    config = short(num_burnin=3, num_draws=4)
+    result = estimate_llc(model, cross_entropy, data, config, warn=False)
+    model.eval()
+    with torch.no_grad():
+        drawn = [data[t % len(data)] for t in range(3, 7)]
+        expected = torch.stack([cross_entropy(model, b) for b in drawn]).mean().item()
+    assert result.init_loss == pytest.approx(expected, rel=1e-6)
+    # The LLC is nbeta times the mean excess over that same L(w*).
+    excess = np.nanmean(result.loss_trace) - result.init_loss
+    assert result.llc_mean == pytest.approx(result.nbeta * excess, rel=1e-5)
 
 
 def test_result_shapes_nbeta_and_metrics():

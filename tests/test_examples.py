@@ -18,7 +18,7 @@ def test_the_demo_writes_the_png_and_a_wandb_run_with_llc_and_accuracy(
     # The demo's defaults with short chains: a tuning reading of at most 200 burn-in steps,
     # then 20 draws a reading (no time budget, so the same draws on any machine). 4 chains:
     # with 2, the rise to the peak fell within the chains' noise under some noise streams.
-    short = LLCConfig(num_chains=4, num_burnin=200, num_draws=20, init_loss_batches=2)
+    short = LLCConfig(num_chains=4, num_burnin=200, num_draws=20)
     result = example("grokking").run(
         tmp_path, p=23, steps=300, estimates=5, config=short, max_overhead=None
     )

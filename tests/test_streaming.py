@@ -24,7 +24,7 @@ from llc_callbacks.streaming import (
 )
 
 # A short tuning reading; every reading draws num_draws steps (stream=True, max_overhead=None).
-STREAMED = LLCConfig(num_chains=4, num_burnin=100, num_draws=20, init_loss_batches=2)
+STREAMED = LLCConfig(num_chains=4, num_burnin=100, num_draws=20)
 
 
 def train(monitor, steps, *, chain_loss=cross_entropy, on_step=None, first=1):

@@ -21,7 +21,6 @@ CONFIG = LLCConfig(
     num_chains=3,
     num_burnin=5,
     num_draws=5,
-    init_loss_batches=2,
     vectorize=False,
     mala=False,
     step_size=2e-4,
@@ -32,9 +31,10 @@ CHECK_LOSS_CALLS = 1
 
 
 def loss_calls_per_estimate(chains: int) -> int:
-    """Initial loss, one call per chain step, and one at ``w*`` per step (the reference)."""
+    """One call per chain step, and one at ``w*`` per step (the reference, which also gives
+    ``L(w*)``: a paired estimate spends no batch of its own on it)."""
     steps = CONFIG.num_burnin + CONFIG.num_draws
-    return CONFIG.init_loss_batches + chains * steps + steps
+    return chains * steps + steps
 
 
 if __name__ == "__main__":
