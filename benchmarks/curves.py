@@ -31,16 +31,16 @@ median of its three runs. After training, at each reading's weights: long cold c
 ``llc/step_size``) and localization.
 
 Per reading: the streaming reading with its standard error (chain std / sqrt(chains)), step
-size, draws per chain, whether it tuned, whether it was healthy, its cost in training steps
-(its seconds over the plain run's seconds per step); the long chains with their standard
-error, the reading over them (``ratio``) and the difference in combined standard errors
-(``z``); the snapshot estimate with its step size, cost and ratio to the same long chains
-(which ran at the streaming reading's step size, not the snapshot's). Per run: each
+size, burn-in steps and draws per chain, whether it tuned, whether it was healthy, its cost in
+training steps (its seconds over the plain run's seconds per step); the long chains with their
+standard error, the reading over them (``ratio``) and the difference in combined standard
+errors (``z``); the snapshot estimate with its step size, cost and ratio to the same long
+chains (which ran at the streaming reading's step size, not the snapshot's). Per run: each
 monitored run's overhead, ``(seconds with - seconds without) / seconds without``, also in
 training steps; the first reading's cost and the later readings' share of the training time
 between readings (what ``max_overhead`` paces); the largest ``|ratio - 1|`` after the first
-tenth of training and the share of those readings within 10% and 15%; each distinct
-warning the monitors raised.
+tenth of training and the share of those readings within 10% and 15%; each distinct warning the
+monitors raised.
 """
 
 from __future__ import annotations
@@ -120,6 +120,7 @@ class Reading:
     mean: float
     stderr: float
     step_size: float
+    burnin: float
     draws: float
     tuned: bool
     healthy: bool
@@ -248,6 +249,7 @@ def reading(step: int, metrics: dict[str, float], monitor: LLCMonitor, seconds: 
         mean=metrics["llc/mean"],
         stderr=metrics["llc/std"] / math.sqrt(chains),
         step_size=result.diagnostics.get("step_size", math.nan) if result is not None else math.nan,
+        burnin=float(result.burnin.mean()) if result is not None else math.nan,
         draws=float(result.draws.mean()) if result is not None else math.nan,
         tuned=bool(metrics.get("llc/tuned", 0.0)),
         healthy=bool(metrics.get("llc/healthy", 0.0)),
@@ -327,7 +329,7 @@ def overhead(seconds: float, plain: float, per_step: float) -> str:
 
 
 HEADER = (
-    f"{'step':>5} {'stream':>8} {'±se':>6} {'ε':>8} {'draws':>5} {'tuned':>5}"
+    f"{'step':>5} {'stream':>8} {'±se':>6} {'ε':>8} {'burn':>4} {'draws':>5} {'tuned':>5}"
     f" {'ok':>3}"
     f" {'cost':>7} | {'long':>8} {'±se':>6} {'ratio':>6} {'z':>5} | {'snapshot':>8} {'±se':>6}"
     f" {'ε':>8} {'cost':>7} {'/long':>6} | problems (stream; long)"
@@ -346,7 +348,7 @@ def compare(
         tuned, healthy = "yes" if read.tuned else "", "yes" if read.healthy else "no"
         print(
             f"{read.step:5d} {read.mean:8.2f} {read.stderr:6.2f} {read.step_size:8.2e}"
-            f" {read.draws:5.0f} {tuned:>5} {healthy:>3}"
+            f" {read.burnin:4.0f} {read.draws:5.0f} {tuned:>5} {healthy:>3}"
             f" {read.seconds / per_step:7,.0f} |"
             f" {long_mean:8.2f} {long_se:6.2f} {read.mean / long_mean:6.3f}"
             f" {(read.mean - long_mean) / math.hypot(read.stderr, long_se):5.1f} |"

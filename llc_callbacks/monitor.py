@@ -155,16 +155,17 @@ class LLCMonitor:
             ``{prefix}/<restriction>/susceptibility/<source>``, and keeps them in
             ``susceptibilities``.
         stream: Read the LLC from chains that persist through training
-            (``llc_callbacks.streaming``): the first reading tunes the chains (a step size
-            measured from the curvature, ``curvature.mala_step_size``, and a short burn-in);
-            every later one continues the same chains around the current weights (their
-            offsets carried over, as ``warm_start`` does), without burn-in or adaptation, at the
-            tuned step sizes, for as many draws as keep all readings, the tuning ones included,
-            within ``max_overhead`` of the training time so far. Each reading logs
-            ``{prefix}/step_size`` and ``{prefix}/tuned`` (1 where it tuned the chains: the
-            first, after a resume, and when chains became unstable). ``False`` (the default): a
-            snapshot estimate at every scheduled step, each tuning its own chains (warm-started
-            from the last one's with ``config.warm_start``).
+            (``llc_callbacks.streaming``): the first reading tunes the chains (a step size measured
+            from the curvature, ``curvature.mala_step_size``, and a short burn-in); every later one
+            continues the same chains around the current weights (their offsets carried over, as
+            ``warm_start`` does), without adaptation, at the tuned step sizes, for as many steps as
+            keep all readings, the tuning ones included, within ``max_overhead`` of the training
+            time so far, the first of them burning in for one relaxation time ``1 / (eps gamma)``
+            where all chains hold one step size. Each reading logs ``{prefix}/step_size`` and
+            ``{prefix}/tuned`` (1 where it tuned the chains: the first, after a resume, and when
+            chains became unstable). ``False`` (the default): a snapshot estimate at every
+            scheduled step, each tuning its own chains (warm-started from the last one's with
+            ``config.warm_start``).
 
     Attributes:
         history: One row per estimate: ``step`` and the metrics.

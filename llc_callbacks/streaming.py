@@ -1,9 +1,12 @@
 """``Stream``: readings of chains that persist through training, paced to a share of its time.
 
 A streaming monitor tunes its chains once, in a first reading, and from then on every reading
-continues the chains where the last one left them, around the current weights: no burn-in,
-no adaptation, each chain at the step size it was tuned to. A turn of the curve then comes
-from the weights, not from a step size adapted anew at each point. The first reading takes
+continues the chains where the last one left them, around the current weights: no
+adaptation, each chain at the step size it was tuned to. A turn of the curve then comes from
+the weights, not from a step size adapted anew at each point. Where all chains hold one step
+size ``eps`` (measured, or the config's), a reading's first steps, one relaxation time
+``1 / (eps gamma)`` but at most half of them and leaving ``MIN_DRAWS``, are burn-in: the
+chains relax to the weights that moved since the last reading. The first reading takes
 its step size from the curvature at the weights (``curvature.mala_step_size``, 16 gradients:
 the step size whose MALA acceptance is the target in the Gaussian approximation) and burns in
 at it for ``RELAXATION`` times the localization's relaxation time ``1 / (eps gamma)``, at most
@@ -16,12 +19,12 @@ the LLC high), by adaptation from where the chains are; after one whose chains d
 every chain afresh, from the weights and the initial step size; after a resume, from the
 weights at the step sizes of the checkpoint.
 
-Every reading draws a fixed number of steps per chain (``relative_error`` is not used). With
+Every reading takes a fixed number of steps per chain (``relative_error`` is not used). With
 ``max_overhead`` that number keeps the readings' time, the tuning included, within that share
-of the training time so far: as many draws as the share of the training time not yet spent
+of the training time so far: as many steps as the share of the training time not yet spent
 allows at the chain-step time measured by the readings before (at least ``MIN_DRAWS``; a tuning
-reading with no measured time draws ``MIN_DRAWS``), so the readings after a tuning one draw
-less until its cost is repaid. Without it, ``config.num_draws`` steps. A reading's LLC is the
+reading with no measured time draws ``MIN_DRAWS``), so the readings after a tuning one take
+fewer until its cost is repaid. Without it, ``config.num_draws`` steps. A reading's LLC is the
 mean of its own draws: pooling the readings before it (a window of 40 draws) made a deep
 linear network's readings trail its stages by hundreds of steps (``benchmarks/curves.py``).
 
@@ -98,6 +101,8 @@ class Stream:
             chains are; after one whose chains diverged or that failed, afresh (``cold``).
         first: Whether no reading has run yet (the one that may measure its step size).
         cold: Whether that tuning starts every chain afresh, at the weights.
+        held: The step size every chain holds since the last tuning (measured, or the
+            config's own); ``None`` where each chain adapted its own.
         step_seconds: Seconds per chain step (all chains together) in the last reading, its
             forking and ``L(w*)`` included; ``None`` before any.
         trained: Seconds of training so far (between the readings).
@@ -115,6 +120,7 @@ class Stream:
         self.first = True
         self.cold = False
         self.step_seconds: float | None = None
+        self.held: float | None = None
         self.trained = self.spent = 0.0
         self._ended: float | None = None  # when the last reading ended
         self._began = 0.0
@@ -144,8 +150,9 @@ class Stream:
                 Timed as part of the reading.
 
         Returns:
-            ``config`` with every chain drawing the paced number of steps
-            (``relative_error=None``), and, unless it tunes, without burn-in.
+            ``config`` with every chain taking the paced number of steps
+            (``relative_error=None``); unless it tunes, the first of them burn in for one
+            relaxation time ``1 / (eps gamma)`` at the held step size, if there is one.
         """
         now = time.perf_counter()
         self.trained += now - (self._ended if self._ended is not None else now)
@@ -157,14 +164,25 @@ class Stream:
             draws = min(draws, max(MIN_DRAWS, fit))
         if distributed and rank_and_world()[1] > 1:
             draws = min(gather_from_every_rank(lambda: draws))
-        burnin = min(config.num_burnin, TUNING_STEPS) if self.tune else 0
-        adapts = config.step_size == "adapt" and config.sampler == "sgld"
-        if measure is not None and self.tune and self.first and adapts:
-            step_size = measure(config)
-            gamma = config.localization
-            relaxed = math.ceil(RELAXATION / (step_size * gamma)) if gamma > 0 else burnin
-            config = dataclasses.replace(config, step_size=step_size)
-            burnin = min(burnin, relaxed)
+        gamma = config.localization
+        if self.tune:
+            burnin = min(config.num_burnin, TUNING_STEPS)
+            self.held = None if isinstance(config.step_size, str) else config.step_size
+            adapts = config.step_size == "adapt" and config.sampler == "sgld"
+            if measure is not None and self.first and adapts:
+                self.held = measure(config)
+                relaxed = math.ceil(RELAXATION / (self.held * gamma)) if gamma > 0 else burnin
+                burnin = min(burnin, relaxed)
+        else:
+            # The weights moved since the last reading: the chains relax to them first, for
+            # one relaxation time out of the reading's steps (at most half of them, leaving
+            # MIN_DRAWS); at a deep linear network's stage turns the first draws read up to
+            # 20 times the level the chains settle at within 10 steps (benchmarks/curves.py).
+            relaxed = math.ceil(1 / (self.held * gamma)) if self.held and gamma > 0 else 0
+            burnin = max(0, min(relaxed, draws - MIN_DRAWS, draws // 2))
+            draws -= burnin
+        if self.held is not None:
+            config = dataclasses.replace(config, step_size=self.held)
         return dataclasses.replace(config, num_burnin=burnin, num_draws=draws, relative_error=None)
 
     def read(self, result: LLCResult | None, *, tuning: bool) -> LLCResult | None:
