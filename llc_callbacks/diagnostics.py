@@ -147,6 +147,7 @@ def problems(
     *,
     burnin: np.ndarray,
     draws: np.ndarray,
+    more_steps: str | None = None,
 ) -> dict[str, str]:
     """The checks an estimate fails, each with what to change.
 
@@ -162,6 +163,8 @@ def problems(
         config: The hyperparameters used.
         burnin: The burn-in steps of each chain that did not diverge.
         draws: The draws of each chain that did not diverge.
+        more_steps: What gives the chains more steps where ``num_burnin`` and ``num_draws``
+            do not (a paced streaming reading): the advice of the checks that ask for more.
 
     Returns:
         ``{check: message}`` for each failing check, among ``init_loss`` (not finite),
@@ -205,9 +208,11 @@ def problems(
             f"the LLC is negative ({llc_mean:.3g}): sampled losses fall below the loss at the"
             f" current weights, so {cause}."
         )
-    longer = _longer_draws(config, draws)
+    longer = more_steps or _longer_draws(config, draws)
     capped = int((burnin >= config.num_burnin).sum())
-    if capped:
+    if more_steps:
+        settle = more_steps
+    elif capped:
         settle = (
             f"raise num_burnin (now {config.num_burnin}; {capped} of {len(burnin)} chains"
             " burned in for all of it)"

@@ -53,6 +53,8 @@ class LLCResult:
             ``False``: at ``w*`` (a first estimate, a new restriction, after a resume).
         ends: Where each chain ended (its offset from ``w*`` on the CPU, and its step size):
             ``estimate_llc(start=...)`` of a later estimate starts from them. Not compared.
+        more_steps: What gives the chains more steps where ``config.num_burnin`` and
+            ``config.num_draws`` do not (a paced streaming reading), for ``problems``' advice.
     """
 
     llc_mean: float
@@ -74,6 +76,7 @@ class LLCResult:
     step_sizes: np.ndarray = field(default_factory=lambda: np.zeros(0))
     warm: bool = False
     ends: list[ChainStart | None] = field(default_factory=list, repr=False, compare=False)
+    more_steps: str | None = None
 
     @property
     def starts(self) -> dict[str | None, list[ChainStart | None]]:
@@ -154,6 +157,7 @@ class LLCResult:
             self.config,
             burnin=self.burnin[kept],
             draws=self.draws[kept],
+            more_steps=self.more_steps,
         )
 
 

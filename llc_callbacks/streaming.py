@@ -124,6 +124,7 @@ class Stream:
         self.trained = self.spent = 0.0
         self._ended: float | None = None  # when the last reading ended
         self._began = 0.0
+        self._more_steps = ""
         # Per estimate name (None: the full LLC), the readings since the last tuning (that
         # one included) that the pooled diagnostics draw on, newest last.
         self._recent: dict[str | None, list[_Read]] = {}
@@ -164,6 +165,10 @@ class Stream:
             draws = min(draws, max(MIN_DRAWS, fit))
         if distributed and rank_and_world()[1] > 1:
             draws = min(gather_from_every_rank(lambda: draws))
+        # What gives a continuing reading more steps (num_burnin does not), for its advice.
+        limit = "num_draws" if draws == config.num_draws else "max_overhead"
+        now_at = config.num_draws if limit == "num_draws" else self.max_overhead
+        self._more_steps = f"raise {limit} (now {now_at:g}) for more steps a reading"
         gamma = config.localization
         if self.tune:
             burnin = min(config.num_burnin, TUNING_STEPS)
@@ -208,15 +213,19 @@ class Stream:
             self.step_seconds = (self._ended - self._began) / steps
         if tuning:
             self._recent = {}
-        restricted = {name: self._judged(name, r) for name, r in result.restricted.items()}
-        result = dataclasses.replace(self._judged(None, result), restricted=restricted)
+        more = None if tuning else self._more_steps
+        restricted = {name: self._judged(name, r, more) for name, r in result.restricted.items()}
+        result = dataclasses.replace(self._judged(None, result, more), restricted=restricted)
         self.cold = bool(result.diagnostics.get("num_diverged", 0))
         too_large = result.diagnostics.get("mala_acceptance", math.nan) < MALA_MIN
         self.tune = self.cold or (too_large and not tuning)
         return result
 
-    def _judged(self, name: str | None, result: LLCResult) -> LLCResult:
-        """One estimate of a reading, with its health pooled over recent readings."""
+    def _judged(self, name: str | None, result: LLCResult, more_steps: str | None) -> LLCResult:
+        """One estimate of a reading, with its health pooled over recent readings.
+
+        ``more_steps``: what gives its chains more steps, for the checks' advice.
+        """
         if result.error is not None:
             return result
         recent = self._recent.setdefault(name, [])
@@ -231,7 +240,7 @@ class Stream:
         for key in POOLED:
             if key in diagnostics:
                 diagnostics[key] = _pooled(recent, key) if pooled else math.nan
-        return dataclasses.replace(result, diagnostics=diagnostics)
+        return dataclasses.replace(result, diagnostics=diagnostics, more_steps=more_steps)
 
     def state_dict(self) -> dict[str, Any]:
         """The measured chain-step time and the time accounts, for a checkpoint."""

@@ -329,3 +329,28 @@ def test_restricted_llcs_stream_too():
         assert row["llc/first/diag/burnin"] + row["llc/first/diag/draws"] == STREAMED.num_draws
     assert rows[2]["llc/first/diag/step_size"] == rows[0]["llc/first/diag/step_size"]
     assert all(math.isfinite(row["llc/first/mean"]) for row in rows)
+
+
+def test_a_continuing_readings_advice_names_what_gives_it_more_steps():
+    # Its burn-in is the stream's and its steps the share's: raising num_burnin would do
+    # nothing, and num_draws only where it caps the steps.
+    paced = LLCMonitor(STREAMED, every_n_steps=5, stream=True, max_overhead=0.5)
+    fixed = LLCMonitor(STREAMED, every_n_steps=5, stream=True, max_overhead=None)
+    for monitor in (paced, fixed):
+        train(monitor, 10)
+    told = {}
+    for name, monitor in (("paced", paced), ("fixed", fixed)):
+        result = monitor.last_result
+        assert result.burnin.min() == result.config.num_burnin  # every chain burned in all
+        unsettled = {**result.diagnostics, "rhat": 2.0, "climb": 0.5, "trend_z": 10.0}
+        told[name] = dataclasses.replace(result, diagnostics=unsettled).problems()
+    advice = "raise max_overhead (now 0.5) for more steps a reading."
+    assert told["paced"]["rhat"].endswith(advice)
+    assert told["paced"]["under_mixed"].endswith(advice)
+    assert told["fixed"]["under_mixed"].endswith(
+        "raise num_draws (now 20) for more steps a reading."
+    )
+    # A tuning reading's burn-in is num_burnin's: its advice names it.
+    first = LLCMonitor(STREAMED, every_n_steps=5, stream=True, max_overhead=None)
+    train(first, 5)
+    assert first.last_result.more_steps is None
