@@ -22,7 +22,7 @@ Three training runs on data made in code, each in one process, on one thread:
   2,700 and 5,500 of its 6,000; a reading every 300. Default ``LLCConfig()``.
 
 Each run trains, in this order and on the same initialization and batches: without a monitor;
-with ``LLCMonitor(config, stream=True)`` (``max_overhead`` the default, ``"auto"``: 0.4;
+with ``LLCMonitor(config, stream=True)`` (``max_overhead`` the default, ``"auto"``: 0.35;
 ``--max-overhead`` changes it) on the schedule above, keeping the weights at every reading;
 without a monitor; with ``stream=False`` (a warm-started snapshot estimate at every scheduled
 step, the behaviour before streaming); without a monitor. The time without a monitor is the

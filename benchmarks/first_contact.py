@@ -7,7 +7,7 @@ GPT-2 of width 32 (28,032 weights), batches of 16 x 16 tokens. Each run is timed
 callback (the median of three runs), then with it, in the same process: 2,000 steps long (long
 enough for a curve), ``LLCCallback(every_n_steps=100, stream=True)`` and
 ``LLCTrainerCallback(every_n_steps=100, stream=True)``, streaming readings at the default
-``max_overhead="auto"`` (0.4): a curve of 20 points; then again at the step size that tuning
+``max_overhead="auto"`` (0.35): a curve of 20 points; then again at the step size that tuning
 reached, held from the first reading, which does not burn in (what the readings cost without
 tuning). A reading's cost is the extra time over the number of readings, in training steps of
 the run without the callback (its wall time over its steps).

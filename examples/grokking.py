@@ -6,7 +6,7 @@ to 100% thousands of steps later. The LLC rises while the network memorizes and 
 orders of magnitude as weight decay compresses it into the generalizing solution.
 
 The LLC here is a stream's (``stream=True``: chains tuned at the first reading and continued
-along training, for 40% of its time) at the defaults' localization, 100. ``LLCConfig.accurate()``'s
+along training, for 35% of its time) at the defaults' localization, 100. ``LLCConfig.accurate()``'s
 localization does not fit this network: with 31,675 parameters and 1,044 training examples,
 chains at ``localization=5`` (or 1) leave the basin and sample losses far past chance level,
 about the same (950 to 1,300) whether the network memorizes or generalizes; their estimates
@@ -139,7 +139,7 @@ def run(
         config: Sampling hyperparameters (``LLCConfig()`` if ``None``).
         seed: Seed of the initialization, the split and the batches.
         max_overhead: The share of the training time the streaming readings take
-            (``"auto"``: 0.4; ``None``: ``config.num_draws`` draws a reading, as the tests
+            (``"auto"``: 0.35; ``None``: ``config.num_draws`` draws a reading, as the tests
             use).
     """
     out.mkdir(parents=True, exist_ok=True)

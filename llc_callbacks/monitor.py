@@ -136,10 +136,10 @@ class LLCMonitor:
             asymptotic expansion, with ``L(w*)`` the mean loss of the estimate's minibatches)
             and its spread over chains, ``{prefix}/free_energy_std = std log n``. The
             callbacks take it from their training set when it has a length.
-        max_overhead: The share of the training time the LLC may take (0.4: training takes
-            at most 1.4 times as long), measured as training runs. With ``stream`` it sets
+        max_overhead: The share of the training time the LLC may take (0.35: training takes
+            about 1.35 times as long), measured as training runs. With ``stream`` it sets
             the readings' length (see there); ``"auto"``, the default: ``STREAM_SHARE``
-            (0.4). Without, it spaces the snapshot estimates: they come sooner where the LLC
+            (0.35). Without, it spaces the snapshot estimates: they come sooner where the LLC
             moves and later where it is flat (``Budget``); alone it spaces them, with a
             schedule it is a ceiling on it (``at_start`` and ``at_end`` included), and the
             first runs when due, before its cost is known; ``"auto"``: no limit. ``None``:
