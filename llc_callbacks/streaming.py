@@ -126,7 +126,7 @@ class Stream:
         self.trained = self.spent = 0.0
         self._ended: float | None = None  # when the last reading ended
         self._began = 0.0
-        self._more_steps = ""
+        self._more_steps: str | None = None  # what gives a continuing reading more steps
         # Per estimate name (None: the full LLC), the readings since the last tuning (that
         # one included) that the pooled diagnostics draw on, newest last.
         self._recent: dict[str | None, list[_Read]] = {}
