@@ -375,7 +375,7 @@ def measure(run: Run, lengths: tuple[int, int], max_overhead: float | str) -> di
         run, LLCMonitor(run.config, **run.schedule, stream=True, max_overhead=max_overhead), True
     )
     plains.append(train(run, None))
-    snapshots = train(run, LLCMonitor(run.config, **run.schedule))
+    snapshots = train(run, LLCMonitor(run.config, **run.schedule, stream=False))
     plains.append(train(run, None))
     plain = sorted(trace.seconds for trace in plains)[1]
     per_step = plain / run.steps

@@ -3,23 +3,27 @@
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/first_contact.py [--snapshot]``
 
 Lightning: a 6-32-32-3 MLP classifier (1,379 weights), batches of 32. transformers: a 2-layer
-GPT-2 of width 32 (28,032 weights), batches of 16 x 16 tokens. Each run is timed without the
-callback (the median of three runs), then with it, in the same process: 2,000 steps long (long
-enough for a curve), ``LLCCallback(every_n_steps=100, stream=True)`` and
-``LLCTrainerCallback(every_n_steps=100, stream=True)``, streaming readings at the default
-``max_overhead="auto"`` (0.35): a curve of 20 points; then again at the step size that tuning
-reached, held from the first reading, which does not burn in (what the readings cost without
-tuning). A reading's cost is the extra time over the number of readings, in training steps of
-the run without the callback (its wall time over its steps).
+GPT-2 of width 32 (28,032 weights), batches of 16 x 16 tokens. Both run 2,000 steps (long
+enough for a curve) with ``LLCCallback(every_n_steps=100)`` and
+``LLCTrainerCallback(every_n_steps=100)`` (streaming readings at the default ``max_overhead``,
+0.35: a curve of 20 points), three times each, interleaved with three runs without the callback;
+then once at the step size that tuning reached, held from the first reading, which does not burn
+in (what the readings cost without tuning). Two ratios: in the same run, its wall time over the
+time outside the callback's hooks (training alone, timed in the same process: what a busy
+machine does not move); across runs, the median watched run over the median run without the
+callback (what a user's clock shows, moved by everything else the machine runs). A reading's cost
+is the time in the hooks over the number of readings, in training steps of that run (the time
+outside the hooks over its steps).
 
-``--snapshot``: the README's first examples as written (snapshot estimates, the default), an
-estimate every 100 steps of a 200-step Lightning run and every 50 of a 100-step
-transformers run.
+``--snapshot``: the README's examples with snapshot estimates (``stream=False``), an estimate
+every 100 steps of a 200-step Lightning run and every 50 of a 100-step transformers run.
 """
 
 import argparse
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import lightning.pytorch as L
 import torch
@@ -108,6 +112,29 @@ def hf_run(callbacks, folder: str, save_steps: int | None = None, steps: int = H
     return time.perf_counter() - start
 
 
+def clocked(callback: Any) -> Any:
+    """The callback with the seconds spent in its hooks added up in ``callback.seconds``.
+
+    Both trainers look their callbacks' hooks up by name on the instance, so the timed
+    methods set on it are the ones they call.
+    """
+    callback.seconds = 0.0
+    for name in dir(type(callback)):
+        method = getattr(callback, name)
+        if not (name.startswith("on_") or name in ("setup", "teardown")) or not callable(method):
+            continue
+
+        def timed(*args: Any, _method: Callable[..., Any] = method, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                callback.seconds += time.perf_counter() - start
+
+        setattr(callback, name, timed)
+    return callback
+
+
 def report(name: str, steps: int, plain: float, watched: float, estimates: int) -> None:
     step = plain / steps
     print(
@@ -117,11 +144,22 @@ def report(name: str, steps: int, plain: float, watched: float, estimates: int) 
     )
 
 
+def in_run(name: str, watched: float, hooks: float, readings: int) -> str:
+    """One streaming run's line: its time over the time outside the callback's hooks."""
+    training = watched - hooks
+    step = training / STREAM_STEPS
+    return (
+        f"{name}: {watched:.1f} s, {hooks:.1f} s in the callback: {watched / training:.2f}x the"
+        f" training in the same run; {readings} readings of {hooks / readings / step:,.0f}"
+        " training steps each"
+    )
+
+
 def streamed() -> None:
     """The two runs at ``STREAM_STEPS`` steps, with and without streaming callbacks.
 
-    Each streams twice: at the defaults, and at the step size its tuning reached, held from
-    the first reading on without burn-in (no tuning: what the readings alone cost).
+    Three runs of each, interleaved, at the defaults; then one at the step size its tuning
+    reached, held from the first reading on without burn-in (what the readings alone cost).
     """
     runs = (
         ("Lightning MLP", LLCCallback, lambda callbacks: lightning_run(callbacks, STREAM_STEPS)),
@@ -132,29 +170,34 @@ def streamed() -> None:
         ),
     )
     for name, make, run in runs:
-        plain = statistics.median(run([]) for _ in range(3))
-        callback = make(every_n_steps=STREAM_EVERY, stream=True)
-        watched = run([callback])
-        report(f"{name}, streaming", STREAM_STEPS, plain, watched, len(callback.monitor.history))
-        held = LLCConfig(step_size=callback.monitor.history[0]["llc/step_size"], num_burnin=0)
-        untuned = make(held, every_n_steps=STREAM_EVERY, stream=True)
-        watched = run([untuned])
-        report(
-            f"{name}, streaming without tuning",
-            STREAM_STEPS,
-            plain,
-            watched,
-            len(untuned.monitor.history),
+        plain, watched, ratios = [], [], []
+        for _ in range(3):
+            plain.append(run([]))
+            callback = clocked(make(every_n_steps=STREAM_EVERY))
+            watched.append(run([callback]))
+            readings = len(callback.monitor.history)
+            print(in_run(f"{name}, streaming", watched[-1], callback.seconds, readings))
+            ratios.append(watched[-1] / (watched[-1] - callback.seconds))
+        print(
+            f"{name}, streaming: {statistics.median(ratios):.2f}x in the same run (median of 3);"
+            f" {statistics.median(watched) / statistics.median(plain):.2f}x across runs"
+            f" (medians of 3: {statistics.median(watched):.1f} s against"
+            f" {statistics.median(plain):.1f} s)"
         )
+        held = LLCConfig(step_size=callback.monitor.history[0]["llc/step_size"], num_burnin=0)
+        untuned = clocked(make(held, every_n_steps=STREAM_EVERY))
+        seconds = run([untuned])
+        readings = len(untuned.monitor.history)
+        print(in_run(f"{name}, streaming without tuning", seconds, untuned.seconds, readings))
 
 
 def snapshots() -> None:
-    """The README's runs with a snapshot estimate at every scheduled step."""
+    """The README's runs with a snapshot estimate at every scheduled step (``stream=False``)."""
     plain = lightning_run([])
-    watched = lightning_run([LLCCallback(every_n_steps=100)])
+    watched = lightning_run([LLCCallback(every_n_steps=100, stream=False)])
     report("Lightning MLP, snapshots", LIGHTNING_STEPS, plain, watched, LIGHTNING_STEPS // 100)
     plain = hf_run([], "/tmp/first_contact_plain")
-    callback = LLCTrainerCallback(every_n_steps=50)
+    callback = LLCTrainerCallback(every_n_steps=50, stream=False)
     watched = hf_run([callback], "/tmp/first_contact_watched")
     report("transformers GPT-2, snapshots", HF_STEPS, plain, watched, HF_STEPS // 50)
 

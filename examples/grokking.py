@@ -5,7 +5,7 @@ Training accuracy saturates within a few hundred steps; test accuracy stays low,
 to 100% thousands of steps later. The LLC rises while the network memorizes and then falls by
 orders of magnitude as weight decay compresses it into the generalizing solution.
 
-The LLC here is a stream's (``stream=True``: chains tuned at the first reading and continued
+The LLC here is a stream's (the default: chains tuned at the first reading and continued
 along training, for 35% of its time) at the defaults' localization, 100. ``LLCConfig.accurate()``'s
 localization does not fit this network: with 31,675 parameters and 1,044 training examples,
 chains at ``localization=5`` (or 1) leave the basin and sample losses far past chance level,
@@ -155,7 +155,6 @@ def run(
         config or LLCConfig(),
         log_spaced=estimates,
         at_start=True,
-        stream=True,
         max_overhead=max_overhead,
         curvature=CURVATURES,
         dynamics=dynamics,

@@ -114,8 +114,8 @@ class LLCTrainerCallback(TrainerCallback):
             end of training their curves as the figure ``{prefix}/susceptibilities``.
         stream: Read the LLC from chains that persist through training: tuned once, then
             continued at every scheduled step around the current weights, at the step sizes
-            they were tuned to, for a share of the training time (``max_overhead``); ``False``
-            (the default): a snapshot estimate at every scheduled step (see ``LLCMonitor``).
+            they were tuned to, for a share of the training time (``max_overhead``); the default.
+            ``False``: a snapshot estimate at every scheduled step (see ``LLCMonitor``).
 
     Stage boundaries that the monitor confirms (``{prefix}/stage``) also go to W&B as the
     table ``train/{prefix}/stages``.
@@ -153,7 +153,7 @@ class LLCTrainerCallback(TrainerCallback):
         dynamics: EssentialDynamics | None = None,
         observables: Mapping[str, Iterable[Any] | Probe] | None = None,
         susceptibility_base: str | None = None,
-        stream: bool = False,
+        stream: bool = True,
     ) -> None:
         if isinstance(config, Trainer):
             raise ValueError(

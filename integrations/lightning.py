@@ -111,8 +111,8 @@ class LLCCallback(Callback):
             end of training their curves as the figure ``{prefix}/susceptibilities``.
         stream: Read the LLC from chains that persist through training: tuned once, then
             continued at every scheduled step around the current weights, at the step sizes
-            they were tuned to, for a share of the training time (``max_overhead``); ``False``
-            (the default): a snapshot estimate at every scheduled step (see ``LLCMonitor``).
+            they were tuned to, for a share of the training time (``max_overhead``); the default.
+            ``False``: a snapshot estimate at every scheduled step (see ``LLCMonitor``).
 
     Stage boundaries that the monitor confirms (``{prefix}/stage``) also go to every
     ``WandbLogger`` as the table ``{prefix}/stages``.
@@ -146,7 +146,7 @@ class LLCCallback(Callback):
         dynamics: EssentialDynamics | None = None,
         observables: Mapping[str, Iterable[Any] | Probe] | None = None,
         susceptibility_base: str | None = None,
-        stream: bool = False,
+        stream: bool = True,
     ) -> None:
         arguments = dict(locals())  # the signature's arguments, by name
         del arguments["self"]

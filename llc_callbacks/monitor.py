@@ -163,9 +163,9 @@ class LLCMonitor:
             time so far, the first of them burning in for one relaxation time ``1 / (eps gamma)``
             where all chains hold one step size. Each reading logs ``{prefix}/step_size`` and
             ``{prefix}/tuned`` (1 where it tuned the chains: the first, after a resume, and when
-            chains became unstable). ``False`` (the default): a snapshot estimate at every
+            chains became unstable). The default. ``False``: a snapshot estimate at every
             scheduled step, each tuning its own chains (warm-started from the last one's with
-            ``config.warm_start``).
+            ``config.warm_start``), as ``replay`` makes.
 
     Attributes:
         history: One row per estimate: ``step`` and the metrics.
@@ -208,7 +208,7 @@ class LLCMonitor:
         max_overhead: float | Literal["auto"] | None = "auto",
         observables: Mapping[str, Iterable[Any] | Probe] | None = None,
         susceptibility_base: str | None = None,
-        stream: bool = False,
+        stream: bool = True,
     ) -> None:
         if isinstance(curvature, str):
             raise ValueError(f"curvature must be a sequence of names, got {curvature!r}")
@@ -546,16 +546,21 @@ class LLCMonitor:
         tuning = self.stream is not None and self.stream.tune
         distributed = self._distributed()
         try:
-            if self.stream is not None:
-                # A run's first reading may measure its step size; not one that continues a
-                # checkpoint's step sizes, nor a sharded model's (no fork to take it on).
-                measure = None
-                if not self._starts and not is_sharded(model):
-                    measure = partial(
-                        mala_step_size, model, loss_fn, data, device=device, distributed=distributed
-                    )
-                config = self.stream.plan(config, distributed=distributed, measure=measure)
             with warnings_once(self._shown, self.origin):
+                if self.stream is not None:
+                    # A run's first reading may measure its step size; not one that continues a
+                    # checkpoint's step sizes, nor a sharded model's (no fork to take it on).
+                    measure = None
+                    if not self._starts and not is_sharded(model):
+                        measure = partial(
+                            mala_step_size,
+                            model,
+                            loss_fn,
+                            data,
+                            device=device,
+                            distributed=distributed,
+                        )
+                    config = self.stream.plan(config, distributed=distributed, measure=measure)
                 self.last_result = estimate_llc(
                     model,
                     loss_fn,

@@ -203,7 +203,7 @@ def replay(
         data: Re-iterable of batches; every estimate iterates it afresh.
         monitor: What each estimate is (config, restrictions, curvature, observables,
             prefix, ...), as the callback was given it, making snapshot estimates (a
-            streaming monitor is refused); ``None``: ``LLCMonitor()``. Its
+            streaming monitor is refused); ``None``: ``LLCMonitor(stream=False)``. Its
             ``distributed`` is set from ``split``.
         output: A ``.csv`` (columns ``step`` and the metrics, as Lightning's ``metrics.csv``,
             which ``llc-callbacks plot`` reads) or ``.json`` (``{"log_history": rows}``, as
@@ -226,7 +226,7 @@ def replay(
         FileNotFoundError: If ``checkpoints`` is a folder holding none.
     """
     replayer = _Replayer(
-        load, loss_fn, data, monitor or LLCMonitor(), output, device, split, progress
+        load, loss_fn, data, monitor or LLCMonitor(stream=False), output, device, split, progress
     )
     found = find_checkpoints(checkpoints) if isinstance(checkpoints, (str, Path)) else checkpoints
     with replayer.logging_to(wandb_run, wandb_project):
@@ -294,7 +294,7 @@ def watch(
             " as it appears); watch from one process to estimate checkpoints one by one"
         )
     replayer = _Replayer(
-        load, loss_fn, data, monitor or LLCMonitor(), output, device, split, progress
+        load, loss_fn, data, monitor or LLCMonitor(stream=False), output, device, split, progress
     )
     sizes: dict[Path, int] = {}
     tries: dict[int, int] = {}

@@ -80,8 +80,8 @@ if __name__ == "__main__":
     if budget or stream:
         budget_module.time = streaming_module.time = SimpleNamespace(perf_counter=CLOCK)
     schedule = {"max_overhead": 0.5} if budget else {"steps": STEPS}
-    if stream:  # paced on clocks that differ by rank: the ranks agree on each reading's draws
-        schedule |= {"stream": True, "max_overhead": 0.5}
+    # A stream is paced on clocks that differ by rank: the ranks agree on each reading's draws.
+    schedule |= {"stream": True, "max_overhead": 0.5} if stream else {"stream": False}
     config = replace(CONFIG, chains_in_flight=1) if MODE == "one_in_flight" else CONFIG
     callback = LLCCallback(
         config,

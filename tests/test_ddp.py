@@ -52,8 +52,10 @@ def test_ddp_splits_chains_logs_once_and_matches_a_single_process(tmp_path, mode
     # One process, the same weights, batches and seeds: 3 chains in one vmap instead of 2 + 1
     # (or, with one in flight, 1 + 1 + 1).
     # Streaming: the tuning reading, then the same chains continued on their ranks.
-    stream = {"stream": True} if mode == "stream" else {}
-    single = LLCMonitor(CONFIG, steps=STEPS, distributed=False, observables=observables(), **stream)
+    stream = mode == "stream"
+    single = LLCMonitor(
+        CONFIG, steps=STEPS, distributed=False, observables=observables(), stream=stream
+    )
     for step, row in zip(STEPS, histories[0], strict=True):
         module = Classifier(dropout=0.0)
         module.load_state_dict(torch.load(tmp_path / f"weights_{step}.pt"))

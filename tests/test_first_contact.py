@@ -204,7 +204,8 @@ def test_each_estimate_logs_a_few_keys_unless_asked_for_more(tmp_path):
     run.fit(Classifier(), loader())
     with open(f"{run.logger.log_dir}/metrics.csv") as file:
         columns = {c for c in file.readline().strip().split(",") if c.startswith("llc/")}
-    assert columns == {"llc/mean", "llc/std", "llc/healthy", "llc/num_sampled", "llc/num_chains"}
+    readings = {"llc/mean", "llc/std", "llc/healthy", "llc/step_size", "llc/tuned"}
+    assert columns == readings | {"llc/num_sampled", "llc/num_chains"}
     kept = set(default.monitor.history[0])  # the history keeps what it does not log
     assert {"llc/chain_0", "llc/diag/rhat"} <= kept and "llc/free_energy" not in kept
 
@@ -279,14 +280,14 @@ class HugeInChains(torch.nn.Module):
 def test_an_out_of_memory_error_names_chains_in_flight():
     model, data = HugeInChains(), classification_batches()
     config = LLCConfig(num_chains=4, num_burnin=2, num_draws=2, chains_in_flight=2)
-    monitor = LLCMonitor(config, steps=[1])
+    monitor = LLCMonitor(config, steps=[1], stream=False)  # a stream measures its step size first
     with pytest.warns(UserWarning, match="out of memory with 2 chains in flight") as caught:
         metrics = monitor.maybe_estimate(1, model, cross_entropy, data)
     (message,) = [str(w.message) for w in caught if "out of memory" in str(w.message)]
     assert "chains_in_flight=2" in message and "LLCConfig(chains_in_flight=k)" in message
     assert "MB of float32 weights" in message and "can't allocate memory" in message
     assert math.isnan(metrics["llc/mean"])
-    raising = LLCMonitor(config, steps=[1], on_error="raise")
+    raising = LLCMonitor(config, steps=[1], on_error="raise", stream=False)
     with pytest.raises(RuntimeError, match=r"chains in flight \(chains_in_flight=2\)"):
         raising.maybe_estimate(1, model, cross_entropy, data)
 

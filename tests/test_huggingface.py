@@ -159,7 +159,7 @@ def test_wandb_run_file_holds_the_llc_next_to_the_loss(tmp_path, wandb_dir, wand
     )
     assert [step for step, _ in llc] == [3, 7, 12]
     # The default keys of an estimate, and nothing else of the LLC's.
-    keys = {f"train/llc/{key}" for key in ("mean", "std", "healthy")}
+    keys = {f"train/llc/{key}" for key in ("mean", "std", "healthy", "step_size", "tuned")}
     assert all(
         {key for key in row if key.startswith("train/llc/")} == keys
         for row in rows
@@ -404,7 +404,7 @@ def test_stage_boundaries_reach_log_history_once_each_across_a_resume(tmp_path):
             save_steps=20,
         )
         trainer.add_callback(FollowSharpness())
-        callback = LLCTrainerCallback(BOWL_CONFIG, every_n_steps=1)
+        callback = LLCTrainerCallback(BOWL_CONFIG, every_n_steps=1, stream=False)
         trainer.add_callback(callback)
         trainer.train(resume_from_checkpoint=resume)
         return trainer, callback

@@ -26,7 +26,7 @@ from llc_callbacks.integrations.lightning import LLCCallback, training_step_loss
 from llc_callbacks.integrations.wandb import offline_run_dir
 
 # What each estimate logs unless extra_metrics asks for more.
-DEFAULT_KEYS = {"llc/mean", "llc/std", "llc/healthy"}
+DEFAULT_KEYS = {"llc/mean", "llc/std", "llc/healthy", "llc/step_size", "llc/tuned"}
 
 
 def fit(tmp_path, callbacks=(), make_module=Classifier, data=None, ckpt_path=None, **kwargs):
@@ -444,12 +444,12 @@ def test_stage_boundaries_reach_csv_and_wandb_once_each_across_a_resume(
     tmp_path, wandb_dir, wandb_rows
 ):
     data = DataLoader(TensorDataset(torch.zeros(16, 1)), batch_size=4)
-    first = LLCCallback(BOWL_CONFIG, every_n_steps=1)
+    first = LLCCallback(BOWL_CONFIG, every_n_steps=1, stream=False)
     first_csv = CSVLogger(tmp_path / "first")
     _, run = fit(tmp_path, [first], BowlModule, data, max_steps=20, logger=first_csv)
     checkpoint = tmp_path / "twenty.ckpt"
     run.save_checkpoint(checkpoint)
-    resumed = LLCCallback(BOWL_CONFIG, every_n_steps=1)
+    resumed = LLCCallback(BOWL_CONFIG, every_n_steps=1, stream=False)
     resumed_csv = CSVLogger(tmp_path / "resumed")
     wandb_logger = WandbLogger(project="llc-callbacks-test", offline=True, save_dir=str(wandb_dir))
     fit(

@@ -107,7 +107,7 @@ def test_errors_warn_and_report_nan_or_raise():
     monitor = LLCMonitor(TINY, steps=[1])
     with pytest.warns(UserWarning, match="at step 1 failed.*ValueError: bad batch"):
         metrics = monitor.estimate(1, model, broken, data)
-    assert metrics.keys() == {"llc/mean", "llc/std", "llc/healthy"}
+    assert metrics.keys() == {"llc/mean", "llc/std", "llc/healthy", "llc/step_size", "llc/tuned"}
     assert math.isnan(metrics["llc/mean"]) and math.isnan(metrics["llc/std"])
     assert metrics["llc/healthy"] == 0.0
     assert monitor.history == [{"step": 1, **metrics}]

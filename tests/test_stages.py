@@ -152,7 +152,7 @@ def estimate_bowl(monitor, steps):
 @pytest.mark.slow
 def test_the_monitor_logs_each_boundary_once_and_a_resume_neither_repeats_nor_loses_one(caplog):
     caplog.set_level(logging.INFO, logger="llc_callbacks.monitor")
-    full = LLCMonitor(BOWL_CONFIG, every_n_steps=1)
+    full = LLCMonitor(BOWL_CONFIG, every_n_steps=1, stream=False)
     estimate_bowl(full, range(1, 37))
     boundaries = [(b.step, b.before, b.after) for b in full.boundaries]
     assert boundaries == [(BOWL_TURNS[0], "rising", "falling"), (BOWL_TURNS[1], "falling", "flat")]
@@ -162,10 +162,10 @@ def test_the_monitor_logs_each_boundary_once_and_a_resume_neither_repeats_nor_lo
         sum("stage boundary at step 12 (rising, then falling)" in m for m in caplog.messages) == 1
     )
 
-    first = LLCMonitor(BOWL_CONFIG, every_n_steps=1)
+    first = LLCMonitor(BOWL_CONFIG, every_n_steps=1, stream=False)
     estimate_bowl(first, range(1, 21))  # stops between the two confirmations
     assert len(first.boundaries) == 1
-    resumed = LLCMonitor(BOWL_CONFIG, every_n_steps=1)
+    resumed = LLCMonitor(BOWL_CONFIG, every_n_steps=1, stream=False)
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))  # as a checkpoint
     estimate_bowl(resumed, range(21, 37))
     assert resumed.boundaries == full.boundaries

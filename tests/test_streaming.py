@@ -101,7 +101,7 @@ def test_a_first_reading_burns_in_for_the_relaxation_time_at_its_measured_step_s
             ("rmsprop", dataclasses.replace(config, sampler="rmsprop_sgld")),
         ]
     }
-    snapshots = LLCMonitor(config, every_n_steps=5)
+    snapshots = LLCMonitor(config, every_n_steps=5, stream=False)
     for monitor in [*streams.values(), snapshots]:
         train(monitor, 5)
     measured = streams["measured"].history[0]
@@ -138,7 +138,7 @@ def test_the_measured_step_size_reaches_the_target_acceptance_on_a_gaussian():
 
 def test_a_snapshot_monitor_adapts_its_step_sizes_at_every_estimate():
     # What streaming changes: without it, every estimate adapts its chains' step sizes anew.
-    monitor = LLCMonitor(STREAMED, every_n_steps=5)
+    monitor = LLCMonitor(STREAMED, every_n_steps=5, stream=False)
     train(monitor, 20)
     assert "llc/tuned" not in monitor.history[0]
     assert len({row["llc/diag/step_size"] for row in monitor.history}) == 4
@@ -278,7 +278,7 @@ def test_a_resume_tunes_the_chains_again_and_says_so(caplog):
 
 
 def test_a_checkpoint_of_snapshot_estimates_does_not_continue_a_stream():
-    snapshots = LLCMonitor(STREAMED, every_n_steps=5)
+    snapshots = LLCMonitor(STREAMED, every_n_steps=5, stream=False)
     train(snapshots, 10)
     streaming = LLCMonitor(STREAMED, every_n_steps=5, stream=True, max_overhead=None)
     with pytest.warns(UserWarning, match="stream: None in the checkpoint, True now"):
@@ -307,11 +307,12 @@ def test_bad_streaming_arguments_are_refused_naming_them(kwargs, message):
 
 
 def test_auto_is_a_share_of_the_training_time_for_a_stream_and_no_limit_for_snapshots():
-    streaming = LLCMonitor(stream=True)
+    streaming = LLCMonitor()  # the default: streaming readings
     assert streaming.stream.max_overhead == STREAM_SHARE and streaming.budget is None
-    snapshots = LLCMonitor()  # the default: snapshot estimates, every scheduled step
+    snapshots = LLCMonitor(stream=False)  # snapshot estimates, every scheduled step
     assert snapshots.stream is None and snapshots.budget is None
-    assert LLCMonitor(max_overhead=0.1).budget.max_overhead == 0.1
+    assert LLCMonitor(max_overhead=0.1, stream=False).budget.max_overhead == 0.1
+    assert LLCMonitor(max_overhead=0.1).stream.max_overhead == 0.1
 
 
 def test_restricted_llcs_stream_too():

@@ -46,7 +46,7 @@ if __name__ == "__main__":
         calls.append(1)
         return trainer.compute_loss(model, batch)
 
-    callback = LLCTrainerCallback(CONFIG, steps=STEPS, loss_fn=loss_fn)
+    callback = LLCTrainerCallback(CONFIG, steps=STEPS, loss_fn=loss_fn, stream=False)
     trainer.add_callback(callback)
     trainer.train()
     rank = torch.distributed.get_rank()
