@@ -100,6 +100,8 @@ def test_lightning_model_parallel_logs_the_llc_and_trains_bit_identically(tmp_pa
     assert ranks[0]["history"] == ranks[1]["history"]  # every rank ends with the same numbers
     assert [row["step"] for row in ranks[0]["history"]] == STEPS
     assert all(math.isfinite(row["llc/mean"]) for row in ranks[0]["history"])
+    # The default streams: the first reading tunes the sharded chains, the later continue them.
+    assert [row["llc/tuned"] for row in ranks[0]["history"]] == [1.0] + [0.0] * (len(STEPS) - 1)
     assert_same_weights(tmp_path / "ok", plain_weights)
 
 
