@@ -119,9 +119,10 @@ def clocked(callback: Any) -> Any:
     methods set on it are the ones they call.
     """
     callback.seconds = 0.0
-    for name in dir(type(callback)):
-        method = getattr(callback, name)
-        if not (name.startswith("on_") or name in ("setup", "teardown")) or not callable(method):
+    hooks = [name for name in dir(type(callback)) if name.startswith("on_")]
+    for name in [*hooks, "setup", "teardown"]:
+        method = getattr(callback, name, None)
+        if not callable(method):
             continue
 
         def timed(*args: Any, _method: Callable[..., Any] = method, **kwargs: Any) -> Any:
