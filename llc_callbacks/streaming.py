@@ -5,7 +5,7 @@ continues the chains where the last one left them, around the current weights: n
 adaptation, each chain at the step size it was tuned to. A turn of the curve then comes from
 the weights, not from a step size adapted anew at each point. Where all chains hold one step
 size ``eps`` (measured, or the config's), a reading's first steps, one relaxation time
-``1 / (eps gamma)`` but at most half of them and leaving ``MIN_DRAWS``, are burn-in: the
+``1 / (eps gamma)`` but at most half of them, are burn-in: the
 chains relax to the weights that moved since the last reading. The first reading takes
 its step size from the curvature at the weights (``curvature.mala_step_size``, 16 gradients:
 the step size whose MALA acceptance is the target in the Gaussian approximation) and burns in
@@ -22,8 +22,8 @@ weights at the step sizes of the checkpoint.
 Every reading takes a fixed number of steps per chain (``relative_error`` is not used). With
 ``max_overhead`` that number keeps the readings' time, the tuning included, within that share
 of the training time so far: as many steps as the share of the training time not yet spent
-allows at the chain-step time measured by the readings before (at least ``MIN_DRAWS``; a tuning
-reading with no measured time draws ``MIN_DRAWS``), so the readings after a tuning one take
+allows at the chain-step time measured by the readings before (at least ``MIN_STEPS``; a tuning
+reading with no measured time draws ``MIN_STEPS``), so the readings after a tuning one take
 fewer until its cost is repaid. Without it, ``config.num_draws`` steps. A reading's LLC is the
 mean of its own draws: pooling the readings before it (a window of 40 draws) made a deep
 linear network's readings trail its stages by hundreds of steps (``benchmarks/curves.py``).
@@ -56,7 +56,7 @@ from llc_callbacks.result import LLCResult
 from llc_callbacks.validation import check_float
 
 # max_overhead="auto" of a streaming monitor: training with readings takes 1.35 times as long,
-# as far as MIN_DRAWS and the tuning allow. At 0.4 runs of benchmarks/curves.py took +38% to
+# as far as MIN_STEPS and the tuning allow. At 0.4 runs of benchmarks/curves.py took +38% to
 # +53% (the same run +40% and +53%: timing noise, and a paced reading may overshoot its share)
 # and the README's Lightning example 1.45 times (first_contact.py): too near their 50%.
 STREAM_SHARE = 0.35
@@ -68,9 +68,11 @@ TUNING_STEPS = ADAPT_STEPS + MIN_BURNIN_WARM
 # the variance along directions that only the localization holds (the slowest to relax)
 # reaches 1 - exp(-3), 95%, of its level. The readings after it go on relaxing the chains.
 RELAXATION = 3.0
-# The fewest draws a paced reading takes, however little of the share is left: below it a
-# reading is noise (the readings may then exceed their share of the time).
-MIN_DRAWS = 10
+# The fewest steps a paced reading takes, its burn-in included, however little of the share is
+# left: below it a reading is noise (the readings may then exceed their share of the time). A
+# reading of 20 steps, 10 of them burn-in, would make the README's examples cost 1.55 and 1.64
+# times the run without the callback (first_contact.py), over their 1.5.
+MIN_STEPS = 10
 # A reading's MALA acceptance and localization sensitivity are pooled over the
 # recent readings until they hold at least this many draws per chain (the MALA acceptance is
 # measured on every tenth draw: 4 chains x 10 measurements).
@@ -94,7 +96,7 @@ class Stream:
     Args:
         max_overhead: The share of the training time the readings may take, the tuning ones
             included (0.5: training with readings takes at most 1.5 times as long, as far
-            as ``MIN_DRAWS`` allows); ``None``: every reading draws ``config.num_draws``
+            as ``MIN_STEPS`` allows); ``None``: every reading draws ``config.num_draws``
             steps.
 
     Attributes:
@@ -163,8 +165,8 @@ class Stream:
         draws = config.num_draws
         if self.max_overhead is not None:
             left = self.max_overhead * self.trained - self.spent
-            fit = math.floor(left / self.step_seconds) if self.step_seconds else MIN_DRAWS
-            draws = min(draws, max(MIN_DRAWS, fit))
+            fit = math.floor(left / self.step_seconds) if self.step_seconds else MIN_STEPS
+            draws = min(draws, max(MIN_STEPS, fit))
         if distributed and rank_and_world()[1] > 1:
             draws = min(gather_from_every_rank(lambda: draws))
         # What gives a continuing reading more steps (num_burnin does not), for its advice.
@@ -182,11 +184,13 @@ class Stream:
                 burnin = min(burnin, relaxed)
         else:
             # The weights moved since the last reading: the chains relax to them first, for
-            # one relaxation time out of the reading's steps (at most half of them, leaving
-            # MIN_DRAWS); at a deep linear network's stage turns the first draws read up to
-            # 20 times the level the chains settle at within 10 steps (benchmarks/curves.py).
+            # one relaxation time but at most half the reading's steps, even at the floor of
+            # MIN_STEPS. At a deep linear network's stage turns the first draws read up to 20
+            # times the level the chains settle at within 10 steps; at the turn at step 1,500,
+            # readings at the floor that drew all their steps read 3.4 to 4.4 times the long
+            # chains, 1.15 to 1.33 with 5 of them burn-in (three seeds, benchmarks/curves.py).
             relaxed = math.ceil(1 / (self.held * gamma)) if self.held and gamma > 0 else 0
-            burnin = max(0, min(relaxed, draws - MIN_DRAWS, draws // 2))
+            burnin = min(relaxed, draws // 2)
             draws -= burnin
         if self.held is not None:
             config = dataclasses.replace(config, step_size=self.held)

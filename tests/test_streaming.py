@@ -16,7 +16,7 @@ from llc_callbacks.curvature import mala_step_size
 from llc_callbacks.diagnostics import MALA_MIN
 from llc_callbacks.monitor import step_seed
 from llc_callbacks.streaming import (
-    MIN_DRAWS,
+    MIN_STEPS,
     POOLED_DRAWS,
     RELAXATION,
     STREAM_SHARE,
@@ -112,6 +112,17 @@ def test_a_first_reading_burns_in_for_the_relaxation_time_at_its_measured_step_s
     assert snapshots.history[0]["llc/diag/burnin"] > TUNING_STEPS
 
 
+def test_a_reading_at_its_floor_of_steps_burns_in_for_half_of_them():
+    # Readings at the floor that drew all their steps read 3.4 to 4.4 times the long chains
+    # at a deep linear network's stage turn (benchmarks/curves.py): the floor burns in too.
+    stream = streaming_module.Stream(max_overhead=0.01)
+    stream.tune, stream.held, stream.step_seconds = False, 1e-3, 1.0  # relaxes over 10 steps
+    planned = stream.plan(LLCConfig(localization=100.0, num_draws=1000), distributed=False)
+    assert planned.num_burnin == MIN_STEPS // 2
+    assert planned.num_burnin + planned.num_draws == MIN_STEPS
+    assert planned.step_size == 1e-3
+
+
 def test_the_measured_step_size_reaches_the_target_acceptance_on_a_gaussian():
     # A linear regression's loss is quadratic: its localized posterior is Gaussian, where
     # mala_step_size's formula holds (one batch, so that the chains sample one posterior).
@@ -176,10 +187,10 @@ def test_max_overhead_sets_each_readings_draws_from_the_measured_times(monkeypat
         ]
         shares[share] = sum(spent) / (300 * 0.010)
     for share in draws:
-        # The tuning reading draws MIN_DRAWS (no time measured yet); the next one repays
+        # The tuning reading draws MIN_STEPS (no time measured yet); the next one repays
         # the tuning's burn-in out of its share, the later ones draw a share of their own.
         first, repaying, *later = draws[share]
-        assert first == MIN_DRAWS and MIN_DRAWS <= repaying < min(later) < 1000, draws
+        assert first == MIN_STEPS and MIN_STEPS <= repaying < min(later) < 1000, draws
         # All readings, the tuning one included, took the share of the training time and
         # not more (the last reading's fork and L(w*), spread over fewer draws than the
         # reading before it, may take a few percent more).
