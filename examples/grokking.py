@@ -46,6 +46,7 @@ from llc_callbacks import EssentialDynamics, LLCConfig
 from llc_callbacks.curvature import CURVATURES
 from llc_callbacks.history import read_rows, series
 from llc_callbacks.integrations.lightning import LLCCallback
+from llc_callbacks.measures import Curvature
 from llc_callbacks.plotting import draw_dynamics_path, shade_stages
 from llc_callbacks.stages import detect_stages
 
@@ -156,7 +157,7 @@ def run(
         log_spaced=estimates,
         at_start=True,
         max_overhead=max_overhead,
-        curvature=CURVATURES,
+        measures=[Curvature()],
         dynamics=dynamics,
         extra_metrics=("chains", "free_energy"),  # each chain's curve, and F next to it
     )

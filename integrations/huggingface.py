@@ -27,6 +27,7 @@ from llc_callbacks.config import LLCConfig
 from llc_callbacks.dynamics import EssentialDynamics
 from llc_callbacks.forked import LossFn
 from llc_callbacks.integrations import common, trl_trainers
+from llc_callbacks.measures import Measure
 from llc_callbacks.observables import Probe
 from llc_callbacks.replay import Checkpoint, Loader
 from llc_callbacks.restrictions import Restrictions
@@ -88,9 +89,7 @@ class LLCTrainerCallback(TrainerCallback):
         restrictions: Weight- and data-restricted LLCs to estimate too (``{prefix}/<name>/``
             metrics). At the end of training their heatmap (``plot_components``) goes to W&B
             as ``train/{prefix}/components`` when the Trainer reports to wandb.
-        curvature: Curvature to measure at every estimate's weights too
-            (``"hessian_trace"``, ``"fisher_trace"``, ``"top_eigenvalue"``), logged as
-            ``{prefix}/curvature/<name>`` (see ``LLCMonitor``).
+        curvature: Deprecated: ``measures=[Curvature(...)]`` (see ``LLCMonitor``).
         dataset_size: ``n`` of the local free energy (``extra_metrics=("free_energy",)``);
             by default the length of the Trainer's training set, when it has one.
         max_overhead: The share of the training time the LLC may take: the readings'
@@ -116,6 +115,8 @@ class LLCTrainerCallback(TrainerCallback):
             continued at every scheduled step around the current weights, at the step sizes
             they were tuned to, for a share of the training time (``max_overhead``); the default.
             ``False``: a snapshot estimate at every scheduled step (see ``LLCMonitor``).
+        measures: What to compute next to the LLC at every reading (``Curvature``, or a
+            ``Measure`` of your own), logged as ``{prefix}/<name>`` (see ``LLCMonitor``).
 
     Stage boundaries that the monitor confirms (``{prefix}/stage``) also go to W&B as the
     table ``train/{prefix}/stages``.
@@ -154,6 +155,7 @@ class LLCTrainerCallback(TrainerCallback):
         observables: Mapping[str, Iterable[Any] | Probe] | None = None,
         susceptibility_base: str | None = None,
         stream: bool = True,
+        measures: Sequence[Measure] = (),
     ) -> None:
         if isinstance(config, Trainer):
             raise ValueError(

@@ -25,13 +25,12 @@ from llc_callbacks.attribution import construction_site, warn
 from llc_callbacks.budget import Budget, pace
 from llc_callbacks.chains import ChainStart
 from llc_callbacks.config import LLCConfig
-from llc_callbacks.curvature import CURVATURES, estimate_curvature, mala_step_size
+from llc_callbacks.curvature import CURVATURES, mala_step_size
 from llc_callbacks.distributed import rank_and_world
 from llc_callbacks.estimator import estimate_llc, model_device
 from llc_callbacks.forked import LossFn
 from llc_callbacks.isolation import warnings_once
 from llc_callbacks.keys import (
-    CURVATURE,
     EXTRA_METRICS,
     KERNEL,
     SUSCEPTIBILITY,
@@ -40,6 +39,7 @@ from llc_callbacks.keys import (
     metric_key,
     parse_key,
 )
+from llc_callbacks.measures import Curvature, Measure, Reading, Run
 from llc_callbacks.observables import Probe, probe_sets, summarize
 from llc_callbacks.preflight import preflight
 from llc_callbacks.restrictions import Restrictions
@@ -127,10 +127,7 @@ class LLCMonitor:
         restrictions: Weight- and data-restricted LLCs to estimate at every estimate too,
             logged as ``{prefix}/<name>/mean`` and so on. Under ``on_error="warn"`` one
             that fails is NaN on its own and the others are still reported.
-        curvature: Curvature to measure at every estimate's weights too, any of
-            ``"hessian_trace"``, ``"fisher_trace"`` and ``"top_eigenvalue"`` (see
-            ``llc_callbacks.curvature``), logged as ``{prefix}/curvature/<name>`` with the
-            traces' ``<name>_stderr``.
+        curvature: Deprecated (a ``FutureWarning``): ``measures=[Curvature(*curvature)]``.
         dataset_size: The training set's size ``n``, for ``extra_metrics=("free_energy",)``:
             the local free energy ``{prefix}/free_energy = n L(w*) + LLC log n`` (Watanabe's
             asymptotic expansion, with ``L(w*)`` the mean loss of the estimate's minibatches)
@@ -166,6 +163,10 @@ class LLCMonitor:
             chains became unstable). The default. ``False``: a snapshot estimate at every
             scheduled step, each tuning its own chains (warm-started from the last one's with
             ``config.warm_start``), as ``replay`` makes.
+        measures: What to compute next to the LLC at every reading (``llc_callbacks.measures``:
+            ``Curvature``, or a ``Measure`` of your own), under ``on_error``; their metrics
+            are logged as ``{prefix}/<name>`` and kept in ``history``, their state in
+            ``state_dict``.
 
     Attributes:
         history: One row per estimate: ``step`` and the metrics.
@@ -209,11 +210,17 @@ class LLCMonitor:
         observables: Mapping[str, Iterable[Any] | Probe] | None = None,
         susceptibility_base: str | None = None,
         stream: bool = True,
+        measures: Sequence[Measure] = (),
     ) -> None:
         if isinstance(curvature, str):
             raise ValueError(f"curvature must be a sequence of names, got {curvature!r}")
         for name in curvature:
             check_choice("curvature", name, CURVATURES)
+        if isinstance(measures, Measure) or not all(isinstance(m, Measure) for m in measures):
+            raise ValueError(
+                "measures must be a sequence of Measure objects (llc_callbacks.measures),"
+                f" got {measures!r}"
+            )
         check_int("dataset_size", dataset_size, minimum=2, optional=True)
         if config is not None and not isinstance(config, LLCConfig):
             raise ValueError(f"config must be an LLCConfig, got {type(config).__name__}")
@@ -270,7 +277,16 @@ class LLCMonitor:
         self.extra_metrics = tuple(extra_metrics)
         self.distributed = distributed
         self.restrictions = restrictions
-        self.curvature = tuple(curvature)
+        self.measures = tuple(measures)
+        if curvature:
+            self.measures += (Curvature(*curvature),)
+            names = ", ".join(map(repr, curvature))
+            warn(
+                f"llc_callbacks: curvature=... is deprecated and goes in the next release: pass"
+                f" measures=[Curvature({names})] (from llc_callbacks.measures import Curvature)",
+                construction_site(),
+                FutureWarning,
+            )
         self.dataset_size = dataset_size
         self.history: list[dict[str, float]] = []
         self.last_result: LLCResult | None = None
@@ -389,7 +405,8 @@ class LLCMonitor:
         """Check, when training starts, what every estimate will need (see ``preflight``).
 
         The check forks the weights and runs one forward pass per data source; it leaves
-        the model and training as they were. ``maybe_estimate`` runs it on its first call.
+        the model and training as they were. Each measure is then told about the run
+        (``Measure.start``). ``maybe_estimate`` runs it on its first call.
 
         Args:
             model: The model at its current weights.
@@ -430,6 +447,9 @@ class LLCMonitor:
                 distributed=self._distributed(),
                 failures=failures,
             )
+            run = Run(self.schedule.total_steps, self.dataset_size, self.prefix)
+            for measure in self.measures:
+                measure.start(run)
             for name, message in (failures or {}).items():
                 self.warn_once(
                     f"failed: restriction {name}",
@@ -600,17 +620,16 @@ class LLCMonitor:
             if self.stream.cold:  # chains diverged, or the reading failed: tune anew
                 self._starts = {}
             metrics.update(self._streamed(tuning))
-        if self.curvature:
+        reading = Reading(
+            step, model, loss_fn, data, device, config.seed, self.last_result, self.history
+        )
+        for measure in self.measures:
             with (
-                self.reporting("measuring the curvature"),
+                self.reporting(f"measuring {measure.name}"),
                 warnings_once(self._shown, self.origin),
             ):
-                found = estimate_curvature(
-                    model, loss_fn, data, self.curvature, seed=config.seed, device=device
-                )
-                metrics.update(
-                    {metric_key(self.prefix, f"{CURVATURE}/{k}"): v for k, v in found.items()}
-                )
+                found = measure.measure(reading)
+                metrics.update({metric_key(self.prefix, k): v for k, v in found.items()})
         if self._restarted:
             metrics[metric_key(self.prefix, "restart")] = 1.0
             self._restarted = False
@@ -691,7 +710,7 @@ class LLCMonitor:
             warn(f"llc_callbacks: {message} (warned once per run)", self.origin)
 
     def state_dict(self) -> dict[str, Any]:
-        """History, schedule position, warnings, step sizes, stages and budget, for a checkpoint.
+        """History, schedule position, warnings, step sizes, stages, budget and measures' states.
 
         It also holds ``settings`` (the schedule and the config), which ``load_state_dict``
         compares with its own.
@@ -710,6 +729,7 @@ class LLCMonitor:
             "stages": self.stages.state_dict(),
             **({"budget": self.budget.state_dict()} if self.budget is not None else {}),
             **({"stream": self.stream.state_dict()} if self.stream is not None else {}),
+            "measures": [measure.state_dict() for measure in self.measures],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -741,6 +761,9 @@ class LLCMonitor:
             self.schedule = dataclasses.replace(self.schedule, total_steps=state["total_steps"])
         if "stages" in state:
             self.stages.load_state_dict(state["stages"])
+        # By position: a measure added since the checkpoint starts afresh.
+        for measure, saved in zip(self.measures, state.get("measures", ()), strict=False):
+            measure.load_state_dict(saved)
         if self.budget is not None and "budget" in state:
             self.budget.load_state_dict(state["budget"])
         if self.stream is not None and "stream" in state:

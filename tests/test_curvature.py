@@ -19,6 +19,7 @@ from llc_callbacks import LLCMonitor, cli
 from llc_callbacks.curvature import CURVATURES, estimate_curvature
 from llc_callbacks.integrations.huggingface import LLCTrainerCallback
 from llc_callbacks.integrations.lightning import LLCCallback
+from llc_callbacks.measures import Curvature
 from llc_callbacks.theory import gaussian_nll, regression_data
 
 EIGENVALUES = torch.tensor([5.0, 3.0, 2.0, 1.0, 0.5, 0.1])
@@ -108,7 +109,9 @@ def test_lightning_logs_curvature_and_free_energy_at_the_llc_steps_without_chang
         return module
 
     plain = fit([], CSVLogger(tmp_path / "plain"))
-    callback = LLCCallback(TINY, steps=[4, 8], curvature=CURVATURES, extra_metrics=("free_energy",))
+    callback = LLCCallback(
+        TINY, steps=[4, 8], measures=[Curvature()], extra_metrics=("free_energy",)
+    )
     csv_logger = CSVLogger(tmp_path / "watched")
     wandb_logger = WandbLogger(project="llc-callbacks-test", offline=True, save_dir=str(wandb_dir))
     watched = fit([callback], [csv_logger, wandb_logger])
@@ -153,7 +156,7 @@ def test_transformers_log_history_holds_curvature_and_free_energy_at_the_llc_ste
     watched = run(
         {
             "steps": [3, 6],
-            "curvature": ["hessian_trace"],
+            "measures": [Curvature("hessian_trace")],
             "dataset_size": 1000,
             "extra_metrics": ("diagnostics", "free_energy"),
         }
@@ -175,6 +178,8 @@ def test_transformers_log_history_holds_curvature_and_free_energy_at_the_llc_ste
 
 
 def test_monitor_refuses_unknown_curvature_and_a_bad_dataset_size():
+    with pytest.raises(ValueError, match="Curvature must be one of 'hessian_trace'"):
+        Curvature("trace")
     with pytest.raises(ValueError, match="curvature must be one of 'hessian_trace'"):
         LLCMonitor(curvature=["trace"])
     with pytest.raises(ValueError, match="curvature must be a sequence of names"):
@@ -186,13 +191,23 @@ def test_monitor_refuses_unknown_curvature_and_a_bad_dataset_size():
 def test_a_failing_curvature_is_one_warning_and_the_estimates_go_on():
     model, single = Quadratic(), [torch.zeros(1, 1)]  # the Fisher trace needs 2 examples
     config = dataclasses.replace(TINY, nbeta=10.0)
-    monitor = LLCMonitor(config, every_n_steps=1, curvature=["fisher_trace"])
+    monitor = LLCMonitor(config, every_n_steps=1, measures=[Curvature("fisher_trace")])
     with pytest.warns(UserWarning, match="measuring the curvature failed; training goes on"):
         for step in (1, 2):
             monitor.maybe_estimate(step, model, quadratic_loss, single)
     assert [row["step"] for row in monitor.history] == [1, 2]
     assert all(math.isfinite(row["llc/mean"]) for row in monitor.history)
     assert all("llc/curvature/fisher_trace" not in row for row in monitor.history)
-    monitor = LLCMonitor(config, steps=[1], curvature=["fisher_trace"], on_error="raise")
+    monitor = LLCMonitor(config, steps=[1], measures=[Curvature("fisher_trace")], on_error="raise")
     with pytest.raises(ValueError, match="fisher_trace needs batches of at least 2 examples"):
         monitor.maybe_estimate(1, model, quadratic_loss, single)
+
+
+def test_the_curvature_keyword_still_works_for_a_release_and_names_the_measure():
+    model, batches = Quadratic(), [torch.zeros(4, 1)]
+    config = dataclasses.replace(TINY, nbeta=10.0)
+    with pytest.warns(FutureWarning, match=r"measures=\[Curvature\('hessian_trace'\)\]"):
+        old = LLCMonitor(config, steps=[1], curvature=["hessian_trace"])
+    new = LLCMonitor(config, steps=[1], measures=[Curvature("hessian_trace")])
+    rows = [m.maybe_estimate(1, model, quadratic_loss, batches) for m in (old, new)]
+    assert rows[0]["llc/curvature/hessian_trace"] == rows[1]["llc/curvature/hessian_trace"]

@@ -18,19 +18,21 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_helpers import LAYERS, Classifier, loader, trainer
 from processes import HANG_S, TORCHRUN, environment, run
 from replay_script import COLD, CONFIG, token_loader
+from user_measures import WeightNorm
 
 from llc_callbacks import LLCMonitor
 from llc_callbacks.cli import main
 from llc_callbacks.history import read_rows
 from llc_callbacks.integrations.huggingface import LLCTrainerCallback, model_loss, pretrained_loader
 from llc_callbacks.integrations.lightning import LLCCallback, checkpoint_loader, module_loss
+from llc_callbacks.measures import Curvature
 from llc_callbacks.replay import find_checkpoints, hub_checkpoints, replay, watch
 
 EVERY = 4
 HERE = Path(__file__).parent
 # What the Lightning run adds to the full LLC, as the replay must.
-LIGHTNING_EXTRAS = {"restrictions": LAYERS, "curvature": ("hessian_trace",)}
-RESTRICTED = ("llc/first/mean", "llc/last/mean", "llc/curvature/hessian_trace")
+LIGHTNING_EXTRAS = {"restrictions": LAYERS, "measures": [Curvature("hessian_trace"), WeightNorm()]}
+RESTRICTED = ("llc/first/mean", "llc/last/mean", "llc/curvature/hessian_trace", "llc/weight_norm")
 
 
 def logged(history: list[dict], key: str = "llc/mean") -> dict[int, float]:
@@ -124,7 +126,7 @@ def test_lightning_checkpoints_give_the_logged_estimates_into_a_csv(lightning_ru
     assert [c.kind for c in find_checkpoints(folder)] == ["lightning"] * 3
     for step, value in expected.items():
         assert math.isclose(logged(rows)[step], value, rel_tol=1e-5), step
-    for key, values in extras.items():  # restricted LLCs and curvature, as logged
+    for key, values in extras.items():  # restricted LLCs and measures, as logged
         assert sorted(values) == [4, 8, 12], key
         assert logged(rows, key) == pytest.approx(values, rel=1e-5), key
     # What llc-callbacks plot and stages read, as they read Lightning's metrics.csv.
@@ -345,10 +347,11 @@ def test_lightning_checkpoints_need_the_module_class(lightning_run, tmp_path, ca
     (tmp_path / "setup.py").write_text(
         "from lightning_helpers import LAYERS, loader\n"
         "from replay_script import CONFIG\n"
-        "from llc_callbacks import LLCMonitor\n\n"
+        "from llc_callbacks import LLCMonitor\n"
+        "from llc_callbacks.measures import Curvature\n\n"
         "def setup():\n"
         "    monitor = LLCMonitor(\n"
-        "        CONFIG, stream=False, restrictions=LAYERS, curvature=('hessian_trace',)\n"
+        "        CONFIG, stream=False, restrictions=LAYERS, measures=[Curvature('hessian_trace')]\n"
         "    )\n"
         "    return {'data': loader(), 'monitor': monitor}\n"
     )
@@ -394,10 +397,12 @@ def test_a_truncated_lightning_checkpoint_is_reported_and_skipped(lightning_run,
 
 
 def test_a_lightning_replay_logs_on_lightnings_step_axis(lightning_run, wandb_dir, wandb_rows):
-    folder, expected, _ = lightning_run
+    folder, expected, extras = lightning_run
     classifier(folder / "checkpoints", wandb_run="lightning-run")
     (run_dir,) = (wandb_dir / "wandb").glob("offline-run-*-lightning-run")
     rows = [row for row in wandb_rows(run_dir) if "llc/mean" in row]
     assert [row["trainer/global_step"] for row in rows] == [4, 8, 12]
     assert [row["llc/mean"] for row in rows] == pytest.approx([expected[s] for s in (4, 8, 12)])
     assert all("llc/first/mean" in row for row in rows)
+    norms = extras["llc/weight_norm"]  # a measure of the user's, as the training run logged it
+    assert [row["llc/weight_norm"] for row in rows] == pytest.approx([norms[s] for s in (4, 8, 12)])

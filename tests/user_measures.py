@@ -1,0 +1,43 @@
+"""Measures of a user's own (``llc_callbacks.measures.Measure`` subclasses), for the tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llc_callbacks.measures import Measure, Reading, Run
+
+
+class WeightNorm(Measure):
+    """The weights' Euclidean norm at each reading, ``{prefix}/weight_norm``."""
+
+    name = "the weight norm"
+
+    def measure(self, reading: Reading) -> dict[str, float]:
+        squares = sum(p.detach().pow(2).sum() for p in reading.model.parameters())
+        return {"weight_norm": float(squares**0.5)}
+
+
+class Count(Measure):
+    """Counts readings in its state, and keeps what ``start`` was told."""
+
+    name = "the count"
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.count = 0
+        self.run: Run | None = None
+        self.fail_at = fail_at
+
+    def start(self, run: Run) -> None:
+        self.run = run
+
+    def measure(self, reading: Reading) -> dict[str, float]:
+        if reading.step == self.fail_at:
+            raise RuntimeError("no count at this step")
+        self.count += 1
+        return {"count": float(self.count), "seen": float(len(reading.history))}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.count = state["count"]
