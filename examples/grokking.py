@@ -46,7 +46,7 @@ from llc_callbacks import EssentialDynamics, LLCConfig
 from llc_callbacks.curvature import CURVATURES
 from llc_callbacks.history import read_rows, series
 from llc_callbacks.integrations.lightning import LLCCallback
-from llc_callbacks.measures import Curvature
+from llc_callbacks.measures import Curvature, FreeEnergy
 from llc_callbacks.plotting import draw_dynamics_path, shade_stages
 from llc_callbacks.stages import detect_stages
 
@@ -157,9 +157,9 @@ def run(
         log_spaced=estimates,
         at_start=True,
         max_overhead=max_overhead,
-        measures=[Curvature()],
+        measures=[Curvature(), FreeEnergy()],  # the curvature, and F next to the LLC
         dynamics=dynamics,
-        extra_metrics=("chains", "free_energy"),  # each chain's curve, and F next to it
+        extra_metrics=("chains",),  # each chain's curve
     )
     csv = CSVLogger(out, name="csv")
     wandb_logger = WandbLogger(

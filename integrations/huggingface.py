@@ -81,8 +81,8 @@ class LLCTrainerCallback(TrainerCallback):
         strict: Whether a mistake found when training starts (the check of the loss, data
             and restrictions, the choice of data) raises, naming the argument and the fix;
             ``False`` warns instead (see ``LLCMonitor``).
-        extra_metrics: More keys per estimate: ``"chains"``, ``"diagnostics"``,
-            ``"free_energy"`` (see ``LLCMonitor``).
+        extra_metrics: More keys per estimate: ``"chains"``, ``"diagnostics"`` (see
+            ``LLCMonitor``; ``"free_energy"`` is deprecated: ``measures=[FreeEnergy()]``).
         log_trace_plot: Also log each estimate's chain traces (``plot_traces``) to W&B as an
             image ``train/{prefix}/trace`` when the Trainer reports to wandb (needs
             matplotlib; without it, one warning and no images).
@@ -90,8 +90,9 @@ class LLCTrainerCallback(TrainerCallback):
             metrics). At the end of training their heatmap (``plot_components``) goes to W&B
             as ``train/{prefix}/components`` when the Trainer reports to wandb.
         curvature: Deprecated: ``measures=[Curvature(...)]`` (see ``LLCMonitor``).
-        dataset_size: ``n`` of the local free energy (``extra_metrics=("free_energy",)``);
-            by default the length of the Trainer's training set, when it has one.
+        dataset_size: The training set's size ``n``, which the measures are told
+            (``FreeEnergy``'s); by default the length of the Trainer's training set, when it
+            has one.
         max_overhead: The share of the training time the LLC may take: the readings'
             length, with ``stream``; the snapshot estimates' spacing, without (see
             ``LLCMonitor``).

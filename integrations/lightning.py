@@ -78,8 +78,8 @@ class LLCCallback(Callback):
         strict: Whether a mistake found when training starts (the check of the loss, data
             and restrictions, the choice of data) raises, naming the argument and the fix;
             ``False`` warns instead (see ``LLCMonitor``).
-        extra_metrics: More keys per estimate: ``"chains"``, ``"diagnostics"``,
-            ``"free_energy"`` (see ``LLCMonitor``).
+        extra_metrics: More keys per estimate: ``"chains"``, ``"diagnostics"`` (see
+            ``LLCMonitor``; ``"free_energy"`` is deprecated: ``measures=[FreeEnergy()]``).
         log_trace_plot: Also log each estimate's chain traces (``plot_traces``) as an image
             ``{prefix}/trace`` to every ``WandbLogger`` (needs matplotlib; without it, one
             warning and no images).
@@ -88,8 +88,9 @@ class LLCCallback(Callback):
             of training their heatmap (``plot_components``) goes to every ``WandbLogger`` as
             ``{prefix}/components`` (needs matplotlib).
         curvature: Deprecated: ``measures=[Curvature(...)]`` (see ``LLCMonitor``).
-        dataset_size: ``n`` of the local free energy (``extra_metrics=("free_energy",)``);
-            by default the length of the trainer's training set, when it has one.
+        dataset_size: The training set's size ``n``, which the measures are told
+            (``FreeEnergy``'s); by default the length of the trainer's training set, when it
+            has one.
         max_overhead: The share of the training time the LLC may take: the readings'
             length, with ``stream``; the snapshot estimates' spacing, without (see
             ``LLCMonitor``).

@@ -26,7 +26,8 @@ KERNEL = "kernel"
 SUSCEPTIBILITY = "susceptibility"
 # Fields of two parts: ``<kind>/<name>``.
 PAIRED = (DIAGNOSTICS, CURVATURE, KERNEL, SUSCEPTIBILITY)
-# The groups of per-estimate metrics logged only when asked for (``extra_metrics``).
+# The groups of per-estimate metrics logged only when asked for (``extra_metrics``), and
+# ``"free_energy"``, deprecated for the measure ``FreeEnergy``.
 EXTRA_METRICS = ("chains", "diagnostics", "free_energy")
 # A prefix: parts of letters, digits, ``_``, ``-`` and ``.``, joined by single ``/``.
 PREFIX = re.compile(r"[\w.-]+(/[\w.-]+)*")
@@ -87,15 +88,13 @@ def extra_group(key: Key) -> str | None:
     """The group of ``EXTRA_METRICS`` a key belongs to, or ``None`` if it is always logged.
 
     ``chains``: ``chain_<i>``; ``diagnostics``: ``init_loss``, ``diag/<name>`` and a
-    restricted LLC's ``healthy``; ``free_energy``: ``free_energy`` and ``free_energy_std``.
+    restricted LLC's ``healthy``.
     """
     if key.field.startswith("chain_"):
         return "chains"
     restricted_health = key.field == "healthy" and key.restriction is not None
     if key.field == "init_loss" or key.field.startswith(f"{DIAGNOSTICS}/") or restricted_health:
         return "diagnostics"
-    if key.field.startswith("free_energy"):
-        return "free_energy"
     return None
 
 

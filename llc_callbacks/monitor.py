@@ -39,7 +39,7 @@ from llc_callbacks.keys import (
     metric_key,
     parse_key,
 )
-from llc_callbacks.measures import Curvature, Measure, Reading, Run
+from llc_callbacks.measures import Curvature, FreeEnergy, Measure, Reading, Run
 from llc_callbacks.observables import Probe, probe_sets, summarize
 from llc_callbacks.preflight import preflight
 from llc_callbacks.restrictions import Restrictions
@@ -119,8 +119,8 @@ class LLCMonitor:
         extra_metrics: Groups of keys to return next to the default ones, any of
             ``"chains"`` (``{prefix}/chain_<i>``, each chain's estimate), ``"diagnostics"``
             (``{prefix}/init_loss``, ``{prefix}/diag/<name>`` and the restrictions'
-            ``healthy``) and ``"free_energy"`` (``{prefix}/free_energy`` and
-            ``free_energy_std``, see ``dataset_size``); for restrictions too.
+            ``healthy``); for restrictions too. ``"free_energy"`` is deprecated (a
+            ``FutureWarning``): ``measures=[FreeEnergy()]``.
         distributed: Split chains over the ranks of the initialized process group (every
             rank must then call the monitor at the same steps); ``None`` does so whenever a
             process group with more than one rank is initialized.
@@ -128,11 +128,9 @@ class LLCMonitor:
             logged as ``{prefix}/<name>/mean`` and so on. Under ``on_error="warn"`` one
             that fails is NaN on its own and the others are still reported.
         curvature: Deprecated (a ``FutureWarning``): ``measures=[Curvature(*curvature)]``.
-        dataset_size: The training set's size ``n``, for ``extra_metrics=("free_energy",)``:
-            the local free energy ``{prefix}/free_energy = n L(w*) + LLC log n`` (Watanabe's
-            asymptotic expansion, with ``L(w*)`` the mean loss of the estimate's minibatches)
-            and its spread over chains, ``{prefix}/free_energy_std = std log n``. The
-            callbacks take it from their training set when it has a length.
+        dataset_size: The training set's size ``n``, which the measures are told
+            (``Run.dataset_size``; ``FreeEnergy``'s ``n``). The callbacks take it from their
+            training set when it has a length.
         max_overhead: The share of the training time the LLC may take (0.35: training takes
             about 1.35 times as long), measured as training runs. With ``stream`` it sets
             the readings' length (see there); ``"auto"``, the default: ``STREAM_SHARE``
@@ -274,19 +272,17 @@ class LLCMonitor:
         self.prefix = prefix
         self.on_error = on_error
         self.strict = strict
-        self.extra_metrics = tuple(extra_metrics)
+        self.extra_metrics = tuple(name for name in extra_metrics if name != "free_energy")
         self.distributed = distributed
         self.restrictions = restrictions
         self.measures = tuple(measures)
         if curvature:
             self.measures += (Curvature(*curvature),)
             names = ", ".join(map(repr, curvature))
-            warn(
-                f"llc_callbacks: curvature=... is deprecated and goes in the next release: pass"
-                f" measures=[Curvature({names})] (from llc_callbacks.measures import Curvature)",
-                construction_site(),
-                FutureWarning,
-            )
+            _deprecated("curvature=...", f"Curvature({names})")
+        if "free_energy" in extra_metrics:
+            self.measures += (FreeEnergy(),)
+            _deprecated("extra_metrics=('free_energy',)", "FreeEnergy()")
         self.dataset_size = dataset_size
         self.history: list[dict[str, float]] = []
         self.last_result: LLCResult | None = None
@@ -432,11 +428,6 @@ class LLCMonitor:
         ):
             self.schedule.due_steps  # noqa: B018 (log_spaced needs total_steps by now)
             self._warn_if_cpu_autocast(model, device)
-            if "free_energy" in self.extra_metrics and self.dataset_size is None:
-                raise ValueError(
-                    "extra_metrics includes 'free_energy', which needs the training set's"
-                    " size: pass dataset_size=n"
-                )
             found = preflight(
                 model,
                 loss_fn,
@@ -603,7 +594,6 @@ class LLCMonitor:
             metrics = self.last_result.to_metrics(self.prefix)
             if self.observables:
                 metrics.update(self._observed(step))
-            metrics.update(self._free_energy(self.last_result))
         except Exception as error:
             if self.on_error == "raise":
                 raise
@@ -798,16 +788,6 @@ class LLCMonitor:
             metrics[metric_key(self.prefix, f"{SUSCEPTIBILITY}/{source}", component)] = value
         return metrics
 
-    def _free_energy(self, result: LLCResult) -> dict[str, float]:
-        """``n L(w*) + LLC log n`` and its spread, when asked for (``extra_metrics``)."""
-        if "free_energy" not in self.extra_metrics or self.dataset_size is None:
-            return {}
-        n, log_n = self.dataset_size, math.log(self.dataset_size)
-        return {
-            metric_key(self.prefix, "free_energy"): n * result.init_loss + result.llc_mean * log_n,
-            metric_key(self.prefix, "free_energy_std"): result.llc_std * log_n,
-        }
-
     def _confirm_boundaries(self) -> dict[str, float]:
         """Detect the stages after the newest estimate; the metrics of confirmed boundaries."""
         curves = sorted(
@@ -849,6 +829,16 @@ class LLCMonitor:
 
     def _raises_at_start(self) -> bool:
         return self.strict or self.on_error == "raise"
+
+
+def _deprecated(argument: str, measure: str) -> None:
+    """Warn that ``argument`` goes in the next release, for ``measures=[measure]``."""
+    warn(
+        f"llc_callbacks: {argument} is deprecated and goes in the next release: pass"
+        f" measures=[{measure}] (from llc_callbacks.measures)",
+        construction_site(),
+        FutureWarning,
+    )
 
 
 def _settings(schedule: Schedule, config: LLCConfig) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from llc_callbacks import LLCMonitor, cli
 from llc_callbacks.curvature import CURVATURES, estimate_curvature
 from llc_callbacks.integrations.huggingface import LLCTrainerCallback
 from llc_callbacks.integrations.lightning import LLCCallback
-from llc_callbacks.measures import Curvature
+from llc_callbacks.measures import Curvature, FreeEnergy
 from llc_callbacks.theory import gaussian_nll, regression_data
 
 EIGENVALUES = torch.tensor([5.0, 3.0, 2.0, 1.0, 0.5, 0.1])
@@ -109,9 +109,7 @@ def test_lightning_logs_curvature_and_free_energy_at_the_llc_steps_without_chang
         return module
 
     plain = fit([], CSVLogger(tmp_path / "plain"))
-    callback = LLCCallback(
-        TINY, steps=[4, 8], measures=[Curvature()], extra_metrics=("free_energy",)
-    )
+    callback = LLCCallback(TINY, steps=[4, 8], measures=[Curvature(), FreeEnergy()])
     csv_logger = CSVLogger(tmp_path / "watched")
     wandb_logger = WandbLogger(project="llc-callbacks-test", offline=True, save_dir=str(wandb_dir))
     watched = fit([callback], [csv_logger, wandb_logger])
@@ -156,9 +154,9 @@ def test_transformers_log_history_holds_curvature_and_free_energy_at_the_llc_ste
     watched = run(
         {
             "steps": [3, 6],
-            "measures": [Curvature("hessian_trace")],
+            "measures": [Curvature("hessian_trace"), FreeEnergy()],
             "dataset_size": 1000,
-            "extra_metrics": ("diagnostics", "free_energy"),
+            "extra_metrics": ("diagnostics",),
         }
     )
     assert all(

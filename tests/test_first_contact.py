@@ -22,6 +22,7 @@ from transformers import Trainer
 from llc_callbacks import LLCConfig, LLCMonitor, Restrictions
 from llc_callbacks.integrations.huggingface import LLCTrainerCallback
 from llc_callbacks.integrations.lightning import LLCCallback
+from llc_callbacks.measures import FreeEnergy
 
 NOTE = "pass strict=False to warn instead"
 NOTHING = Restrictions(weights={"nothing": "nothing.*"})
@@ -210,8 +211,8 @@ def test_each_estimate_logs_a_few_keys_unless_asked_for_more(tmp_path):
     assert {"llc/chain_0", "llc/diag/rhat"} <= kept and "llc/free_energy" not in kept
 
     L.seed_everything(0, verbose=False)
-    extra = ("chains", "diagnostics", "free_energy")
-    more = LLCCallback(TINY, every_n_steps=6, extra_metrics=extra)
+    extra = ("chains", "diagnostics")
+    more = LLCCallback(TINY, every_n_steps=6, extra_metrics=extra, measures=[FreeEnergy()])
     run = trainer(tmp_path, callbacks=[more], logger=CSVLogger(tmp_path / "more"))
     run.fit(Classifier(), loader())
     with open(f"{run.logger.log_dir}/metrics.csv") as file:
@@ -222,9 +223,13 @@ def test_each_estimate_logs_a_few_keys_unless_asked_for_more(tmp_path):
 
 def test_free_energy_without_a_dataset_size_is_a_mistake_at_the_start():
     model, data = DropoutBatchNormNet(), classification_batches()
-    monitor = LLCMonitor(TINY, steps=[1], extra_metrics=("free_energy",))
-    with pytest.raises(ValueError, match="'free_energy', which needs the training set's size"):
+    monitor = LLCMonitor(TINY, steps=[1], measures=[FreeEnergy()])
+    with pytest.raises(ValueError, match=r"FreeEnergy needs the training set's size: pass Free"):
         monitor.maybe_estimate(0, model, cross_entropy, data)
+    with pytest.warns(FutureWarning, match=r"pass measures=\[FreeEnergy\(\)\]"):
+        old = LLCMonitor(TINY, steps=[1], extra_metrics=("free_energy",), dataset_size=512)
+    assert [type(measure) for measure in old.measures] == [FreeEnergy]
+    assert "llc/free_energy" in old.maybe_estimate(1, model, cross_entropy, data)
 
 
 def test_the_transformers_console_line_of_an_estimate_is_short(tmp_path, capsys):

@@ -8,5 +8,6 @@ subclass of ``Measure``.
 
 from llc_callbacks.measures.base import Measure, Reading, Run
 from llc_callbacks.measures.curvature import Curvature
+from llc_callbacks.measures.free_energy import FreeEnergy
 
-__all__ = ["Curvature", "Measure", "Reading", "Run"]
+__all__ = ["Curvature", "FreeEnergy", "Measure", "Reading", "Run"]
