@@ -16,6 +16,7 @@ import numpy as np
 
 from llc_callbacks.attribution import warn
 from llc_callbacks.dynamics import EssentialDynamics
+from llc_callbacks.measures import Table, Traces
 from llc_callbacks.monitor import LLCMonitor
 from llc_callbacks.plotting import (
     component_names,
@@ -23,7 +24,6 @@ from llc_callbacks.plotting import (
     plot_essential_dynamics,
     plot_loss_kernel,
     plot_susceptibilities,
-    plot_traces,
     to_pixels,
 )
 from llc_callbacks.validation import check_bool
@@ -74,6 +74,14 @@ def build_monitor(arguments: Mapping[str, Any]) -> TrainerMonitor:
     if dynamics is not None and not isinstance(dynamics, EssentialDynamics):
         raise ValueError(f"dynamics must be EssentialDynamics, got {type(dynamics).__name__}")
     monitor_arguments = {k: v for k, v in arguments.items() if k not in ADAPTER_ARGUMENTS}
+    if log_trace_plot:
+        warn(
+            "llc_callbacks: log_trace_plot=True is deprecated and goes in the next release:"
+            " pass measures=[Traces()] (from llc_callbacks.measures)",
+            None,
+            FutureWarning,
+        )
+        monitor_arguments["measures"] = (*monitor_arguments["measures"], Traces())
     return TrainerMonitor(**monitor_arguments)
 
 
@@ -292,11 +300,17 @@ def finish_dynamics(
     )
 
 
-def log_trace_figure(monitor: LLCMonitor, sinks: list[Sink], step: int) -> None:
-    """Send the chain traces of the last estimate to the sinks, if any and it ran."""
-    result = monitor.last_result
-    if result is not None and result.error is None:
-        _log_figure(monitor, "trace", lambda: plot_traces(result), sinks, step)
+def log_produced(
+    monitor: LLCMonitor, table_sinks: list[TableSink], image_sinks: list[Sink], step: int
+) -> None:
+    """Send the tables and figures the measures produced at the reading at ``step``."""
+    for name, item in monitor.produced.items():
+        if isinstance(item, Table):
+            with monitor.reporting(f"logging the {name} table"):
+                for sink in table_sinks:
+                    sink(name, item.columns, item.rows, step)
+        else:
+            _log_figure(monitor, name, item.build, image_sinks, step)
 
 
 def log_components_figure(monitor: LLCMonitor, sinks: list[Sink], step: int) -> None:

@@ -83,9 +83,7 @@ class LLCTrainerCallback(TrainerCallback):
             ``False`` warns instead (see ``LLCMonitor``).
         extra_metrics: More keys per estimate: ``"chains"``, ``"diagnostics"`` (see
             ``LLCMonitor``; ``"free_energy"`` is deprecated: ``measures=[FreeEnergy()]``).
-        log_trace_plot: Also log each estimate's chain traces (``plot_traces``) to W&B as an
-            image ``train/{prefix}/trace`` when the Trainer reports to wandb (needs
-            matplotlib; without it, one warning and no images).
+        log_trace_plot: Deprecated: ``measures=[Traces()]``.
         restrictions: Weight- and data-restricted LLCs to estimate too (``{prefix}/<name>/``
             metrics). At the end of training their heatmap (``plot_components``) goes to W&B
             as ``train/{prefix}/components`` when the Trainer reports to wandb.
@@ -116,8 +114,9 @@ class LLCTrainerCallback(TrainerCallback):
             continued at every scheduled step around the current weights, at the step sizes
             they were tuned to, for a share of the training time (``max_overhead``); the default.
             ``False``: a snapshot estimate at every scheduled step (see ``LLCMonitor``).
-        measures: What to compute next to the LLC at every reading (``Curvature``, or a
-            ``Measure`` of your own), logged as ``{prefix}/<name>`` (see ``LLCMonitor``).
+        measures: What to compute next to the LLC at every reading (``Curvature``,
+            ``FreeEnergy``, ``Traces``, or a ``Measure`` of your own): metrics as
+            ``{prefix}/<name>``, tables and figures to W&B when the Trainer reports to wandb.
 
     Stage boundaries that the monitor confirms (``{prefix}/stage``) also go to W&B as the
     table ``train/{prefix}/stages``.
@@ -173,7 +172,6 @@ class LLCTrainerCallback(TrainerCallback):
         self.trainer: Trainer | None = None
         self.loss_fn = loss_fn
         self.dataloader = dataloader
-        self.log_trace_plot = log_trace_plot
         # The monitor's state travels in TrainerState.stateful_callbacks under this key.
         self.state_key = common.state_key("LLCTrainerCallback", self.monitor.prefix)
         self._data: Iterable[Any] | None = None
@@ -361,8 +359,7 @@ class LLCTrainerCallback(TrainerCallback):
         folder = Path(args.output_dir) if state.is_world_process_zero else None
         tables, images = self._table_sinks(args, state), self._image_sinks(args, state)
         common.log_observables(self.monitor, tables, images, folder, step)
-        if self.log_trace_plot:
-            common.log_trace_figure(self.monitor, self._image_sinks(args, state), step)
+        common.log_produced(self.monitor, tables, images, step)
 
     def _maybe_record(self, state: TrainerState, model: nn.Module, final: bool = False) -> None:
         """Record the essential dynamics if they are due."""

@@ -80,9 +80,7 @@ class LLCCallback(Callback):
             ``False`` warns instead (see ``LLCMonitor``).
         extra_metrics: More keys per estimate: ``"chains"``, ``"diagnostics"`` (see
             ``LLCMonitor``; ``"free_energy"`` is deprecated: ``measures=[FreeEnergy()]``).
-        log_trace_plot: Also log each estimate's chain traces (``plot_traces``) as an image
-            ``{prefix}/trace`` to every ``WandbLogger`` (needs matplotlib; without it, one
-            warning and no images).
+        log_trace_plot: Deprecated: ``measures=[Traces()]``.
         restrictions: Weight- and data-restricted LLCs to estimate too (``{prefix}/<name>/``
             metrics); data sources go through the module's batch-transfer hooks. At the end
             of training their heatmap (``plot_components``) goes to every ``WandbLogger`` as
@@ -113,8 +111,9 @@ class LLCCallback(Callback):
             continued at every scheduled step around the current weights, at the step sizes
             they were tuned to, for a share of the training time (``max_overhead``); the default.
             ``False``: a snapshot estimate at every scheduled step (see ``LLCMonitor``).
-        measures: What to compute next to the LLC at every reading (``Curvature``, or a
-            ``Measure`` of your own), logged as ``{prefix}/<name>`` (see ``LLCMonitor``).
+        measures: What to compute next to the LLC at every reading (``Curvature``,
+            ``FreeEnergy``, ``Traces``, or a ``Measure`` of your own): metrics to every logger
+            as ``{prefix}/<name>``, tables and figures to every ``WandbLogger``.
 
     Stage boundaries that the monitor confirms (``{prefix}/stage``) also go to every
     ``WandbLogger`` as the table ``{prefix}/stages``.
@@ -162,7 +161,6 @@ class LLCCallback(Callback):
         self.loss_fn = loss_fn
         self.dataloader = dataloader
         self.restrictions = restrictions
-        self.log_trace_plot = log_trace_plot
         self._state_key = common.state_key("LLCCallback", self.monitor.prefix)
         self._data: Iterable[Any] | None = None
 
@@ -303,8 +301,9 @@ class LLCCallback(Callback):
             saved = folder if trainer.is_global_zero else None
             tables, images = self._table_sinks(trainer), self._image_sinks(trainer)
             common.log_observables(self.monitor, tables, images, saved, step)
-        if self.log_trace_plot:
-            common.log_trace_figure(self.monitor, self._image_sinks(trainer), step)
+        common.log_produced(
+            self.monitor, self._table_sinks(trainer), self._image_sinks(trainer), step
+        )
 
     def _maybe_record(
         self, trainer: Trainer, pl_module: LightningModule, *, final: bool = False

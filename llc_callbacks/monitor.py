@@ -39,7 +39,7 @@ from llc_callbacks.keys import (
     metric_key,
     parse_key,
 )
-from llc_callbacks.measures import Curvature, FreeEnergy, Measure, Reading, Run
+from llc_callbacks.measures import Curvature, Figure, FreeEnergy, Measure, Reading, Run, Table
 from llc_callbacks.observables import Probe, probe_sets, summarize
 from llc_callbacks.preflight import preflight
 from llc_callbacks.restrictions import Restrictions
@@ -168,6 +168,8 @@ class LLCMonitor:
 
     Attributes:
         history: One row per estimate: ``step`` and the metrics.
+        produced: The ``Table``s and ``Figure``s the measures produced at the last reading,
+            by name, for the caller to log (the callbacks send them to W&B).
         stages: The online stage detection; ``boundaries`` lists what it confirmed.
         budget: The ``max_overhead`` accounts (``Budget``), or ``None``.
         enabled: Whether estimates run (``False`` after a failed check with ``strict=False``).
@@ -276,6 +278,7 @@ class LLCMonitor:
         self.distributed = distributed
         self.restrictions = restrictions
         self.measures = tuple(measures)
+        self.produced: dict[str, Table | Figure] = {}
         if curvature:
             self.measures += (Curvature(*curvature),)
             names = ", ".join(map(repr, curvature))
@@ -613,13 +616,17 @@ class LLCMonitor:
         reading = Reading(
             step, model, loss_fn, data, device, config.seed, self.last_result, self.history
         )
+        self.produced = {}
         for measure in self.measures:
             with (
                 self.reporting(f"measuring {measure.name}"),
                 warnings_once(self._shown, self.origin),
             ):
-                found = measure.measure(reading)
-                metrics.update({metric_key(self.prefix, k): v for k, v in found.items()})
+                for name, found in measure.measure(reading).items():
+                    if isinstance(found, Table | Figure):
+                        self.produced[name] = found
+                    else:
+                        metrics[metric_key(self.prefix, name)] = float(found)
         if self._restarted:
             metrics[metric_key(self.prefix, "restart")] = 1.0
             self._restarted = False

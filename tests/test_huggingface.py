@@ -32,6 +32,7 @@ from llc_callbacks import EssentialDynamics, LLCConfig, Probe, Restrictions, tok
 from llc_callbacks.forked import ForkedModel
 from llc_callbacks.history import histories, read_rows
 from llc_callbacks.integrations.huggingface import LLCTrainerCallback, model_loss
+from llc_callbacks.measures import Traces
 
 
 def train(tmp_path, callback_kwargs=None, resume=None, **changes):
@@ -383,7 +384,7 @@ def test_the_trainer_is_not_an_argument(tmp_path):
 
 
 def test_trace_plots_go_to_wandb_as_images(tmp_path, wandb_dir, wandb_rows):
-    train(tmp_path, {"steps": [4, 8], "log_trace_plot": True}, report_to="wandb")
+    train(tmp_path, {"steps": [4, 8], "measures": [Traces()]}, report_to="wandb")
     wandb.finish()
     rows = wandb_rows()
     images = [row for row in rows if "train/llc/trace/_type" in row]

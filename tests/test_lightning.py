@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from llc_callbacks import EssentialDynamics, Restrictions
 from llc_callbacks.integrations.lightning import LLCCallback, training_step_loss
 from llc_callbacks.integrations.wandb import offline_run_dir
+from llc_callbacks.measures import Traces
 
 # What each estimate logs unless extra_metrics asks for more.
 DEFAULT_KEYS = {"llc/mean", "llc/std", "llc/healthy", "llc/step_size", "llc/tuned"}
@@ -427,8 +428,13 @@ def test_the_loss_comes_from_training_step_without_logging(tmp_path):
     assert all(row["llc/init_loss"] > 0 for row in callback.monitor.history)
 
 
-def test_trace_plots_go_to_wandb_as_images(tmp_path, wandb_dir, wandb_rows):
-    callback = LLCCallback(TINY, steps=[4, 8], log_trace_plot=True)
+@pytest.mark.parametrize("deprecated", [False, True])
+def test_trace_plots_go_to_wandb_as_images(tmp_path, wandb_dir, wandb_rows, deprecated):
+    if deprecated:  # log_trace_plot=True, for one release
+        with pytest.warns(FutureWarning, match=r"pass measures=\[Traces\(\)\]"):
+            callback = LLCCallback(TINY, steps=[4, 8], log_trace_plot=True)
+    else:
+        callback = LLCCallback(TINY, steps=[4, 8], measures=[Traces()])
     logger = WandbLogger(project="llc-callbacks-test", offline=True, save_dir=str(wandb_dir))
     fit(tmp_path, [callback], logger=logger)
     logger.experiment.finish()  # the global wandb.run may be another

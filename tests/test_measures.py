@@ -7,12 +7,13 @@ import math
 
 import pytest
 import torch
+import wandb
 from hf_helpers import make_trainer
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning_helpers import Classifier, loader
 from lightning_helpers import trainer as lightning_trainer
 from models import TINY, DropoutBatchNormNet, classification_batches, cross_entropy
-from user_measures import Count, WeightNorm
+from user_measures import ChainTable, Count, WeightNorm
 
 from llc_callbacks import LLCMonitor
 from llc_callbacks.integrations.huggingface import LLCTrainerCallback
@@ -42,6 +43,33 @@ def test_a_measure_of_your_own_is_logged_by_lightning_and_transformers(tmp_path)
     rows = [row for row in trainer.state.log_history if "llc/mean" in row]
     assert [row["step"] for row in rows] == [6, 12]
     assert rows[-1]["llc/weight_norm"] == pytest.approx(norm(trainer.model))
+
+
+def test_a_measures_tables_and_figures_go_to_lightnings_wandb_logger(
+    tmp_path, wandb_dir, wandb_rows
+):
+    callback = LLCCallback(TINY, steps=[4, 8], measures=[ChainTable()])
+    logger = WandbLogger(project="llc-callbacks-test", offline=True, save_dir=str(wandb_dir))
+    lightning_trainer(tmp_path, callbacks=[callback], logger=logger).fit(Classifier(), loader())
+    logger.experiment.finish()
+    rows = wandb_rows()
+    for key, kind in (("llc/chains", "table-file"), ("llc/chains_plot", "images/separated")):
+        logged = [row for row in rows if row.get(f"{key}/_type") == kind]
+        assert [row["trainer/global_step"] for row in logged] == [4, 8], key
+    assert "llc/chains" not in callback.monitor.history[-1]  # tables stay out of the history
+
+
+def test_a_measures_tables_and_figures_go_to_the_trainers_wandb_run(
+    tmp_path, wandb_dir, wandb_rows
+):
+    trainer = make_trainer(tmp_path, report_to="wandb")
+    trainer.add_callback(LLCTrainerCallback(TINY, steps=[4, 8], measures=[ChainTable()]))
+    trainer.train()
+    wandb.finish()
+    rows = wandb_rows()
+    for key, kind in (("llc/chains", "table-file"), ("llc/chains_plot", "image-file")):
+        logged = [row for row in rows if row.get(f"train/{key}/_type") == kind]
+        assert [row["train/global_step"] for row in logged] == [4, 8], key
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from models import TINY, classification_batches, fails_in_chains
 from llc_callbacks import LLCConfig, Restrictions
 from llc_callbacks.integrations.huggingface import LLCTrainerCallback
 from llc_callbacks.integrations.lightning import LLCCallback, training_step_loss
+from llc_callbacks.measures import Traces
 
 FIRST_LAYER = Restrictions(weights={"first": "net.net.0.*"})
 
@@ -78,7 +79,7 @@ def test_without_matplotlib_figures_are_one_warning_in_lightning(
     tmp_path, wandb_dir, monkeypatch, wandb_rows
 ):
     without_matplotlib(monkeypatch)
-    callback = LLCCallback(TINY, every_n_steps=4, log_trace_plot=True, restrictions=FIRST_LAYER)
+    callback = LLCCallback(TINY, every_n_steps=4, measures=[Traces()], restrictions=FIRST_LAYER)
     logger = WandbLogger(project="llc-callbacks-test", offline=True, save_dir=str(wandb_dir))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -99,7 +100,7 @@ def test_without_matplotlib_figures_are_built_only_for_a_receiver(
     hf = make_trainer(tmp_path, report_to=report_to)
     restrictions = Restrictions(weights={"embeddings": "transformer.w*e.*"})
     hf.add_callback(
-        LLCTrainerCallback(TINY, every_n_steps=4, log_trace_plot=True, restrictions=restrictions)
+        LLCTrainerCallback(TINY, every_n_steps=4, measures=[Traces()], restrictions=restrictions)
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llc_callbacks.measures import Measure, Reading, Run
+from llc_callbacks.measures import Figure, Measure, Output, Reading, Run, Table
 
 
 class WeightNorm(Measure):
@@ -41,3 +41,24 @@ class Count(Measure):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.count = state["count"]
+
+
+class ChainTable(Measure):
+    """Each chain's LLC at the reading: a table and a figure of them."""
+
+    name = "the chain table"
+
+    def measure(self, reading: Reading) -> dict[str, Output]:
+        result = reading.result
+        if result is None:
+            return {}
+        rows = [[reading.step, chain, float(v)] for chain, v in enumerate(result.llc_per_chain)]
+
+        def bars() -> Any:
+            from matplotlib.figure import Figure as Drawing
+
+            drawing = Drawing(figsize=(4, 3))
+            drawing.subplots().bar([row[1] for row in rows], [row[2] for row in rows])
+            return drawing
+
+        return {"chains": Table(["step", "chain", "llc"], rows), "chains_plot": Figure(bars)}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,14 +54,37 @@ class Reading:
     history: Sequence[Mapping[str, float]]
 
 
+@dataclass(frozen=True)
+class Table:
+    """A table a measure produced, logged as ``{prefix}/<name>`` where tables go (W&B)."""
+
+    columns: list[str]
+    rows: list[list[Any]]
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A figure a measure produced, logged as the image ``{prefix}/<name>`` (W&B).
+
+    ``build() -> matplotlib Figure`` runs only when a logger receives it.
+    """
+
+    build: Callable[[], Any]
+
+
+# What a measure returns per name: a metric, a table or a figure.
+Output = float | Table | Figure
+
+
 class Measure:
     """Something computed next to the LLC at each reading; subclass it and override ``measure``.
 
     The monitor calls ``start`` once when training starts and ``measure`` after every
     reading, under its ``on_error`` policy: with ``"warn"``, a measure that raises is one
     warning per run and logs nothing at that reading, and training goes on. What ``measure``
-    returns is logged as ``{prefix}/<name>`` next to ``{prefix}/mean``, and kept in the
-    monitor's history. ``state_dict`` goes into the monitor's checkpointed state.
+    returns is logged as ``{prefix}/<name>``: numbers next to ``{prefix}/mean`` (and kept in
+    the monitor's history), ``Table``s and ``Figure``s where the trainer's loggers take them
+    (W&B). ``state_dict`` goes into the monitor's checkpointed state.
 
     Example, the weights' norm next to the LLC::
 
@@ -79,14 +102,15 @@ class Measure:
     def start(self, run: Run) -> None:
         """Training starts: what the run is (no-op by default)."""
 
-    def measure(self, reading: Reading) -> dict[str, float]:
-        """The metrics at one reading, by name under the monitor's prefix (none by default).
+    def measure(self, reading: Reading) -> Mapping[str, Output]:
+        """What the measure found at one reading, by name under the monitor's prefix.
 
         Args:
             reading: The reading's step, model, loss, data and LLC.
 
         Returns:
-            Metric names (letters, digits, ``_``, ``-``, ``.`` and single ``/``) and values.
+            Names (letters, digits, ``_``, ``-``, ``.`` and single ``/``) and metrics,
+            ``Table``s or ``Figure``s; none by default.
         """
         return {}
 
