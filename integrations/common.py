@@ -16,7 +16,8 @@ import numpy as np
 
 from llc_callbacks.attribution import warn
 from llc_callbacks.dynamics import EssentialDynamics
-from llc_callbacks.measures import Table, Traces
+from llc_callbacks.measures import Figure, Traces
+from llc_callbacks.measures.routing import Sink, TableSink, route
 from llc_callbacks.monitor import LLCMonitor
 from llc_callbacks.plotting import (
     component_names,
@@ -24,14 +25,9 @@ from llc_callbacks.plotting import (
     plot_essential_dynamics,
     plot_loss_kernel,
     plot_susceptibilities,
-    to_pixels,
 )
 from llc_callbacks.validation import check_bool
 
-# A receiver of a figure: ``sink(name, pixels, step)`` logs it as ``{prefix}/{name}``.
-Sink = Callable[[str, np.ndarray, int], None]
-# A receiver of a table: ``sink(name, columns, rows, step)`` logs it as ``{prefix}/{name}``.
-TableSink = Callable[[str, list[str], list[list[Any]], int], None]
 # The columns of the confirmed stage boundaries' table, ``{prefix}/stages``.
 STAGE_COLUMNS = ["curve", "step", "before", "after", "confirmed_at"]
 # The columns of the most influential examples' table, ``{prefix}/influence``.
@@ -300,19 +296,6 @@ def finish_dynamics(
     )
 
 
-def log_produced(
-    monitor: LLCMonitor, table_sinks: list[TableSink], image_sinks: list[Sink], step: int
-) -> None:
-    """Send the tables and figures the measures produced at the reading at ``step``."""
-    for name, item in monitor.produced.items():
-        if isinstance(item, Table):
-            with monitor.reporting(f"logging the {name} table"):
-                for sink in table_sinks:
-                    sink(name, item.columns, item.rows, step)
-        else:
-            _log_figure(monitor, name, item.build, image_sinks, step)
-
-
 def log_components_figure(monitor: LLCMonitor, sinks: list[Sink], step: int) -> None:
     """Send the restricted LLCs' heatmap to the sinks, if any and there is one to draw."""
     if component_names(monitor.history, monitor.prefix):
@@ -339,13 +322,4 @@ def _log_figure(
     monitor: LLCMonitor, name: str, build: Callable[[], Any], sinks: list[Sink], step: int
 ) -> None:
     """Build a figure only when something receives it, under the monitor's error policy."""
-    if not sinks:
-        return
-    with monitor.reporting(f"logging the {name} figure"):
-        try:
-            pixels = to_pixels(build())
-        except ImportError as error:
-            monitor.warn_once("matplotlib", f"no figures are logged: {error}")
-            return
-        for sink in sinks:
-            sink(name, pixels, step)
+    route(monitor, {name: Figure(build)}, [], sinks, step)

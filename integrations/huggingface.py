@@ -28,6 +28,7 @@ from llc_callbacks.dynamics import EssentialDynamics
 from llc_callbacks.forked import LossFn
 from llc_callbacks.integrations import common, trl_trainers
 from llc_callbacks.measures import Measure
+from llc_callbacks.measures.routing import route
 from llc_callbacks.observables import Probe
 from llc_callbacks.replay import Checkpoint, Loader
 from llc_callbacks.restrictions import Restrictions
@@ -359,7 +360,7 @@ class LLCTrainerCallback(TrainerCallback):
         folder = Path(args.output_dir) if state.is_world_process_zero else None
         tables, images = self._table_sinks(args, state), self._image_sinks(args, state)
         common.log_observables(self.monitor, tables, images, folder, step)
-        common.log_produced(self.monitor, tables, images, step)
+        route(self.monitor, self.monitor.produced, tables, images, step)
 
     def _maybe_record(self, state: TrainerState, model: nn.Module, final: bool = False) -> None:
         """Record the essential dynamics if they are due."""

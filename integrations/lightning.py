@@ -30,6 +30,7 @@ from llc_callbacks.dynamics import EssentialDynamics
 from llc_callbacks.forked import LossFn
 from llc_callbacks.integrations import common
 from llc_callbacks.measures import Measure
+from llc_callbacks.measures.routing import route
 from llc_callbacks.observables import Probe
 from llc_callbacks.replay import Checkpoint, Loader
 from llc_callbacks.restrictions import Restrictions
@@ -301,9 +302,8 @@ class LLCCallback(Callback):
             saved = folder if trainer.is_global_zero else None
             tables, images = self._table_sinks(trainer), self._image_sinks(trainer)
             common.log_observables(self.monitor, tables, images, saved, step)
-        common.log_produced(
-            self.monitor, self._table_sinks(trainer), self._image_sinks(trainer), step
-        )
+        tables, images = self._table_sinks(trainer), self._image_sinks(trainer)
+        route(self.monitor, self.monitor.produced, tables, images, step)
 
     def _maybe_record(
         self, trainer: Trainer, pl_module: LightningModule, *, final: bool = False

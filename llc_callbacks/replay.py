@@ -30,9 +30,11 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -42,6 +44,9 @@ from llc_callbacks.attribution import warn
 from llc_callbacks.distributed import rank_and_world
 from llc_callbacks.forked import LossFn
 from llc_callbacks.history import read_rows
+from llc_callbacks.keys import metric_key
+from llc_callbacks.measures import Figure, Table
+from llc_callbacks.measures.routing import render, route
 from llc_callbacks.monitor import LLCMonitor, changed_settings
 from llc_callbacks.validation import check_choice, check_float, check_int
 
@@ -62,6 +67,8 @@ LOAD_TRIES = 3
 # Per kind: the namespace and step key its trainer's W&B logger uses (Lightning's
 # WandbLogger, transformers' WandbCallback).
 WANDB_AXES = {LIGHTNING: ("", "trainer/global_step"), TRANSFORMERS: ("train/", "train/global_step")}
+# One estimate of a replay: the checkpoint's kind, its row, its tables and rendered figures.
+Made = tuple[str, dict[str, float], dict[str, Table | np.ndarray]]
 Loader = Callable[["Checkpoint"], nn.Module]
 
 
@@ -405,7 +412,7 @@ class _Replayer:
             self.monitor.estimate(
                 checkpoint.step, model, self.loss_fn, self.data, device=self.device
             )
-            made.append((checkpoint.kind, dict(self.monitor.history[-1])))
+            made.append((checkpoint.kind, dict(self.monitor.history[-1]), self._rendered()))
             if self.split == "chains" or self.world == 1:
                 self._record(made)
                 made = []
@@ -431,24 +438,43 @@ class _Replayer:
         per_rank = math.ceil(len(todo) / self.world)
         return todo[self.rank * per_rank : (self.rank + 1) * per_rank]
 
-    def _gather(self, made: list[tuple[str, dict[str, float]]]) -> None:
+    def _rendered(self) -> dict[str, Table | np.ndarray]:
+        """The last estimate's tables and figures, the figures as pixels, for W&B (if any).
+
+        Rendered on the rank that made them, so that ``_gather`` sends plain values.
+        """
+        if self.sink is None:
+            return {}
+        rendered: dict[str, Table | np.ndarray] = {}
+        for name, item in self.monitor.produced.items():
+            pixels = render(self.monitor, name, item.build) if isinstance(item, Figure) else item
+            if pixels is not None:
+                rendered[name] = pixels
+        return rendered
+
+    def _gather(self, made: list[Made]) -> None:
         """Every rank's rows to every rank, recorded in step order (written by rank 0)."""
-        gathered: list[list[tuple[str, dict[str, float]]]] = [[] for _ in range(self.world)]
+        gathered: list[list[Made]] = [[] for _ in range(self.world)]
         dist.all_gather_object(gathered, made)
         self._record([item for part in gathered for item in part])
 
-    def _record(self, made: list[tuple[str, dict[str, float]]]) -> None:
-        """Keep new rows (kind, row); rank 0 writes them and logs them to W&B."""
-        made = sorted(made, key=lambda kind_row: kind_row[1]["step"])
-        self.rows = sorted([*self.rows, *(row for _, row in made)], key=lambda r: r["step"])
+    def _record(self, made: list[Made]) -> None:
+        """Keep new rows; rank 0 writes them, and logs them with their tables and figures."""
+        made = sorted(made, key=lambda item: item[1]["step"])
+        self.rows = sorted([*self.rows, *(row for _, row, _ in made)], key=lambda r: r["step"])
         if self.rank != 0:
             return
         if self.output is not None:
             self.output.write(self.rows, self.monitor.state_dict())
         if self.sink is not None:
-            for kind, row in made:
+            for kind, row, produced in made:
+                step = int(row["step"])
                 logged = self.monitor.logged({k: v for k, v in row.items() if k != "step"})
-                self.sink.log(logged, int(row["step"]), kind)
+                self.sink.log(logged, step, kind)
+                tables = [partial(self.sink.log_table, kind=kind)]
+                route(
+                    self.monitor, produced, tables, [partial(self.sink.log_image, kind=kind)], step
+                )
 
 
 class _Output:
@@ -492,7 +518,7 @@ class _WandbSink:
         self.run_id, self.project, self.prefix = run_id, project, prefix
         self.run: Any = None
 
-    def log(self, metrics: dict[str, float], step: int, kind: str) -> None:
+    def log(self, metrics: dict[str, Any], step: int, kind: str) -> None:
         """Log one estimate's metrics at ``step`` as ``kind``'s logger logged the run's."""
         namespace, step_key = WANDB_AXES[kind]
         if self.run is None:
@@ -502,6 +528,21 @@ class _WandbSink:
             self.run.define_metric(step_key)
             self.run.define_metric(f"{namespace}{self.prefix}/*", step_metric=step_key)
         self.run.log({**{f"{namespace}{k}": v for k, v in metrics.items()}, step_key: step})
+
+    def log_table(
+        self, name: str, columns: list[str], rows: list[list[Any]], step: int, *, kind: str
+    ) -> None:
+        """Log a measure's table as ``{prefix}/{name}`` at ``step``."""
+        import wandb
+
+        table = wandb.Table(columns=columns, data=rows)
+        self.log({metric_key(self.prefix, name): table}, step, kind)
+
+    def log_image(self, name: str, pixels: np.ndarray, step: int, *, kind: str) -> None:
+        """Log a measure's figure as the image ``{prefix}/{name}`` at ``step``."""
+        import wandb
+
+        self.log({metric_key(self.prefix, name): wandb.Image(pixels)}, step, kind)
 
     def finish(self) -> None:
         if self.run is not None:

@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_helpers import LAYERS, Classifier, loader, trainer
 from processes import HANG_S, TORCHRUN, environment, run
 from replay_script import COLD, CONFIG, token_loader
-from user_measures import WeightNorm
+from user_measures import ChainTable, WeightNorm
 
 from llc_callbacks import LLCMonitor
 from llc_callbacks.cli import main
@@ -31,7 +31,9 @@ from llc_callbacks.replay import find_checkpoints, hub_checkpoints, replay, watc
 EVERY = 4
 HERE = Path(__file__).parent
 # What the Lightning run adds to the full LLC, as the replay must.
-LIGHTNING_EXTRAS = {"restrictions": LAYERS, "measures": [Curvature("hessian_trace"), WeightNorm()]}
+# Measures of the package's and of a user's; ChainTable's table and figure reach W&B only.
+MEASURES = [Curvature("hessian_trace"), WeightNorm(), ChainTable()]
+LIGHTNING_EXTRAS = {"restrictions": LAYERS, "measures": MEASURES}
 RESTRICTED = ("llc/first/mean", "llc/last/mean", "llc/curvature/hessian_trace", "llc/weight_norm")
 
 
@@ -406,3 +408,7 @@ def test_a_lightning_replay_logs_on_lightnings_step_axis(lightning_run, wandb_di
     assert all("llc/first/mean" in row for row in rows)
     norms = extras["llc/weight_norm"]  # a measure of the user's, as the training run logged it
     assert [row["llc/weight_norm"] for row in rows] == pytest.approx([norms[s] for s in (4, 8, 12)])
+    everything = wandb_rows(run_dir)
+    for key, kind in (("llc/chains", "table-file"), ("llc/chains_plot", "image-file")):
+        logged = [row for row in everything if row.get(f"{key}/_type") == kind]
+        assert [row["trainer/global_step"] for row in logged] == [4, 8, 12], key
