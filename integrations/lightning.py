@@ -295,14 +295,13 @@ class LLCCallback(Callback):
                 progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
             )
         self._log(trainer, metrics)
-        common.log_stage_table(self.monitor, self._table_sinks(trainer), step)
+        tables, images = self._table_sinks(trainer), self._image_sinks(trainer)
+        common.log_stage_table(self.monitor, tables, step)
         if self.monitor.observables:
             # trainer.log_dir broadcasts from rank zero: every rank reads it.
             folder = Path(trainer.log_dir or trainer.default_root_dir)
             saved = folder if trainer.is_global_zero else None
-            tables, images = self._table_sinks(trainer), self._image_sinks(trainer)
             common.log_observables(self.monitor, tables, images, saved, step)
-        tables, images = self._table_sinks(trainer), self._image_sinks(trainer)
         route(self.monitor, self.monitor.produced, tables, images, step)
 
     def _maybe_record(

@@ -472,9 +472,8 @@ class _Replayer:
                 logged = self.monitor.logged({k: v for k, v in row.items() if k != "step"})
                 self.sink.log(logged, step, kind)
                 tables = [partial(self.sink.log_table, kind=kind)]
-                route(
-                    self.monitor, produced, tables, [partial(self.sink.log_image, kind=kind)], step
-                )
+                images = [partial(self.sink.log_image, kind=kind)]
+                route(self.monitor, produced, tables, images, step)
 
 
 class _Output:

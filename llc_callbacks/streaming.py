@@ -1,23 +1,22 @@
 """``Stream``: readings of chains that persist through training, paced to a share of its time.
 
 A streaming monitor tunes its chains once, in a first reading, and from then on every reading
-continues the chains where the last one left them, around the current weights: no
-adaptation, each chain at the step size it was tuned to. A turn of the curve then comes from
-the weights, not from a step size adapted anew at each point. Where all chains hold one step
-size ``eps`` (measured, or the config's), a reading's first steps, one relaxation time
-``1 / (eps gamma)`` but at most half of them, are burn-in: the
-chains relax to the weights that moved since the last reading. The first reading takes
-its step size from the curvature at the weights (``curvature.mala_step_size``, 16 gradients:
-the step size whose MALA acceptance is the target in the Gaussian approximation) and burns in
-at it for ``RELAXATION`` times the localization's relaxation time ``1 / (eps gamma)``, at most
-``TUNING_STEPS`` and ``config.num_burnin`` steps; with ``sampler="rmsprop_sgld"`` (no such
-formula), a sharded model, or a ``step_size`` of its own, it adapts or holds that step size as
-a snapshot estimate does, in at most as many steps. The chains are tuned again only when they
-become unstable, and ``{prefix}/tuned`` marks the reading that does: after a reading whose
-MALA acceptance fell below ``MALA_MIN`` (the loss sharpened under the held step size, biasing
-the LLC high), by adaptation from where the chains are; after one whose chains diverged,
-every chain afresh, from the weights and the initial step size; after a resume, from the
-weights at the step sizes of the checkpoint.
+continues the chains where the last one left them, around the current weights: no adaptation,
+each chain at the step size it was tuned to. A turn of the curve then comes from the weights,
+not from a step size adapted anew at each point. Where all chains hold one step size ``eps``
+(measured, or the config's), a reading's first steps, one relaxation time ``1 / (eps gamma)``
+but at most half of them, are burn-in: the chains relax to the weights that moved since the
+last reading. The first reading takes its step size from the curvature at the weights
+(``curvature.mala_step_size``, 16 gradients: the step size whose MALA acceptance is the target
+in the Gaussian approximation) and burns in at it for ``RELAXATION`` times the localization's
+relaxation time ``1 / (eps gamma)``, at most ``TUNING_STEPS`` and ``config.num_burnin`` steps;
+with ``sampler="rmsprop_sgld"`` (no such formula), a sharded model, or a ``step_size`` of its
+own, it adapts or holds that step size as a snapshot estimate does, in at most as many steps.
+The chains are tuned again only when they become unstable, and ``{prefix}/tuned`` marks the
+reading that does: after a reading whose MALA acceptance fell below ``MALA_MIN`` (the loss
+sharpened under the held step size, biasing the LLC high), by adaptation from where the chains
+are; after one whose chains diverged, every chain afresh, from the weights and the initial step
+size; after a resume, from the weights at the step sizes of the checkpoint.
 
 Every reading takes a fixed number of steps per chain (``relative_error`` is not used). With
 ``max_overhead`` that number keeps the readings' time, the tuning included, within that share
